@@ -1,0 +1,224 @@
+"""Truncated-BPTT training and exact evaluation of a language model.
+
+Lives here: ``TrainState`` (everything a resume needs besides weights), ``fit``, ``train_epoch``,
+``evaluate_loss`` and the console reporter. Must not import Sacred: every knob is an argument.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wordlm.data import batchify_eval, get_batch
+from wordlm.model import RNNModel, detach_hidden
+
+MetricLogger = Callable[[str, float, int], None]
+
+
+@dataclass
+class TrainState:
+    """Where training stands. Mutated in place by ``fit``, so a caller sees it after an interrupt."""
+
+    lr: float
+    epoch: int = 1  # the epoch being trained (1-based)
+    batch: int = 0  # batches finished in that epoch
+    best_val_loss: float = math.inf
+    best_epoch: int = 0  # 0: no epoch finished yet, so nothing was saved as best
+    tokens_seen: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf where that overflows."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+class Reporter:
+    """Progress lines in the classic example's format, a tqdm bar on a terminal, metrics to a logger."""
+
+    def __init__(self, interactive: bool = False, log_metric: MetricLogger | None = None, stream=None) -> None:
+        self.interactive = interactive
+        self.log_metric = log_metric or (lambda name, value, step: None)
+        self.stream = stream or sys.stdout
+        self.bar = None
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def epoch_start(self, epoch: int, total: int, done: int) -> None:
+        if self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="batch", leave=False)
+
+    def batch_end(self, state: TrainState, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def interval(self, state: TrainState, total: int, ms_per_batch: float, loss: float) -> None:
+        self.write(
+            f"| epoch {state.epoch:3d} | {state.batch:5d}/{total:5d} batches | lr {state.lr:02.2f} | "
+            f"ms/batch {ms_per_batch:5.2f} | loss {loss:5.2f} | ppl {perplexity(loss):8.2f}"
+        )
+        self.log_metric("train.loss", loss, state.tokens_seen)
+        self.log_metric("train.ppl", perplexity(loss), state.tokens_seen)
+
+    def epoch_end(self, state: TrainState, seconds: float, val_loss: float, tokens_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.write("-" * 89)
+        self.write(
+            f"| end of epoch {state.epoch:3d} | time: {seconds:5.2f}s | valid loss {val_loss:5.2f} | "
+            f"valid ppl {perplexity(val_loss):8.2f}"
+        )
+        self.write("-" * 89)
+        self.log_metric("valid.loss", val_loss, state.epoch)
+        self.log_metric("valid.ppl", perplexity(val_loss), state.epoch)
+        self.log_metric("lr", state.lr, state.epoch)
+        self.log_metric("tokens_per_second", tokens_per_second, state.epoch)
+        self.log_metric("tokens_seen", state.tokens_seen, state.epoch)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def count_batches(rows: int, bptt: int, max_batches: int | None = None) -> int:
+    """How many chunks one epoch over ``rows`` batchified rows has (capped by ``max_batches``)."""
+    total = len(range(0, rows - 1, bptt))
+    return total if max_batches is None else min(total, max_batches)
+
+
+def train_epoch(
+    model: RNNModel,
+    data: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    *,
+    bptt: int,
+    clip: float,
+    log_interval: int,
+    max_batches: int | None,
+    reporter: Reporter,
+) -> None:
+    """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks."""
+    model.train()
+    total = count_batches(data.size(0), bptt, max_batches)
+    hidden = model.init_hidden(data.size(1))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    interval_loss = torch.zeros((), device=data.device)
+    interval_start = time.perf_counter()
+    interval_batches = 0
+    reporter.epoch_start(state.epoch, total, state.batch)
+    for i in range(state.batch * bptt, data.size(0) - 1, bptt):
+        if state.batch >= total:
+            break
+        inputs, targets = get_batch(data, i, bptt)  # (T, B) each
+        hidden = detach_hidden(hidden)
+        optimizer.zero_grad(set_to_none=True)
+        logits, hidden = model(inputs, hidden)  # (T, B, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, clip)
+        optimizer.step()
+        interval_loss += loss.detach()
+        interval_batches += 1
+        state.batch += 1
+        state.tokens_seen += targets.numel()
+        reporter.batch_end(state, total)
+        if state.batch % log_interval == 0 or state.batch == total:
+            if interval_batches:
+                elapsed = time.perf_counter() - interval_start
+                mean_loss = interval_loss.item() / interval_batches
+                reporter.interval(state, total, elapsed * 1000 / interval_batches, mean_loss)
+            interval_loss.zero_()
+            interval_batches = 0
+            interval_start = time.perf_counter()
+
+
+@torch.inference_mode()
+def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int) -> tuple[float, int]:
+    """Mean cross-entropy (nats per token) of ``ids`` (1-D) with every token but the first a target once.
+
+    Returns:
+        ``(loss, targets)``: the mean loss and how many targets it covers (``len(ids) - 1``).
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    count = 0
+    for source in batchify_eval(ids, batch_size):
+        if source is None:
+            continue
+        hidden = model.init_hidden(source.size(1))
+        for i in range(0, source.size(0) - 1, bptt):
+            inputs, targets = get_batch(source, i, bptt)
+            logits, hidden = model(inputs, hidden)
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+            count += targets.numel()
+    model.train(was_training)
+    return (total.item() / count if count else math.nan), count
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def fit(
+    model: RNNModel,
+    train_data: torch.Tensor,
+    valid_ids: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    *,
+    epochs: int,
+    bptt: int,
+    clip: float,
+    eval_batch_size: int,
+    log_interval: int,
+    max_batches: int | None,
+    save_best: Callable[[TrainState], None],
+    reporter: Reporter,
+    anneal: float = 4.0,
+) -> TrainState:
+    """Train for ``state.epoch .. epochs``, validating after each epoch.
+
+    The model is saved (``save_best``) whenever validation loss improves; otherwise the learning rate
+    is divided by ``anneal``, as in the classic example. A ``KeyboardInterrupt`` propagates with
+    ``state`` telling where training stood.
+    """
+    set_lr(optimizer, state.lr)
+    while state.epoch <= epochs:
+        start = time.perf_counter()
+        tokens_before = state.tokens_seen
+        train_epoch(
+            model, train_data, optimizer, state,
+            bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches, reporter=reporter,
+        )  # fmt: skip
+        val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
+        seconds = time.perf_counter() - start
+        reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / seconds)
+        if val_loss < state.best_val_loss:
+            state.best_val_loss = val_loss
+            state.best_epoch = state.epoch
+            save_best(state)
+        else:
+            state.lr /= anneal
+            set_lr(optimizer, state.lr)
+        state.epoch += 1
+        state.batch = 0
+    return state
