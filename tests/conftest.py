@@ -55,8 +55,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, script: str = "main.py", timeout: float = 300, check: bool = True,
-            **env: str) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, script: str = "main.py", timeout: float = 300, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     """Run one of the root scripts as a user would, in ``cwd``, and return what it printed."""
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *args],

@@ -29,7 +29,7 @@ def _has_git_commit(path: str) -> bool:
     try:
         import git
 
-        git.Repo(path, search_parent_directories=True).head.commit
+        _ = git.Repo(path, search_parent_directories=True).head.commit
     except Exception:
         return False
     return True
