@@ -178,7 +178,7 @@ def test_ctrl_c_before_the_first_epoch_saves_and_tests_the_current_model(tmp_pat
     seen = wait_for(process, r"\|\s+10/\s*\d+ batches")
     out, err = interrupt(process, seen)
     assert process.returncode == 0, err
-    assert "Exiting from training early (epoch 1" in out and "No epoch finished yet" in out
+    assert "Exiting from training early by SIGINT (epoch 1" in out and "No epoch finished yet" in out
     assert re.search(r"\| End of training \| test loss +[\d.]+ \| test ppl", out)
     checkpoint = torch.load(stale, weights_only=True)  # replaced by this run's model, not the stale file
     assert checkpoint["meta"]["epoch"] == 0 and checkpoint["meta"]["interrupted_at"]["batch"] >= 10

@@ -69,7 +69,7 @@ def test_learning_rate_is_divided_by_four_when_validation_does_not_improve(tiny_
     reporter = Recorder()
     state = fit(model, batchify(corpus.train, 8), corpus.valid, optimizer, TrainState(lr=20.0),
                 epochs=5, bptt=10, clip=0.25, eval_batch_size=10, log_interval=100, max_batches=2,
-                save_best=lambda s: saved.append(s.epoch), reporter=reporter)  # fmt: skip
+                save_best=lambda s: saved.append(s.best_epoch), reporter=reporter)  # fmt: skip
     assert saved == [1, 2, 4]
     assert [v for name, v, _ in reporter.metrics if name == "lr"] == [
         20.0,

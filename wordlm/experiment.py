@@ -21,7 +21,16 @@ from wordlm.corpora import load_dataset
 from wordlm.data import batchify
 from wordlm.errors import UserError
 from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Reporter, TrainState, evaluate_loss, fit, perplexity
+from wordlm.signals import StopRequests
+from wordlm.training import (
+    Reporter,
+    TrainState,
+    capture_rng_state,
+    evaluate_loss,
+    fit,
+    perplexity,
+    restore_rng_state,
+)
 
 
 def _has_git_commit(path: str) -> bool:
@@ -72,6 +81,11 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
+    # -- never lose a run
+    save_last = (save[:-3] if save.endswith(".pt") else save) + ".last.pt"  # latest state, for resume
+    checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
+    resume = None  # continue the run whose checkpoint (save_last, or save) is at this path
+    on_divergence = "stop"  # a NaN/inf loss: 'stop' (one-line error) or 'reload' (best model, lr / 4)
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
@@ -91,12 +105,44 @@ def _check_positive_int(key: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key}={value!r} must be a positive integer")
+        raise UserError(f"{key}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
 
 
-def _check_positive_number(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise UserError(f"{key}={value!r} must be a positive, finite number")
+def _check_positive_number(key: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"{key}={value!r} must be a positive, finite number" + (" or None" if allow_none else ""))
+
+
+def _check_path(key: str, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{key}={value!r} must be a file path (a non-empty string)")
+    if os.path.isdir(value):
+        raise UserError(f"{key}={value!r} is a folder; give a file path such as {os.path.join(value, 'model.pt')}")
+
+
+def validate_training_config(cfg: dict) -> ModelConfig:
+    """Check every training key where it enters; one line naming the key, value and what is allowed."""
+    for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
+        _check_positive_int(key, cfg[key])
+    _check_positive_int("max_batches", cfg["max_batches"], allow_none=True)
+    _check_positive_number("lr", cfg["lr"])
+    _check_positive_number("clip", cfg["clip"])
+    _check_positive_number("checkpoint_every", cfg["checkpoint_every"], allow_none=True)
+    _check_path("save", cfg["save"])
+    _check_path("save_last", cfg["save_last"])
+    if os.path.abspath(cfg["save"]) == os.path.abspath(cfg["save_last"]):
+        raise UserError(f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart")
+    if cfg["on_divergence"] not in ("stop", "reload"):
+        raise UserError(f"on_divergence={cfg['on_divergence']!r} must be 'stop' or 'reload'")
+    if not isinstance(cfg["dataset"], str):
+        raise UserError(f"dataset={cfg['dataset']!r} must be a corpus name or a folder path")
+    if cfg["resume"] is not None and not isinstance(cfg["resume"], str):
+        raise UserError(f"resume={cfg['resume']!r} must be a checkpoint path or None")
+    return build_model_config(
+        1, cfg["model_type"], cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], cfg["tied"]
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,83 +159,156 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model_config(ntoken, model_type, emsize, nhid, nlayers, dropout, tied) -> ModelConfig:
+    """The model's config, or one line naming the bad key."""
     try:
         return ModelConfig(ntoken, model_type, emsize, nhid, nlayers, dropout, tied)
-    except ValueError as problem:
+    except (ValueError, TypeError) as problem:
         raise UserError(str(problem)) from None
 
 
+# Keys that define the model or the batch layout: a resumed run must keep them.
+FIXED_ON_RESUME = ("dataset", "batch_size", "bptt", "model_type", "emsize", "nhid", "nlayers", "tied", "dropout")
+
+
+def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:
+    """The config a resumed run trains with: the checkpoint's, with the keys given now taking over."""
+    saved = (payload.get("meta") or {}).get("config")
+    if not saved or not payload.get("training"):
+        raise UserError(f"{path} holds no training state to resume from; resume from a checkpoint written by training")
+    conflicts = [k for k in FIXED_ON_RESUME if k in modified and k in saved and config[k] != saved[k]]
+    if conflicts:
+        changes = ", ".join(f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in conflicts)
+        raise UserError(f"resume cannot change {changes}; drop those keys or start a new run")
+    merged = {key: (config[key] if key in modified or key not in saved else saved[key]) for key in config}
+    if "save" in modified and "save_last" not in modified:
+        merged["save_last"] = config["save_last"]
+    merged["resume"] = config["resume"]
+    return merged
+
+
 @ex.main
-def train(
-    _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
-):  # fmt: skip
+def train(_run, _log, _config):
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
-        return _train(**locals())
+        return _train(_run, _log, dict(_config))
     except UserError as problem:
         raise error(str(problem)) from None
 
 
-def _train(
-    _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
-):  # fmt: skip
-    for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
-        _check_positive_int(key, locals()[key])
-    _check_positive_int("max_batches", max_batches, allow_none=True)
-    _check_positive_number("lr", lr)
-    _check_positive_number("clip", clip)
-    model_config = build_model_config(1, model_type, emsize, nhid, nlayers, dropout, tied)
-    device = resolve_device(device)
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    corpus = load_dataset(dataset, log=_log.info)
-    if corpus.train.numel() < batch_size * 2:
+
+def _save_safely(path: str, *args, **kwargs) -> bool:
+    """Write a checkpoint; a failed write is one warning line and leaves the previous file in place."""
+    try:
+        save_checkpoint(path, *args, **kwargs)
+    except OSError as problem:
+        _warn(f"could not write {path} ({problem.strerror or problem}); the previous file is kept, training goes on")
+        return False
+    return True
+
+
+def _train(_run, _log, cfg: dict):
+    if cfg["resume"] is not None:
+        validate_training_config(cfg)
+        payload = load_checkpoint(cfg["resume"])
+        cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
+    validate_training_config(cfg)
+    device = resolve_device(cfg["device"])
+    corpus = load_dataset(cfg["dataset"], log=_log.info)
+    vocab = corpus.vocab
+    rows = corpus.train.numel() // cfg["batch_size"]
+    if rows < 2:
         raise UserError(
-            f"batch_size={batch_size} needs at least {2 * batch_size} training tokens, "
+            f"batch_size={cfg['batch_size']} needs at least {2 * cfg['batch_size']} training tokens, "
             f"but the training split has {corpus.train.numel()}; lower batch_size"
         )
-    vocab = corpus.vocab
-    model_config = build_model_config(len(vocab), model_type, emsize, nhid, nlayers, dropout, tied)
+    model_config = build_model_config(
+        len(vocab), cfg["model_type"], cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], cfg["tied"]
+    )
     model = RNNModel(model_config).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    state = TrainState(lr=cfg["lr"])
+    best_weights = None  # a CPU copy of the best model so far: what the final test uses
+    if cfg["resume"] is not None:
+        if payload["vocab"] != vocab.idx2word:
+            raise UserError(f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)")
+        model.load_state_dict(payload["model_state"])
+        optimizer.load_state_dict(payload["training"]["optimizer"])
+        state = TrainState.from_dict(payload["training"]["state"], device)
+        if "lr" in _run.config_modifications.modified:
+            state.lr = cfg["lr"]
+        restore_rng_state(payload["training"]["rng"])
+        best_weights = _load_best_weights(cfg["save"], state)
+        _log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
     _log.info(
         "model: %s, %d parameters, vocabulary %d, device %s",
-        model_type, sum(p.numel() for p in model.parameters()), len(vocab), device,
+        cfg["model_type"], sum(p.numel() for p in model.parameters()), len(vocab), device,
     )  # fmt: skip
-    train_data = batchify(corpus.train, batch_size).to(device)  # (rows, B)
+    train_data = batchify(corpus.train, cfg["batch_size"]).to(device)  # (rows, B)
     valid_ids = corpus.valid.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    state = TrainState(lr=lr)
     reporter = Reporter(interactive=_INTERACTIVE, log_metric=_run.log_scalar)
-    meta = {"wordlm_version": __version__, "config": dict(_run.config)}
+    meta = {"wordlm_version": __version__, "config": cfg}
+
+    def training_payload() -> dict:
+        return {"optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": capture_rng_state()}
+
+    def save_last() -> None:
+        _save_safely(cfg["save_last"], model, vocab, meta={**meta, "epoch": state.epoch}, training=training_payload())
 
     def save_best(current: TrainState) -> None:
-        save_checkpoint(
-            save, model, vocab,
-            meta={**meta, "valid_loss": current.best_val_loss, "epoch": current.best_epoch},
-        )  # fmt: skip
+        nonlocal best_weights
+        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        best_meta = {**meta, "valid_loss": current.best_val_loss, "epoch": current.best_epoch}
+        _save_safely(cfg["save"], model, vocab, meta=best_meta, training=training_payload())
+
+    last_write = time.monotonic()
+
+    def after_batch() -> None:
+        nonlocal last_write
+        stop.check()
+        if cfg["checkpoint_every"] is not None and time.monotonic() - last_write >= 60 * cfg["checkpoint_every"]:
+            save_last()
+            last_write = time.monotonic()
+
+    def on_diverged(divergence) -> None:
+        if cfg["on_divergence"] == "stop" or best_weights is None or state.divergences >= 3:
+            kept = f"{cfg['save']} keeps the best model (epoch {state.best_epoch})" if best_weights else "no model was saved"
+            raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
+        model.load_state_dict(best_weights)
+        optimizer.state.clear()
+        state.lr /= 4
+        _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
 
     interrupted = False
     started = time.perf_counter()
-    try:
-        fit(
-            model, train_data, valid_ids, optimizer, state,
-            epochs=epochs, bptt=bptt, clip=clip, eval_batch_size=eval_batch_size,
-            log_interval=log_interval, max_batches=max_batches, save_best=save_best, reporter=reporter,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        interrupted = True
-        reporter.close()
-        print("-" * 89)
-        print(f"Exiting from training early (epoch {state.epoch}, batch {state.batch})", flush=True)
-        if state.best_epoch == 0:
-            print(f"No epoch finished yet: saving the current model to {save} and testing it")
-            save_checkpoint(save, model, vocab, meta={**meta, "epoch": 0, "interrupted_at": state.to_dict()})
-    training_seconds = time.perf_counter() - started
-
-    best = load_checkpoint(save, map_location=device)
-    model.load_state_dict(best["model_state"])
-    test_loss, test_tokens = evaluate_loss(model, corpus.test.to(device), eval_batch_size, bptt)
+    with StopRequests() as stop:
+        try:
+            with stop.deferred():
+                fit(
+                    model, train_data, valid_ids, optimizer, state,
+                    epochs=cfg["epochs"], bptt=cfg["bptt"], clip=cfg["clip"],
+                    eval_batch_size=cfg["eval_batch_size"], log_interval=cfg["log_interval"],
+                    max_batches=cfg["max_batches"], save_best=save_best, reporter=reporter,
+                    after_batch=after_batch, after_epoch=lambda _: save_last(), on_diverged=on_diverged,
+                    pause_deferral=stop.immediate,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            interrupted = True
+            reporter.close()
+            print("-" * 89)
+            how = f" by {stop.name}" if stop.name else ""
+            print(f"Exiting from training early{how} (epoch {state.epoch}, batch {state.batch})", flush=True)
+            save_last()
+            print(f"The latest state is in {cfg['save_last']}: continue with `with resume={cfg['save_last']}`")
+            if best_weights is None:
+                print(f"No epoch finished yet: saving the current model to {cfg['save']} and testing it")
+                _save_safely(cfg["save"], model, vocab, meta={**meta, "epoch": 0, "interrupted_at": state.to_dict()})
+        training_seconds = time.perf_counter() - started
+        if best_weights is not None:
+            model.load_state_dict(best_weights)
+        test_loss, test_tokens = evaluate_loss(model, corpus.test.to(device), cfg["eval_batch_size"], cfg["bptt"])
     test_ppl = perplexity(test_loss)
     print("=" * 89)
     print(f"| End of training | test loss {test_loss:5.2f} | test ppl {test_ppl:8.2f}")
@@ -198,7 +317,9 @@ def _train(
     _run.log_scalar("test.ppl", test_ppl)
     _run.info.update(
         interrupted=interrupted,
+        stop_signal=stop.name or None,
         stopped_at={"epoch": state.epoch, "batch": state.batch} if interrupted else None,
+        resumed_from=cfg["resume"],
         best_epoch=state.best_epoch,
         best_valid_ppl=perplexity(state.best_val_loss) if state.best_epoch else None,
         test_ppl=test_ppl,
@@ -207,8 +328,24 @@ def _train(
         tokens_seen=state.tokens_seen,
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
     )
-    _run.add_artifact(save, name=os.path.basename(save))
+    if os.path.isfile(cfg["save"]):
+        _run.add_artifact(cfg["save"], name=os.path.basename(cfg["save"]))
+    else:
+        _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
     return test_ppl
+
+
+def _load_best_weights(path: str, state: TrainState) -> dict | None:
+    """The best model of a resumed run, from its ``save`` file, if that file is the one the state names."""
+    if not state.best_epoch or not os.path.isfile(path):
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except UserError:
+        return None
+    if (payload.get("meta") or {}).get("epoch") != state.best_epoch:
+        return None
+    return payload["model_state"]
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
@@ -221,4 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
     if not observed and not ex.observers:
         ex.observers.append(FileStorageObserver(os.environ.get("WORDLM_RUNS_DIR", "runs")))
-    ex.run_commandline(argv)
+    try:
+        ex.run_commandline(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C while the interrupted run was being tested
+        print("error: interrupted again; stopped without testing (the checkpoints written are complete)", file=sys.stderr)
+        sys.exit(130)

@@ -7,23 +7,32 @@ Lives here: ``TrainState`` (everything a resume needs besides weights), ``fit``,
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wordlm.data import batchify_eval, get_batch
-from wordlm.model import RNNModel, detach_hidden
+from wordlm.model import Hidden, RNNModel, detach_hidden
 
 MetricLogger = Callable[[str, float, int], None]
+BatchHook = Callable[[], None]
 
 
 @dataclass
 class TrainState:
-    """Where training stands. Mutated in place by ``fit``, so a caller sees it after an interrupt."""
+    """Where training stands. Mutated in place by ``fit``, so a caller sees it after an interrupt.
+
+    Together with the weights, the optimizer state and the RNG states (``capture_rng_state``) this is
+    everything an exact resume needs, including mid-epoch: the hidden state carried into the next
+    chunk and the loss accumulated since the last progress line.
+    """
 
     lr: float
     epoch: int = 1  # the epoch being trained (1-based)
@@ -31,9 +40,61 @@ class TrainState:
     best_val_loss: float = math.inf
     best_epoch: int = 0  # 0: no epoch finished yet, so nothing was saved as best
     tokens_seen: int = 0
+    divergences: int = 0  # how often training diverged and was rolled back
+    hidden: Hidden | None = None  # state carried into batch ``batch`` (None: start of an epoch)
+    interval_loss: float | torch.Tensor = 0.0  # sum of batch losses since the last progress line
+    interval_batches: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data for a checkpoint (the hidden state as CPU tensors)."""
+        data = asdict(self)
+        data["interval_loss"] = float(self.interval_loss)
+        data["hidden"] = _map_hidden(self.hidden, lambda h: h.detach().cpu())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, device: torch.device | str = "cpu") -> TrainState:
+        state = cls(**data)
+        state.hidden = _map_hidden(state.hidden, lambda h: h.to(device))
+        return state
+
+
+def _map_hidden(hidden, function):
+    if hidden is None:
+        return None
+    if isinstance(hidden, torch.Tensor):
+        return function(hidden)
+    return tuple(function(h) for h in hidden)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, batch: int, loss: float, lr: float) -> None:
+        super().__init__(f"training diverged at epoch {epoch}, batch {batch} (loss {loss}, lr {lr:g})")
+        self.epoch, self.batch, self.loss, self.lr = epoch, batch, loss, lr
+
+
+def capture_rng_state() -> dict:
+    """The states of Python's, numpy's and torch's (CPU and CUDA) generators, as checkpointable data."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo ``capture_rng_state``: the next random draws repeat those after the capture."""
+    version, *rest = state["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]))
+    kind, keys, *others = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *others))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def perplexity(loss: float) -> float:
@@ -113,40 +174,58 @@ def train_epoch(
     log_interval: int,
     max_batches: int | None,
     reporter: Reporter,
+    after_batch: BatchHook | None = None,
 ) -> None:
-    """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks."""
+    """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks.
+
+    Starts from ``state.batch`` and ``state.hidden`` (a resumed mid-epoch state) and keeps both current
+    after every batch, so that ``after_batch`` (stop checks, timed checkpoints) sees a consistent state.
+
+    Raises:
+        Diverged: a batch's loss was NaN or infinite; the optimizer step was not taken.
+    """
     model.train()
     total = count_batches(data.size(0), bptt, max_batches)
-    hidden = model.init_hidden(data.size(1))
+    if state.hidden is None:
+        state.hidden = model.init_hidden(data.size(1))
     parameters = [p for p in model.parameters() if p.requires_grad]
-    interval_loss = torch.zeros((), device=data.device)
+    # The running loss stays on the device (no sync per batch); state holds the same tensor.
+    interval_loss = torch.tensor(float(state.interval_loss), dtype=torch.float64, device=data.device)
+    state.interval_loss = interval_loss
     interval_start = time.perf_counter()
-    interval_batches = 0
+    timed_batches = 0
     reporter.epoch_start(state.epoch, total, state.batch)
     for i in range(state.batch * bptt, data.size(0) - 1, bptt):
         if state.batch >= total:
             break
         inputs, targets = get_batch(data, i, bptt)  # (T, B) each
-        hidden = detach_hidden(hidden)
+        hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
         logits, hidden = model(inputs, hidden)  # (T, B, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if not torch.isfinite(loss):
+            reporter.close()
+            raise Diverged(state.epoch, state.batch + 1, loss.item(), state.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
         interval_loss += loss.detach()
-        interval_batches += 1
+        state.hidden = detach_hidden(hidden)
+        state.interval_batches += 1
+        timed_batches += 1
         state.batch += 1
         state.tokens_seen += targets.numel()
         reporter.batch_end(state, total)
         if state.batch % log_interval == 0 or state.batch == total:
-            if interval_batches:
-                elapsed = time.perf_counter() - interval_start
-                mean_loss = interval_loss.item() / interval_batches
-                reporter.interval(state, total, elapsed * 1000 / interval_batches, mean_loss)
+            elapsed = time.perf_counter() - interval_start
+            mean_loss = interval_loss.item() / state.interval_batches
+            reporter.interval(state, total, elapsed * 1000 / max(timed_batches, 1), mean_loss)
             interval_loss.zero_()
-            interval_batches = 0
+            state.interval_batches = timed_batches = 0
             interval_start = time.perf_counter()
+        if after_batch is not None:
+            after_batch()
+    state.interval_loss, state.interval_batches = 0.0, 0
 
 
 @torch.inference_mode()
@@ -194,31 +273,54 @@ def fit(
     save_best: Callable[[TrainState], None],
     reporter: Reporter,
     anneal: float = 4.0,
+    after_batch: BatchHook | None = None,
+    after_epoch: Callable[[TrainState], None] | None = None,
+    on_diverged: Callable[[Diverged], None] | None = None,
+    pause_deferral: Callable[[], AbstractContextManager] = nullcontext,
 ) -> TrainState:
     """Train for ``state.epoch .. epochs``, validating after each epoch.
 
     The model is saved (``save_best``) whenever validation loss improves; otherwise the learning rate
-    is divided by ``anneal``, as in the classic example. A ``KeyboardInterrupt`` propagates with
-    ``state`` telling where training stood.
+    is divided by ``anneal``, as in the classic example. ``after_epoch`` runs once the epoch's
+    bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
+    with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
+    lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates.
     """
-    set_lr(optimizer, state.lr)
     while state.epoch <= epochs:
         start = time.perf_counter()
         tokens_before = state.tokens_seen
-        train_epoch(
-            model, train_data, optimizer, state,
-            bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches, reporter=reporter,
-        )  # fmt: skip
-        val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
+        set_lr(optimizer, state.lr)
+        try:
+            train_epoch(
+                model, train_data, optimizer, state,
+                bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches,
+                reporter=reporter, after_batch=after_batch,
+            )  # fmt: skip
+        except Diverged as divergence:
+            if on_diverged is None:
+                raise
+            on_diverged(divergence)  # restores weights and lowers state.lr, or re-raises
+            state.divergences += 1
+            state.hidden = None  # the carried state came from the diverged weights
+            state.interval_loss, state.interval_batches = 0.0, 0
+            continue
+        train_seconds = time.perf_counter() - start
+        with pause_deferral():
+            val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
         seconds = time.perf_counter() - start
-        reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / seconds)
-        if val_loss < state.best_val_loss:
+        reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
+        improved = val_loss < state.best_val_loss
+        if improved:
             state.best_val_loss = val_loss
             state.best_epoch = state.epoch
-            save_best(state)
         else:
             state.lr /= anneal
             set_lr(optimizer, state.lr)
         state.epoch += 1
         state.batch = 0
+        state.hidden = None
+        if improved:  # saved with the state of the next epoch's start, so it resumes like save_last
+            save_best(state)
+        if after_epoch is not None:
+            after_epoch(state)
     return state

@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM as a clean stop at the next batch boundary.
+
+Lives here: ``StopRequests``. Must not import Sacred.
+
+An interrupt that lands in the middle of an optimizer step would leave weights half-updated, and a
+checkpoint of that state could not resume exactly. So while training steps run, SIGINT and SIGTERM
+(what schedulers send before preemption) only *request* a stop; the loop honours it between batches
+by raising ``KeyboardInterrupt``. Outside steps, and on a second signal, the interrupt is immediate.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    """Install handlers for SIGINT/SIGTERM for the duration of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None  # the signal number of the first request
+        self._deferring = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._deferring and self.requested is None:
+            self.requested = signum
+            return
+        self.requested = self.requested or signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextmanager
+    def deferred(self):
+        """Within this block a first signal waits for ``check``; a second one interrupts at once."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    @contextmanager
+    def immediate(self):
+        """Within a ``deferred`` block, let signals interrupt at once (e.g. during a long validation)."""
+        self.check()
+        deferring, self._deferring = self._deferring, False
+        try:
+            yield
+        finally:
+            self._deferring = deferring
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a stop was requested (call it where state is consistent)."""
+        if self.requested is not None:
+            raise KeyboardInterrupt(signal.Signals(self.requested).name)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.requested).name if self.requested else ""
