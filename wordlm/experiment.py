@@ -211,7 +211,7 @@ def _save_safely(path: str, *args, **kwargs) -> bool:
 
 def _train(_run, _log, cfg: dict):
     if cfg["resume"] is not None:
-        validate_training_config(cfg)
+        _check_path("resume", cfg["resume"])
         payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)

@@ -1,0 +1,204 @@
+"""Never lose a run: exact resume after kill -9, atomic writes, SIGTERM, a second Ctrl-C, divergence."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, cli_env, cut_corpus, run_cli
+from wordlm import checkpoint as checkpoint_module
+from wordlm.checkpoint import load_checkpoint, save_checkpoint
+from wordlm.data import Vocabulary
+from wordlm.model import ModelConfig, RNNModel
+
+LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
+RUN = ("with", "smoke", "epochs=3", "max_batches=12", "log_interval=3", "-u")
+
+
+def losses(output: str) -> dict[tuple[int, int], str]:
+    return {(int(e), int(b)): loss for e, b, loss in LOSS.findall(output)}
+
+
+def same_weights(path_a, path_b) -> bool:
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    return a["model_state"].keys() == b["model_state"].keys() and all(
+        torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"]
+    )
+
+
+def popen(cwd, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def read_until(process, pattern, timeout=180):
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    process.kill()
+    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
+
+
+def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights_and_losses(tmp_path, tiny_corpus):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    reference = run_cli(*RUN, f"dataset={tiny_corpus}", cwd=straight).stdout
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    process = popen(killed, *RUN, f"dataset={tiny_corpus}", "checkpoint_every=1e-9")  # latest state every batch
+    before = read_until(process, r"\| epoch +2 \| +6/")
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    assert load_checkpoint(killed / "model.last.pt")["training"]["state"]["epoch"] == 2
+    resumed = run_cli("with", "resume=model.last.pt", "-u", cwd=killed).stdout
+    assert "resumed from model.last.pt at epoch 2" in resumed or "Exiting" not in resumed
+
+    expected = losses(reference)
+    combined = {**losses(before), **losses(resumed)}
+    assert combined == expected and len(expected) == 12
+    assert same_weights(straight / "model.pt", killed / "model.pt")
+    assert same_weights(straight / "model.last.pt", killed / "model.last.pt")
+    assert re.findall(r"test ppl +([\d.]+)", resumed) == re.findall(r"test ppl +([\d.]+)", reference)
+
+
+def test_resume_refuses_a_changed_model_and_extends_epochs(tmp_path, tiny_corpus):
+    run_cli("with", "smoke", f"dataset={tiny_corpus}", "max_batches=4", "-u", cwd=tmp_path)
+    changed = run_cli("with", "resume=model.last.pt", "nhid=64", "-u", cwd=tmp_path, check=False)
+    assert changed.returncode != 0
+    assert "error: resume cannot change nhid=64 (checkpoint: 32)" in changed.stderr
+    longer = run_cli("with", "resume=model.last.pt", "epochs=2", "-u", cwd=tmp_path).stdout
+    assert "| end of epoch   2 |" in longer and "| end of epoch   1 |" not in longer
+
+
+def saver(path: str, ready) -> None:
+    """Child process: write checkpoints A and B alternately, forever."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(RNNModel(ModelConfig(ntoken=500, emsize=64, nhid=64)))
+    vocab = Vocabulary([f"w{i}" for i in range(500)])
+    save_checkpoint(path, models[0], vocab, meta={"which": 0})
+    ready.set()
+    which = 1
+    while True:
+        save_checkpoint(path, models[which], vocab, meta={"which": which})
+        which = 1 - which
+
+
+def test_killing_a_saver_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
+    path = str(tmp_path / "model.pt")
+    context = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    for _ in range(25):
+        ready = context.Event()
+        child = context.Process(target=saver, args=(path, ready))
+        child.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        payload = load_checkpoint(path)  # always complete: either A or B
+        assert payload["meta"]["which"] in (0, 1)
+    assert [p.name for p in tmp_path.iterdir() if p.name == "model.pt"] == ["model.pt"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = RNNModel(ModelConfig(ntoken=30, emsize=8, nhid=8))
+    vocab = Vocabulary([f"w{i}" for i in range(30)])
+    save_checkpoint(tmp_path / "m.pt", model, vocab, meta={"n": 1})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "m.pt", model, vocab, meta={"n": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "m.pt")["meta"] == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the temporary file is gone
+
+
+def test_unwritable_save_path_warns_and_the_run_goes_on(tmp_path, tiny_corpus):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    result = run_cli("with", "smoke", f"dataset={tiny_corpus}", "save=blocker/model.pt", "-u", cwd=tmp_path)
+    assert "warning: could not write blocker/model.pt" in result.stderr
+    assert "test ppl" in result.stdout and "Traceback" not in result.stderr
+    assert "warning: blocker/model.pt could not be written: the model of this run was not saved" in result.stderr
+
+
+def test_sigterm_behaves_like_ctrl_c_and_the_run_resumes(tmp_path, small_corpus):
+    process = popen(tmp_path, "with", "smoke", f"dataset={small_corpus}", "max_batches=None", "log_interval=5")
+    seen = read_until(process, r"\| +10/")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=180)
+    out = seen + out
+    assert process.returncode == 0, err
+    assert "Exiting from training early by SIGTERM (epoch 1, batch" in out and "test ppl" in out
+    state = load_checkpoint(tmp_path / "model.last.pt")["training"]["state"]
+    assert state["epoch"] == 1 and state["batch"] >= 10 and state["hidden"] is not None
+    resumed = run_cli("with", "resume=model.last.pt", "max_batches=" + str(state["batch"] + 2), "-u", cwd=tmp_path)
+    assert f"| epoch   1 | {state['batch'] + 2:5d}/" in resumed.stdout
+
+
+def test_a_second_ctrl_c_while_testing_exits_at_once(tmp_path):
+    corpus = cut_corpus(tmp_path / "corpus", lines=(3000, 100, 3000))
+    process = popen(tmp_path, "with", "smoke", f"dataset={corpus}", "max_batches=None", "eval_batch_size=1", "bptt=5")
+    seen = read_until(process, r"\| +10/")
+    process.send_signal(signal.SIGINT)
+    seen += read_until(process, r"No epoch finished yet")
+    time.sleep(1.0)  # the test evaluation (batch 1, ~65k tokens) is running now
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, seen + out + err
+    assert "error: interrupted again; stopped without testing" in err and "Traceback" not in err
+    assert "test ppl" not in seen + out
+    assert load_checkpoint(tmp_path / "model.pt")["meta"]["epoch"] == 0
+    assert load_checkpoint(tmp_path / "model.last.pt")["training"]["state"]["batch"] >= 10
+
+
+def test_divergence_stops_in_one_line_and_keeps_the_best_checkpoint(tmp_path, tiny_corpus):
+    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    best = (tmp_path / "model.pt").read_bytes()
+    result = run_cli("with", "resume=model.last.pt", "epochs=3", "lr=1e6", "-u", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: training diverged at epoch 2, batch \d+ \(loss (nan|inf)", errors[0])
+    assert "model.pt keeps the best model (epoch 1)" in errors[0] and "Traceback" not in result.stderr
+    assert (tmp_path / "model.pt").read_bytes() == best
+
+
+def test_divergence_can_reload_the_best_model_and_lower_the_lr(tmp_path, tiny_corpus):
+    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    result = run_cli("with", "resume=model.last.pt", "epochs=2", "lr=1e6", "on_divergence=reload", "-u", cwd=tmp_path,
+                     check=False)  # fmt: skip
+    assert "reloaded the best model (epoch 1), lr now 250000" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"format_version": 1, "model_state": Evil()}, tmp_path / "evil.pt")
+    result = run_cli("with", "resume=evil.pt", "-u", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "error: evil.pt was refused" in result.stderr
+    assert not marker.exists()

@@ -1,0 +1,84 @@
+"""Every key is validated where it enters: random configs and corrupt corpora never give a traceback."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import cut_corpus, run_cli
+from wordlm.errors import UserError
+from wordlm.experiment import validate_training_config
+from wordlm.model import ModelConfig
+
+DEFAULTS = dict(
+    batch_size=32, bptt=35, clip=0.25, dataset="./data", dropout=0.2, emsize=200, epochs=40, log_interval=200,
+    lr=20.0, model_type="LSTM", nhid=200, nlayers=2, save="model.pt", seed=257, tied=True, max_batches=None,
+    device="auto", eval_batch_size=10, save_last="model.last.pt", checkpoint_every=None, resume=None,
+    on_divergence="stop",
+)  # fmt: skip
+ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8), st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(DEFAULTS)), ANY, max_size=4))
+def test_validation_accepts_or_names_the_bad_key_in_one_line(changes):
+    config = {**DEFAULTS, **changes}
+    try:
+        result = validate_training_config(config)
+    except UserError as problem:
+        message = str(problem)
+        assert "\n" not in message
+        assert any(message.startswith(f"{key}=") or f" {key}=" in message for key in changes), message
+    else:
+        assert isinstance(result, ModelConfig)
+
+
+UPDATES = st.sampled_from([
+    "batch_size=0", "batch_size=5000", "bptt=-1", "dropout=1.0", "dropout=0.5", "clip=0", "lr=nan",
+    "model_type='GRU'", "model_type='LSTMX'", "emsize=31", "tied=False", "nlayers=0", "epochs='x'",
+    "max_batches=3", "eval_batch_size=[1]", "device='tpu'", "save=''", "checkpoint_every=-1",
+    "on_divergence='retry'", "log_interval=1",
+])  # fmt: skip
+CORRUPTIONS = st.sampled_from(["none", "empty_train", "binary_valid", "missing_test", "only_newlines", "tiny_train",
+                               "crlf_bom_tabs", "unknown_valid"])  # fmt: skip
+
+
+def corrupt(folder, how: str) -> None:
+    if how == "empty_train":
+        (folder / "train.txt").write_text("")
+    elif how == "binary_valid":
+        (folder / "valid.txt").write_bytes(b"ok words\n\xff\xfe\x00bad\n")
+    elif how == "missing_test":
+        (folder / "test.txt").unlink()
+    elif how == "only_newlines":
+        (folder / "valid.txt").write_text("\n\n\n")
+    elif how == "tiny_train":
+        (folder / "train.txt").write_text("a b\n")
+    elif how == "crlf_bom_tabs":
+        text = (folder / "train.txt").read_text()
+        (folder / "train.txt").write_bytes("\ufeff".encode() + text.replace(" ", "\t").replace("\n", "\r\n").encode())
+    elif how == "unknown_valid":
+        (folder / "valid.txt").write_text("zzqx yyqv\nwwqu\n")
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(updates=st.lists(UPDATES, max_size=3, unique=True), how=CORRUPTIONS, tag=st.text(string.ascii_lowercase, min_size=6, max_size=6))
+def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, updates, how, tag):
+    folder = tmp_path_factory.mktemp(tag)
+    corpus = cut_corpus(folder / "corpus", lines=(300, 40, 40))
+    corrupt(corpus, how)
+    result = run_cli("with", "smoke", f"dataset={corpus}", "max_batches=3", *updates, "-u",
+                     cwd=folder, check=False, timeout=120)  # fmt: skip
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    if result.returncode == 0:
+        assert "test ppl" in result.stdout
+    else:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr
