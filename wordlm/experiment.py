@@ -22,6 +22,7 @@ from wordlm.data import batchify
 from wordlm.errors import UserError
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.signals import StopRequests
+from wordlm.system import tune_cpu_allocator
 from wordlm.training import (
     Reporter,
     TrainState,
@@ -216,6 +217,8 @@ def _train(_run, _log, cfg: dict):
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)
     device = resolve_device(cfg["device"])
+    if device.type == "cpu":
+        tune_cpu_allocator()
     corpus = load_dataset(cfg["dataset"], log=_log.info)
     vocab = corpus.vocab
     rows = corpus.train.numel() // cfg["batch_size"]

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wordlm.data import batchify_eval, get_batch
 from wordlm.model import Hidden, RNNModel, detach_hidden
@@ -201,8 +200,8 @@ def train_epoch(
         inputs, targets = get_batch(data, i, bptt)  # (T, B) each
         hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
-        logits, hidden = model(inputs, hidden)  # (T, B, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        features, hidden = model.features(inputs, hidden)  # (T, B, H)
+        loss = model.decoder_loss(features, targets)
         if not torch.isfinite(loss):
             reporter.close()
             raise Diverged(state.epoch, state.batch + 1, loss.item(), state.lr)
@@ -228,9 +227,16 @@ def train_epoch(
     state.interval_loss, state.interval_batches = 0.0, 0
 
 
+EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: large enough for matmul speed, small in memory
+
+
 @torch.inference_mode()
-def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int) -> tuple[float, int]:
+def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None) -> tuple[float, int]:
     """Mean cross-entropy (nats per token) of ``ids`` (1-D) with every token but the first a target once.
+
+    The hidden state is carried through each column, so the result does not depend on how the columns
+    are cut into chunks (``bptt`` is accepted for symmetry with training and ignored): chunks of about
+    ``EVAL_TOKENS`` tokens keep the decoder's matrix products large.
 
     Returns:
         ``(loss, targets)``: the mean loss and how many targets it covers (``len(ids) - 1``).
@@ -243,10 +249,11 @@ def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int
         if source is None:
             continue
         hidden = model.init_hidden(source.size(1))
-        for i in range(0, source.size(0) - 1, bptt):
-            inputs, targets = get_batch(source, i, bptt)
-            logits, hidden = model(inputs, hidden)
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        steps = max(1, EVAL_TOKENS // source.size(1))
+        for i in range(0, source.size(0) - 1, steps):
+            inputs, targets = get_batch(source, i, steps)
+            features, hidden = model.features(inputs, hidden)
+            total += model.decoder_nll_sum(features, targets)
             count += targets.numel()
     model.train(was_training)
     return (total.item() / count if count else math.nan), count
