@@ -1,0 +1,292 @@
+"""Training and evaluation speed of wordlm against the classic word_language_model loop, in one run.
+
+    python benchmarks/speed.py [--dataset PATH_OR_NAME] [--batches 12] [--warmup 3] [--configs default,large]
+
+For each config, two subprocesses train from the same initial weights with the same dropout RNG:
+(a) a faithful plain copy of the classic loop (embedding → LSTM → Linear → log_softmax → NLLLoss,
+hand-written SGD, a fresh output tensor every step), written here for the benchmark and run in the
+default environment, as users run the classic example; (b) wordlm's own training path (the same
+``train_epoch`` and allocator setting the CLI uses). Each then evaluates the same validation tokens
+at batch 10. Printed: tokens/s and ratios, GFLOP/s from an explicit FLOP count against the measured
+matmul ceiling at the decoder's shapes, evaluation tokens/s, peak memory, and whether the per-batch
+losses agree. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wordlm.corpora import resolve_dataset  # noqa: E402
+from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+
+CONFIGS = {
+    "default": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2, batch_size=32, bptt=35, lr=20.0, clip=0.25),
+    "large": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5, batch_size=32, bptt=35, lr=20.0, clip=0.25),
+}
+EVAL_BATCH = 10
+
+
+# ----------------------------------------------------------------------------- the classic loop
+class ClassicModel(nn.Module):
+    """The classic example's RNNModel (LSTM, tied), returning flattened log-probabilities."""
+
+    def __init__(self, ntoken, emsize, nhid, nlayers, dropout):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, emsize)
+        self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        self.nlayers, self.nhid, self.ntoken = nlayers, nhid, ntoken
+
+    def forward(self, inputs, hidden):
+        emb = self.drop(self.encoder(inputs))
+        output, hidden = self.rnn(emb, hidden)
+        output = self.drop(output)
+        decoded = self.decoder(output).view(-1, self.ntoken)
+        return F.log_softmax(decoded, dim=1), hidden
+
+    def init_hidden(self, bsz):
+        weight = next(self.parameters())
+        return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
+
+
+def repackage(hidden):
+    return hidden.detach() if isinstance(hidden, torch.Tensor) else tuple(repackage(h) for h in hidden)
+
+
+def classic_train(model, data, cfg, batches):
+    criterion = nn.NLLLoss()
+    model.train()
+    hidden = model.init_hidden(cfg["batch_size"])
+    losses, times = [], []
+    for batch, i in enumerate(range(0, data.size(0) - 1, cfg["bptt"])):
+        if batch == batches:
+            break
+        start = time.perf_counter()
+        inputs, targets = get_batch(data, i, cfg["bptt"])
+        model.zero_grad()
+        hidden = repackage(hidden)
+        output, hidden = model(inputs, hidden)
+        loss = criterion(output, targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-cfg["lr"])
+        losses.append(loss.item())
+        times.append(time.perf_counter() - start)
+    return losses, times
+
+
+def classic_evaluate(model, ids, bptt):
+    criterion = nn.NLLLoss()
+    model.eval()
+    data = batchify(ids, EVAL_BATCH)
+    total = 0.0
+    hidden = model.init_hidden(EVAL_BATCH)
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, bptt):
+            inputs, targets = get_batch(data, i, bptt)
+            output, hidden = model(inputs, hidden)
+            hidden = repackage(hidden)
+            total += len(inputs) * criterion(output, targets.reshape(-1)).item()
+    return total / (len(data) - 1)
+
+
+# ----------------------------------------------------------------------------- wordlm's path
+def wordlm_train(model, data, cfg, batches):
+    from wordlm.training import Reporter, TrainState, train_epoch
+
+    losses, times = [], []
+
+    class Timing(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.last = time.perf_counter()
+
+        def interval(self, state, total, ms_per_batch, loss):
+            now = time.perf_counter()
+            losses.append(loss)
+            times.append(now - self.last)
+            self.last = now
+
+        def write(self, line):
+            pass
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    state = TrainState(lr=cfg["lr"])
+    train_epoch(model, data, optimizer, state, bptt=cfg["bptt"], clip=cfg["clip"], log_interval=1,
+                max_batches=batches, reporter=Timing())  # fmt: skip
+    return losses, times
+
+
+def worker(args) -> None:
+    cfg = CONFIGS[args.config]
+    torch.manual_seed(0)
+    corpus = load_corpus(resolve_dataset(args.dataset))
+    ntoken = len(corpus.vocab)
+    if args.impl == "classic":
+        model = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
+        train, evaluate = classic_train, classic_evaluate
+    else:
+        from wordlm.model import ModelConfig, RNNModel
+        from wordlm.system import tune_cpu_allocator
+        from wordlm.training import evaluate_loss
+
+        tune_cpu_allocator()  # what `python main.py` does on a CPU
+        model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], True))
+        train = wordlm_train
+
+        def evaluate(model, ids, bptt):
+            return evaluate_loss(model, ids, EVAL_BATCH, bptt)[0]
+
+    model.load_state_dict(torch.load(args.weights, weights_only=True))
+    data = batchify(corpus.train, cfg["batch_size"])
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    losses, times = train(model, data, cfg, args.warmup + args.batches)
+    valid = corpus.valid[: args.eval_tokens + 1]
+    evaluate(model, valid[: 20 * EVAL_BATCH * cfg["bptt"]], cfg["bptt"])  # warm-up
+    start = time.perf_counter()
+    eval_loss = evaluate(model, valid, cfg["bptt"])
+    eval_seconds = time.perf_counter() - start
+    timed = times[args.warmup :]
+    tokens = cfg["batch_size"] * cfg["bptt"]
+    result = {
+        "losses": losses,
+        "train_tokens_per_s": tokens * len(timed) / sum(timed),
+        "eval_tokens_per_s": (valid.numel() - 1) / eval_seconds,
+        "eval_loss": eval_loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- the driver
+def flops_per_step(cfg, ntoken) -> float:
+    """Multiply-adds × 2 of one training step: forward, and backward at twice the forward."""
+    tokens = cfg["batch_size"] * cfg["bptt"]
+    decoder = 2 * tokens * cfg["nhid"] * ntoken
+    lstm = sum(
+        2 * tokens * 4 * cfg["nhid"] * ((cfg["emsize"] if layer == 0 else cfg["nhid"]) + cfg["nhid"])
+        for layer in range(cfg["nlayers"])
+    )
+    return 3 * (decoder + lstm)
+
+
+def matmul_ceiling(tokens, hidden, ntoken, repeats=5) -> float:
+    """The best GFLOP/s of one float32 matmul with the decoder's shapes, over both layouts."""
+    h = torch.randn(tokens, hidden)
+    w = torch.randn(ntoken, hidden)
+    best = 0.0
+    for product in (lambda: h @ w.t(), lambda: w @ h.t()):
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = max(best, 2 * tokens * hidden * ntoken / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def run_side(impl, config, args, weights) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    command = [sys.executable, __file__, "--worker", impl, "--config", config, "--weights", weights, "--out", out,
+               "--dataset", args.dataset, "--batches", str(args.batches), "--warmup", str(args.warmup),
+               "--eval-tokens", str(args.eval_tokens)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+    subprocess.run(command, check=True, env=env)
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = ROOT.parent / "shared" / "data" / "wikitext-2"
+    parser.add_argument("--dataset", default=str(default_data) if default_data.is_dir() else "wikitext-2")
+    parser.add_argument("--configs", default="default,large")
+    parser.add_argument("--batches", type=int, default=12, help="timed training batches (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--eval-tokens", type=int, default=30000)
+    parser.add_argument("--worker", choices=["classic", "wordlm"], dest="impl")
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--weights")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.impl:
+        return worker(args)
+
+    corpus = load_corpus(resolve_dataset(args.dataset))
+    ntoken = len(corpus.vocab)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"corpus {args.dataset} (vocabulary {ntoken})")  # fmt: skip
+    summary = {}
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        tokens = cfg["batch_size"] * cfg["bptt"]
+        torch.manual_seed(0)
+        weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+        torch.save(ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"]).state_dict(), weights)
+        classic = run_side("classic", name, args, weights)
+        ours = run_side("wordlm", name, args, weights)
+        os.unlink(weights)
+        ceiling = matmul_ceiling(tokens, cfg["nhid"], ntoken)
+        flops = flops_per_step(cfg, ntoken)
+        gflops = {side: flops * r["train_tokens_per_s"] / tokens / 1e9 for side, r in (("classic", classic), ("wordlm", ours))}
+        loss_gap = max(abs(a - b) for a, b in zip(classic["losses"], ours["losses"]))
+        row = {
+            "train_ratio": ours["train_tokens_per_s"] / classic["train_tokens_per_s"],
+            "eval_ratio": ours["eval_tokens_per_s"] / classic["eval_tokens_per_s"],
+            "gflops_fraction": gflops["wordlm"] / ceiling,
+            "loss_match": loss_gap < 1e-3,
+            "max_loss_gap": loss_gap,
+            "classic_train_tokens_per_s": classic["train_tokens_per_s"],
+            "wordlm_train_tokens_per_s": ours["train_tokens_per_s"],
+            "classic_eval_tokens_per_s": classic["eval_tokens_per_s"],
+            "wordlm_eval_tokens_per_s": ours["eval_tokens_per_s"],
+            "classic_gflops": gflops["classic"],
+            "wordlm_gflops": gflops["wordlm"],
+            "matmul_ceiling_gflops": ceiling,
+            "classic_eval_ppl": float(torch.tensor(classic["eval_loss"]).exp()),
+            "wordlm_eval_ppl": float(torch.tensor(ours["eval_loss"]).exp()),
+            "classic_peak_rss_mb": classic["peak_rss_mb"],
+            "wordlm_peak_rss_mb": ours["peak_rss_mb"],
+        }
+        summary[name] = row
+        print(f"\n== {name}: {cfg['nlayers']}x{cfg['nhid']} LSTM, batch {cfg['batch_size']}, bptt {cfg['bptt']}, "
+              f"{flops / 1e9:.1f} GFLOP per step")  # fmt: skip
+        print(f"{'':24s}{'classic':>12s}{'wordlm':>12s}{'ratio':>9s}")
+        print(f"{'train tokens/s':24s}{row['classic_train_tokens_per_s']:12.0f}{row['wordlm_train_tokens_per_s']:12.0f}"
+              f"{row['train_ratio']:9.2f}")  # fmt: skip
+        print(f"{'train GFLOP/s':24s}{gflops['classic']:12.1f}{gflops['wordlm']:12.1f}"
+              f"   ceiling {ceiling:.1f} (wordlm at {row['gflops_fraction']:.0%})")  # fmt: skip
+        print(f"{'eval tokens/s (batch 10)':24s}{row['classic_eval_tokens_per_s']:12.0f}"
+              f"{row['wordlm_eval_tokens_per_s']:12.0f}{row['eval_ratio']:9.2f}")  # fmt: skip
+        print(f"{'eval ppl':24s}{row['classic_eval_ppl']:12.3f}{row['wordlm_eval_ppl']:12.3f}")
+        print(f"{'peak RSS MB':24s}{row['classic_peak_rss_mb']:12.0f}{row['wordlm_peak_rss_mb']:12.0f}")
+        print(f"per-batch losses agree: {row['loss_match']} (max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")
+    first = summary[args.configs.split(",")[0]]
+    print(json.dumps({**{k: first[k] for k in ("train_ratio", "eval_ratio", "gflops_fraction", "loss_match")},
+                      "configs": summary}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

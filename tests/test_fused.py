@@ -1,0 +1,60 @@
+"""The fused CPU decoder loss is the plain one: same values and gradients, safe buffer reuse."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wordlm.fused import CHUNK, linear_cross_entropy, linear_nll_sum
+from wordlm.system import tune_cpu_allocator
+
+
+def inputs(n=37, h=8, v=CHUNK * 3 + 17, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=generator, requires_grad=True)
+    weight = (torch.randn(v, h, generator=generator) * 2).requires_grad_()
+    bias = torch.randn(v, generator=generator).requires_grad_()
+    targets = torch.randint(v, (n,), generator=generator)
+    return hidden, weight, bias, targets
+
+
+def gradients(loss, *tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_cross_entropy_in_value_and_gradients(with_bias):
+    hidden, weight, bias, targets = inputs()
+    bias = bias if with_bias else None
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    actual = linear_cross_entropy(hidden, weight, bias, targets)
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, e in zip(gradients(actual * 3, hidden, weight, bias), gradients(expected * 3, hidden, weight, bias)):
+        assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_nll_sum_matches_cross_entropy_sum():
+    hidden, weight, bias, targets = inputs(n=50, v=CHUNK + 1)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    assert linear_nll_sum(hidden, weight, bias, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_extreme_logits_stay_finite():
+    hidden, weight, bias, targets = inputs()
+    with torch.no_grad():
+        weight[5] *= 1000  # one word dominates some columns: its chunk maximum must absorb it
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    actual = linear_cross_entropy(hidden, weight, bias, targets)
+    assert torch.isfinite(actual) and actual.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_two_graphs_alive_at_once_keep_their_own_buffers():
+    tune_cpu_allocator()
+    first = inputs(seed=1)
+    second = inputs(seed=2)
+    loss_a = linear_cross_entropy(*first)
+    loss_b = linear_cross_entropy(*second)  # same shapes: would reuse a buffer if the pool were careless
+    grad_b = gradients(loss_b, *second[:3])
+    grad_a = gradients(loss_a, *first[:3])
+    for (hidden, weight, bias, targets), grads in ((first, grad_a), (second, grad_b)):
+        expected = gradients(F.cross_entropy(F.linear(hidden, weight, bias), targets), hidden, weight, bias)
+        assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected))
