@@ -63,7 +63,8 @@ def tiny_corpus(tmp_path) -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)  # WORDLM_CACHE and WORDLM_OFFLINE included, as the autouse fixture set them
-    env.update(WORDLM_DATA=str(SHARED_DATA), PYTHONUNBUFFERED="1", **extra)
+    env.update({"WORDLM_DATA": str(SHARED_DATA), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)  # may override the two above
     return env
 
 

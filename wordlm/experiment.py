@@ -72,6 +72,8 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
+    min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)
+    max_vocab = None  # keep at most this many words, the most frequent; the rest become <unk> (None = all)
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
@@ -122,7 +124,7 @@ def build_model_config(ntoken, model_type, emsize, nhid, nlayers, dropout, tied)
 @ex.main
 def train(
     _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
+    nhid, nlayers, save, tied, max_batches, device, eval_batch_size, min_freq, max_vocab,
 ):  # fmt: skip
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
@@ -133,7 +135,7 @@ def train(
 
 def _train(
     _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
+    nhid, nlayers, save, tied, max_batches, device, eval_batch_size, min_freq, max_vocab,
 ):  # fmt: skip
     for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
         _check_positive_int(key, locals()[key])
@@ -143,7 +145,7 @@ def _train(
     model_config = build_model_config(1, model_type, emsize, nhid, nlayers, dropout, tied)
     device = resolve_device(device)
 
-    corpus = load_dataset(dataset, log=_log.info)
+    corpus = load_dataset(dataset, log=_log.info, min_freq=min_freq, max_vocab=max_vocab)
     if corpus.train.numel() < batch_size * 2:
         raise UserError(
             f"batch_size={batch_size} needs at least {2 * batch_size} training tokens, "
