@@ -35,6 +35,7 @@ UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 _CHUNK_BYTES = 1 << 22  # text is tokenized 4 MiB at a time, so memory stays bounded at any corpus size
 _BOM = b"\xef\xbb\xbf"
+_COUNT_SLICE = 1 << 24  # ids counted 16M at a time
 
 
 class Vocabulary:
@@ -271,7 +272,9 @@ def restrict_vocabulary(
         ``(vocabulary, remap)``: the new vocabulary and a ``(V,)`` int32 array from old ids to new
         ones; ``(vocab, None)`` when every word is kept.
     """
-    counts = np.bincount(train, minlength=len(vocab))  # (V,)
+    counts = np.zeros(len(vocab), dtype=np.int64)  # (V,)
+    for start in range(0, train.size, _COUNT_SLICE):  # bincount widens ids to int64: a slice at a time
+        counts += np.bincount(train[start : start + _COUNT_SLICE], minlength=len(vocab))
     keep = counts >= min_freq  # (V,)
     always = [vocab.word2idx[word] for word in (EOS, UNK) if word in vocab]
     keep[always] = True
@@ -284,7 +287,7 @@ def restrict_vocabulary(
         keep[ranked[:room]] = True
     if keep.all():
         return vocab, None
-    new = Vocabulary.from_words([word for word, kept in zip(vocab.idx2word, keep) if kept])
+    new = Vocabulary.from_words([word for word, kept in zip(vocab.idx2word, keep, strict=True) if kept])
     remap = np.full(len(vocab), new.add(UNK), dtype=np.int32)  # (V,) dropped words -> <unk>
     remap[keep] = np.arange(np.count_nonzero(keep), dtype=np.int32)  # kept words, in order
     return new, remap
@@ -294,7 +297,9 @@ def corpus_paths(folder: str | os.PathLike) -> dict[str, Path]:
     """Return ``{split: folder/split.txt}``, or raise ``UserError`` naming what is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"dataset folder {folder} does not exist; point dataset= at a folder with train.txt, valid.txt and test.txt")
+        raise UserError(
+            f"dataset folder {folder} does not exist; point dataset= at a folder with train.txt, valid.txt and test.txt"
+        )
     paths = {split: folder / f"{split}.txt" for split in SPLITS}
     for path in paths.values():
         if not path.is_file():
@@ -336,12 +341,14 @@ def tokenize_corpus(folder: str | os.PathLike, min_freq: int = 1, max_vocab: int
     full = Vocabulary()
     train, _ = tokenize_file(paths["train"], full, grow=True, digest=digests["train"])
     _check_words(paths["train"], train, full, unknown=0)
-    vocab, remap = restrict_vocabulary(full, train, min_freq, max_vocab)
-    arrays, unknown = {"train": train}, {}
+    vocab, remap, unknown = full, None, {}
+    if min_freq > 1 or (max_vocab is not None and len(full) > max_vocab):
+        vocab, remap = restrict_vocabulary(full, train, min_freq, max_vocab)
     if remap is not None:
-        arrays["train"] = remap[train]
         had_unk = np.count_nonzero(train == full.word2idx[UNK]) if UNK in full else 0
-        unknown["train"] = int(np.count_nonzero(arrays["train"] == vocab.word2idx[UNK]) - had_unk)
+        np.take(remap, train, out=train, mode="clip")  # in place: ids are in range, so "clip" never clips
+        unknown["train"] = int(np.count_nonzero(train == vocab.word2idx[UNK]) - had_unk)
+    arrays = {"train": train}
     for split in ("valid", "test"):
         arrays[split], unknown[split] = tokenize_file(paths[split], vocab, grow=False, digest=digests[split])
         _check_words(paths[split], arrays[split], vocab, unknown[split])
