@@ -18,13 +18,19 @@ SMOKE = ("-u", "with", "smoke", "max_batches=2")
 BAD_INPUT = {
     "missing folder": (["dataset={tmp}/nowhere"], r"dataset='\S+/nowhere' is neither a folder nor a known corpus"),
     "missing split": (["dataset={tmp}/no-test"], r"dataset folder \S+/no-test lacks test.txt; a corpus folder needs"),
-    "empty split": (["dataset={tmp}/empty-valid"], r"\S+/empty-valid/valid.txt has no words; every split needs some text"),
+    "empty split": (
+        ["dataset={tmp}/empty-valid"],
+        r"\S+/empty-valid/valid.txt has no words; every split needs some text",
+    ),
     "too short for batch_size": (
         ["dataset={tmp}/short", "batch_size=8"],
         r"batch_size=8 needs at least 16 training tokens, but the training split has 3; lower batch_size",
     ),
     "not UTF-8": (["dataset={tmp}/latin1"], r"\S+/latin1/train.txt: line 2 is not valid UTF-8 \(byte 0xe9\); convert"),
-    "valid all unknown": (["dataset={tmp}/foreign"], r"\S+/foreign/valid.txt: every word is unknown to train.txt's vocabulary"),
+    "valid all unknown": (
+        ["dataset={tmp}/foreign"],
+        r"\S+/foreign/valid.txt: every word is unknown to train.txt's vocabulary",
+    ),
     "no corpus and no network": (
         ["dataset=penn"],
         r"corpus penn is not in data/penn and downloads are off \(WORDLM_OFFLINE is set\); "
@@ -55,7 +61,10 @@ def cli_runs(tmp_path_factory):
     cache = tmp / "cache"
     # A module fixture runs outside the autouse one: give the runs its settings explicitly.
     env = {"WORDLM_CACHE": str(tmp / "cache-bad"), "WORDLM_OFFLINE": "1", "WORDLM_DATA": str(tmp / "no-corpora-here")}
-    runs = {case: ([*SMOKE, *(update.format(tmp=tmp) for update in updates)], env) for case, (updates, _) in BAD_INPUT.items()}
+    runs = {
+        case: ([*SMOKE, *(update.format(tmp=tmp) for update in updates)], env)
+        for case, (updates, _) in BAD_INPUT.items()
+    }
     good = [*SMOKE, f"dataset={tmp}/ptb", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
     runs["awkward but good text"] = (good, {**env, "WORDLM_CACHE": str(cache)})
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -79,6 +88,8 @@ def test_bad_input_gets_one_error_line_and_a_failing_exit(cli_runs, case):
 def test_bom_crlf_and_tabs_train_like_plain_text_with_the_vocabulary_options(cli_runs):
     result, cache = cli_runs[0]["awkward but good text"], cli_runs[1]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"corpus \S+/ptb: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr)
+    assert re.search(
+        r"corpus \S+/ptb: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr
+    )
     assert "tokens mapped to <unk> (words outside the vocabulary): train " in result.stderr
     assert len(list(cache.glob("corpus-*.pt"))) == 1, "the run did not use WORDLM_CACHE"

@@ -53,8 +53,16 @@ def test_the_same_corpus_loads_from_the_cache_the_second_time(small_corpus):
     assert messages[1].startswith("tokens mapped to <unk> (words outside the vocabulary): train ")
 
 
-@pytest.mark.parametrize("dataset, name", [("wikitext-2", "wikitext-2"), ("WT2", "wikitext-2"), ("wikitext2", "wikitext-2"),
-                                           ("penn", "penn"), ("PTB", "penn")])  # fmt: skip
+@pytest.mark.parametrize(
+    "dataset, name",
+    [
+        ("wikitext-2", "wikitext-2"),
+        ("WT2", "wikitext-2"),
+        ("wikitext2", "wikitext-2"),
+        ("penn", "penn"),
+        ("PTB", "penn"),
+    ],
+)
 def test_known_names_resolve_in_wordlm_data(dataset, name, monkeypatch):
     monkeypatch.setenv("WORDLM_DATA", str(SHARED_DATA))
     assert resolve_dataset(dataset) == SHARED_DATA / name

@@ -74,7 +74,9 @@ def test_the_pinned_table_covers_both_known_corpora():
     assert set(SOURCES) == {"wikitext-2", "penn"}
     for files in SOURCES.values():
         assert set(files) == {"train.txt", "valid.txt", "test.txt"}
-        assert all(url.startswith("https://raw.githubusercontent.com/") and len(sha) == 64 for url, sha in files.values())
+        assert all(
+            url.startswith("https://raw.githubusercontent.com/") and len(sha) == 64 for url, sha in files.values()
+        )
 
 
 def test_a_corpus_downloads_verified_with_a_progress_bar_and_only_once(server, online, tmp_path, capsys):
@@ -90,7 +92,9 @@ def test_a_corpus_downloads_verified_with_a_progress_bar_and_only_once(server, o
 
 def test_a_wrong_checksum_keeps_nothing(server, online, tmp_path):
     folder = tmp_path / "tiny"
-    with pytest.raises(UserError, match=r"good/valid.txt has SHA-256 [0-9a-f]{16}\.\.\., not the pinned 0{16}") as caught:
+    with pytest.raises(
+        UserError, match=r"good/valid.txt has SHA-256 [0-9a-f]{16}\.\.\., not the pinned 0{16}"
+    ) as caught:
         download_corpus("tiny", folder, table(server.base, sha256={"valid.txt": "0" * 64}), progress=False)
     assert "\n" not in str(caught.value)
     assert_nothing_looks_valid(folder, "valid.txt", "test.txt")
@@ -128,7 +132,9 @@ def test_without_network_one_line_says_where_to_put_the_files(online, tmp_path):
 
 
 def test_offline_nothing_is_fetched(server, tmp_path):
-    with pytest.raises(UserError, match=r"^corpus tiny is not in \S+ and downloads are off \(WORDLM_OFFLINE is set\); put"):
+    with pytest.raises(
+        UserError, match=r"^corpus tiny is not in \S+ and downloads are off \(WORDLM_OFFLINE is set\); put"
+    ):
         download_corpus("tiny", tmp_path / "tiny", table(server.base))
     assert server.hits == []
 

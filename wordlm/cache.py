@@ -31,10 +31,17 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from wordlm.data import SPLITS, Corpus, TokenizedCorpus, Vocabulary, check_vocabulary_options, corpus_paths, tokenize_corpus
+from wordlm.data import (
+    SPLITS,
+    Corpus,
+    TokenizedCorpus,
+    Vocabulary,
+    check_vocabulary_options,
+    corpus_paths,
+    tokenize_corpus,
+)
 from wordlm.files import atomic_file
 
 CACHE_ENV = "WORDLM_CACHE"  # the cache folder; default ~/.cache/wordlm

@@ -35,8 +35,7 @@ def _is_corpus(folder: Path) -> bool:
 def _lacks(folder: Path) -> str:
     missing = [f"{split}.txt" for split in SPLITS if not (folder / f"{split}.txt").is_file()]
     return (
-        f"dataset folder {folder} lacks {', '.join(missing)}; "
-        "a corpus folder needs train.txt, valid.txt and test.txt"
+        f"dataset folder {folder} lacks {', '.join(missing)}; a corpus folder needs train.txt, valid.txt and test.txt"
     )
 
 
@@ -123,5 +122,8 @@ def load_dataset(
     )
     unknown = {split: n for split, n in corpus.unknown_counts.items() if n}
     if unknown:
-        log("tokens mapped to <unk> (words outside the vocabulary): " + ", ".join(f"{s} {n}" for s, n in unknown.items()))
+        log(
+            "tokens mapped to <unk> (words outside the vocabulary): "
+            + ", ".join(f"{s} {n}" for s, n in unknown.items())
+        )
     return corpus

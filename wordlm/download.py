@@ -105,7 +105,10 @@ def _fetch(url: str, sha256: str, target: Path, progress: bool, instead: str) ->
                     received += len(block)
                     bar.update(len(block))
             if expected is not None and received < expected:
-                raise UserError(f"the download of {url} stopped after {received} of {expected} bytes and was discarded; run again, or {instead}")
+                raise UserError(
+                    f"the download of {url} stopped after {received} of {expected} bytes and was discarded; "
+                    f"run again, or {instead}"
+                )
             if digest.hexdigest() != sha256:
                 raise UserError(
                     f"{url} has SHA-256 {digest.hexdigest()[:16]}..., not the pinned {sha256[:16]}..., "
