@@ -17,8 +17,8 @@ from typing import BinaryIO
 def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write ``path`` through a hidden temporary file in the same folder, renamed over it at the end.
 
-    The temporary file is flushed to disk before the rename, so a reader, or a crash at any moment,
-    sees the previous ``path`` (or none) or the complete new one. When the block raises, the
+    The temporary file is flushed to disk before the rename, and the folder after it, so a reader, or
+    a crash at any moment, sees the previous ``path`` (or none) or the complete new one. When the block raises, the
     temporary file is deleted and ``path`` is left as it was: a check that fails inside the block
     (a wrong checksum, say) keeps what was written from ever looking valid.
 
@@ -44,3 +44,11 @@ def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    try:  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:  # some file systems cannot sync a folder; the file itself is safe
+        pass
