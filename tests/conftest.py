@@ -37,6 +37,18 @@ def cut_corpus(folder: Path, source: str = "penn", lines: tuple[int, int, int] =
     return write_corpus(folder, *texts)
 
 
+@pytest.fixture(autouse=True)
+def corpus_cache(monkeypatch, tmp_path_factory) -> Path:
+    """Give every test its own empty corpus cache, and make any download attempt fail at once.
+
+    ``cli_env`` copies ``os.environ``, so the command-line runs inherit both settings.
+    """
+    cache = tmp_path_factory.mktemp("wordlm-cache")
+    monkeypatch.setenv("WORDLM_CACHE", str(cache))
+    monkeypatch.setenv("WORDLM_OFFLINE", "1")
+    return cache
+
+
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """3,000/300/300 lines of PTB (about 64k/6k/6k tokens)."""
@@ -50,8 +62,9 @@ def tiny_corpus(tmp_path) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(WORDLM_DATA=str(SHARED_DATA), PYTHONUNBUFFERED="1", **extra)
+    env = dict(os.environ)  # WORDLM_CACHE and WORDLM_OFFLINE included, as the autouse fixture set them
+    env.update({"WORDLM_DATA": str(SHARED_DATA), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)  # may override the two above
     return env
 
 

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError
+from wordlm.files import atomic_file
 from wordlm.model import ModelConfig, RNNModel
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary, **extra) -> None:
-    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then rename.
+    """Write a checkpoint atomically (``wordlm.files.atomic_file``): a temporary file, fsync, rename.
 
     A reader (or a crash at any moment) sees either the previous file or the complete new one.
     ``extra`` entries (``training``, ``meta``) are stored beside the model.
@@ -48,26 +48,9 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
         "vocab": list(vocab.idx2word),
         **extra,
     }
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as stream:
+        torch.save(payload, stream)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -3,19 +3,23 @@
 Lives here: ``KNOWN_CORPORA``, ``resolve_dataset`` and ``load_dataset``. Must not import Sacred.
 
 ``dataset`` may be
-- a folder holding ``train.txt``, ``valid.txt`` and ``test.txt``;
-- a known corpus name (``wikitext-2``, ``penn``), looked up in ``$WORDLM_DATA/<name>`` and then in
-  ``./data/<name>``;
-- the spec's default ``./data``: the folder itself when it holds a corpus, else ``./data/wikitext-2``.
+- a folder holding ``train.txt``, ``valid.txt`` and ``test.txt``: any such folder is a corpus;
+- a known corpus name (``wikitext-2``, ``penn`` or an alias), or ``./data/<name>``: looked up in
+  ``$WORDLM_DATA/<name>``, then in ``./data/<name>``, and downloaded into ``./data/<name>`` when
+  neither has it;
+- the spec's default ``./data``: the folder itself when it holds a corpus, else WikiText-2 as above.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wordlm.data import SPLITS, Corpus, load_corpus
+from wordlm.cache import load_corpus_cached
+from wordlm.data import SPLITS, Corpus
+from wordlm.download import download_corpus
 from wordlm.errors import UserError
 
 DEFAULT_CORPUS = "wikitext-2"
@@ -28,45 +32,98 @@ def _is_corpus(folder: Path) -> bool:
     return all((folder / f"{split}.txt").is_file() for split in SPLITS)
 
 
-def resolve_dataset(dataset: str, data_root: str | os.PathLike = "data") -> Path:
-    """Find the corpus folder that ``dataset`` names (see the module docstring)."""
+def _lacks(folder: Path) -> str:
+    missing = [f"{split}.txt" for split in SPLITS if not (folder / f"{split}.txt").is_file()]
+    return (
+        f"dataset folder {folder} lacks {', '.join(missing)}; a corpus folder needs train.txt, valid.txt and test.txt"
+    )
+
+
+def _known_name(dataset: str, path: Path, data_root: Path) -> str | None:
+    """The known corpus ``dataset`` names, if any: an alias, ``<data_root>/<name>`` or ``data_root`` itself."""
+    name = KNOWN_CORPORA.get(str(dataset).lower())
+    if name is not None:
+        return name
+    where = path.resolve()
+    if where.parent == data_root.resolve() and path.name in KNOWN_CORPORA.values():
+        return path.name
+    if where == data_root.resolve():
+        if any((path / f"{split}.txt").exists() for split in SPLITS):
+            raise UserError(_lacks(path))  # a corpus of one's own, half there: not a reason to download
+        return DEFAULT_CORPUS
+    return None
+
+
+def resolve_dataset(
+    dataset: str | os.PathLike,
+    data_root: str | os.PathLike = "data",
+    sources: dict | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Find the corpus folder that ``dataset`` names, downloading a known corpus if need be.
+
+    Args:
+        dataset: a folder, a known corpus name, or ``data_root`` (see the module docstring).
+        data_root: the folder of downloaded corpora (``./data``).
+        sources: the download table (None: ``wordlm.download.SOURCES``).
+        log: told about downloads.
+
+    Returns:
+        A folder holding ``train.txt``, ``valid.txt`` and ``test.txt``.
+
+    Raises:
+        UserError: ``dataset`` is neither a corpus folder nor a known corpus, or the download failed.
+    """
     path = Path(dataset).expanduser()
     if _is_corpus(path):
         return path
-    name = KNOWN_CORPORA.get(str(dataset).lower())
-    if name is None and path.resolve() == Path(data_root).resolve():
-        name = DEFAULT_CORPUS
+    name = _known_name(str(dataset), path, Path(data_root))
     if name is None:
         if path.is_dir():
-            missing = [f"{s}.txt" for s in SPLITS if not (path / f"{s}.txt").is_file()]
-            raise UserError(f"dataset folder {path} lacks {', '.join(missing)}; a corpus folder needs train.txt, valid.txt and test.txt")
+            raise UserError(_lacks(path))
         raise UserError(
-            f"dataset={dataset!r} is neither a folder nor a known corpus ({', '.join(sorted(set(KNOWN_CORPORA.values())))}); "
+            f"dataset={str(dataset)!r} is neither a folder nor a known corpus "
+            f"({', '.join(sorted(set(KNOWN_CORPORA.values())))}); "
             "point it at a folder with train.txt, valid.txt and test.txt"
         )
-    candidates = []
-    if os.environ.get(DATA_ENV):
-        candidates.append(Path(os.environ[DATA_ENV]) / name)
-    candidates.append(Path(data_root) / name)
-    for folder in candidates:
-        if _is_corpus(folder):
-            return folder
-    places = " or ".join(str(c) for c in candidates)
-    raise UserError(
-        f"corpus {name!r} not found in {places}; put train.txt, valid.txt and test.txt there "
-        f"(or set {DATA_ENV} to a folder holding {name}/)"
-    )
+    if os.environ.get(DATA_ENV) and _is_corpus(Path(os.environ[DATA_ENV]) / name):
+        return Path(os.environ[DATA_ENV]) / name
+    return download_corpus(name, Path(data_root) / name, sources=sources, log=log)
 
 
-def load_dataset(dataset: str, log: Callable[[str], None] = lambda message: None, **options) -> Corpus:
-    """Resolve ``dataset`` and tokenize it, logging what was loaded."""
-    folder = resolve_dataset(dataset)
-    corpus = load_corpus(folder, **options)
+def load_dataset(
+    dataset: str | os.PathLike,
+    log: Callable[[str], None] = lambda message: None,
+    min_freq: int = 1,
+    max_vocab: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sources: dict | None = None,
+) -> Corpus:
+    """Resolve ``dataset``, then load it from the cache or tokenize it, logging what was loaded.
+
+    Args:
+        dataset: see ``resolve_dataset``.
+        log: told what was loaded, how fast, and how many tokens became ``<unk>``.
+        min_freq: words of train seen fewer times become ``<unk>``.
+        max_vocab: keep at most this many words, the most frequent (None: all).
+        cache_dir: the cache folder (None: ``$WORDLM_CACHE`` or ``~/.cache/wordlm``).
+        sources: the download table (None: ``wordlm.download.SOURCES``).
+
+    Raises:
+        UserError: one line saying what is wrong with the corpus and how to fix it.
+    """
+    folder = resolve_dataset(dataset, sources=sources, log=log)
+    started = time.perf_counter()
+    corpus, from_cache = load_corpus_cached(folder, min_freq, max_vocab, cache_dir=cache_dir, log=log)
     log(
         f"corpus {folder}: vocabulary {len(corpus.vocab)}, tokens train {corpus.train.numel()} / "
-        f"valid {corpus.valid.numel()} / test {corpus.test.numel()}"
+        f"valid {corpus.valid.numel()} / test {corpus.test.numel()} "
+        f"({'read from the cache' if from_cache else 'tokenized'} in {time.perf_counter() - started:.2f} s)"
     )
     unknown = {split: n for split, n in corpus.unknown_counts.items() if n}
     if unknown:
-        log("tokens mapped to <unk> (not in train's vocabulary): " + ", ".join(f"{s} {n}" for s, n in unknown.items()))
+        log(
+            "tokens mapped to <unk> (words outside the vocabulary): "
+            + ", ".join(f"{s} {n}" for s, n in unknown.items())
+        )
     return corpus

@@ -82,6 +82,8 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
+    min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)
+    max_vocab = None  # keep at most this many words, the most frequent; the rest become <unk> (None = all)
     # -- never lose a run
     save_last = (save[:-3] if save.endswith(".pt") else save) + ".last.pt"  # latest state, for resume
     checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
@@ -168,7 +170,8 @@ def build_model_config(ntoken, model_type, emsize, nhid, nlayers, dropout, tied)
 
 
 # Keys that define the model or the batch layout: a resumed run must keep them.
-FIXED_ON_RESUME = ("dataset", "batch_size", "bptt", "model_type", "emsize", "nhid", "nlayers", "tied", "dropout")
+FIXED_ON_RESUME = ("dataset", "min_freq", "max_vocab", "batch_size", "bptt", "model_type", "emsize", "nhid",
+                   "nlayers", "tied", "dropout")  # fmt: skip
 
 
 def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:
@@ -219,7 +222,7 @@ def _train(_run, _log, cfg: dict):
     device = resolve_device(cfg["device"])
     if device.type == "cpu":
         tune_cpu_allocator()
-    corpus = load_dataset(cfg["dataset"], log=_log.info)
+    corpus = load_dataset(cfg["dataset"], log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
     vocab = corpus.vocab
     rows = corpus.train.numel() // cfg["batch_size"]
     if rows < 2:

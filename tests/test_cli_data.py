@@ -1,0 +1,95 @@
+"""Bad corpora through the command line: one line starting ``error:``, a non-zero exit, no traceback.
+
+The runs are independent processes, so they start together once per module (``cli_runs``) and
+each test reads its own result: the suite pays for the slowest run, not for their sum.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import cut_corpus, run_cli, write_corpus
+
+SMOKE = ("-u", "with", "smoke", "max_batches=2")
+
+# case -> (config updates, the one error line expected, as a regex)
+BAD_INPUT = {
+    "missing folder": (["dataset={tmp}/nowhere"], r"dataset='\S+/nowhere' is neither a folder nor a known corpus"),
+    "missing split": (["dataset={tmp}/no-test"], r"dataset folder \S+/no-test lacks test.txt; a corpus folder needs"),
+    "empty split": (
+        ["dataset={tmp}/empty-valid"],
+        r"\S+/empty-valid/valid.txt has no words; every split needs some text",
+    ),
+    "too short for batch_size": (
+        ["dataset={tmp}/short", "batch_size=8"],
+        r"batch_size=8 needs at least 16 training tokens, but the training split has 3; lower batch_size",
+    ),
+    "not UTF-8": (["dataset={tmp}/latin1"], r"\S+/latin1/train.txt: line 2 is not valid UTF-8 \(byte 0xe9\); convert"),
+    "valid all unknown": (
+        ["dataset={tmp}/foreign"],
+        r"\S+/foreign/valid.txt: every word is unknown to train.txt's vocabulary",
+    ),
+    "no corpus and no network": (
+        ["dataset=penn"],
+        r"corpus penn is not in data/penn and downloads are off \(WORDLM_OFFLINE is set\); "
+        r"put train.txt, valid.txt, test.txt of penn in data/penn yourself",
+    ),
+}
+
+
+def make_corpora(tmp) -> None:
+    write_corpus(tmp / "no-test", "a b\n", "a\n", "b\n")
+    (tmp / "no-test" / "test.txt").unlink()
+    write_corpus(tmp / "empty-valid", "a b\n", "", "a\n")
+    write_corpus(tmp / "short", "a b\n", "a\n", "b\n")
+    write_corpus(tmp / "latin1", "a b\n", "a\n", "b\n")
+    (tmp / "latin1" / "train.txt").write_bytes(b"a b\ncaf\xe9 b\n")
+    write_corpus(tmp / "foreign", "the cat\n", "le chat\n", "the\n")
+    # Good text written the awkward way: BOM, CRLF, tabs, no final line break.
+    ptb = cut_corpus(tmp / "ptb", lines=(300, 40, 40))
+    for split in ("train", "valid", "test"):
+        text = (ptb / f"{split}.txt").read_text(encoding="utf-8").replace(" ", "\t").replace("\n", "\r\n")
+        (tmp / "ptb" / f"{split}.txt").write_bytes(b"\xef\xbb\xbf" + text.rstrip("\r\n").encode())
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-data")
+    make_corpora(tmp)
+    cache = tmp / "cache"
+    # A module fixture runs outside the autouse one: give the runs its settings explicitly.
+    env = {"WORDLM_CACHE": str(tmp / "cache-bad"), "WORDLM_OFFLINE": "1", "WORDLM_DATA": str(tmp / "no-corpora-here")}
+    runs = {
+        case: ([*SMOKE, *(update.format(tmp=tmp) for update in updates)], env)
+        for case, (updates, _) in BAD_INPUT.items()
+    }
+    good = [*SMOKE, f"dataset={tmp}/ptb", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
+    runs["awkward but good text"] = (good, {**env, "WORDLM_CACHE": str(cache)})
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {case: pool.submit(run_cli, *args, cwd=tmp, check=False, timeout=240, **run_env)
+                   for case, (args, run_env) in runs.items()}  # fmt: skip
+        results = {case: future.result() for case, future in futures.items()}
+    return results, cache
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_one_error_line_and_a_failing_exit(cli_runs, case):
+    result = cli_runs[0][case]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert re.fullmatch(r"error: " + BAD_INPUT[case][1] + r".*", errors[0]), errors[0]
+
+
+def test_bom_crlf_and_tabs_train_like_plain_text_with_the_vocabulary_options(cli_runs):
+    result, cache = cli_runs[0]["awkward but good text"], cli_runs[1]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(
+        r"corpus \S+/ptb: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr
+    )
+    assert "tokens mapped to <unk> (words outside the vocabulary): train " in result.stderr
+    assert len(list(cache.glob("corpus-*.pt"))) == 1, "the run did not use WORDLM_CACHE"
