@@ -17,7 +17,7 @@ DEFAULTS = dict(
     batch_size=32, bptt=35, clip=0.25, dataset="./data", dropout=0.2, emsize=200, epochs=40, log_interval=200,
     lr=20.0, model_type="LSTM", nhid=200, nlayers=2, save="model.pt", seed=257, tied=True, max_batches=None,
     device="auto", eval_batch_size=10, save_last="model.last.pt", checkpoint_every=None, resume=None,
-    on_divergence="stop",
+    on_divergence="stop", lr_decay=None, lr_decay_start=1, init_range=None, min_freq=1, max_vocab=None,
 )  # fmt: skip
 ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),

@@ -32,6 +32,7 @@ class ModelConfig:
     nlayers: int = 2
     dropout: float = 0.2
     tied: bool = True
+    init_range: float | None = None  # uniform(-r, r) for every weight (Zaremba et al.); None: the classic init
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -42,6 +43,10 @@ class ModelConfig:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be a number with 0 <= dropout < 1")
+        if self.init_range is not None and (
+            isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or not self.init_range > 0
+        ):
+            raise ValueError(f"init_range={self.init_range!r} must be a positive number or None")
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
         if self.tied and self.emsize != self.nhid:
@@ -83,7 +88,15 @@ class RNNModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise as the classic example does: uniform(-0.1, 0.1) embedding and decoder, zero bias."""
+        """Initialise as the classic example does: uniform(-0.1, 0.1) embedding and decoder, zero bias.
+
+        With ``init_range`` r, every parameter (recurrent weights and biases too) is uniform(-r, r), as in
+        Zaremba et al. (2014).
+        """
+        if self.config.init_range is not None:
+            for parameter in self.parameters():
+                nn.init.uniform_(parameter, -self.config.init_range, self.config.init_range)
+            return
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
         if not self.config.tied:

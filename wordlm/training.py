@@ -280,6 +280,8 @@ def fit(
     save_best: Callable[[TrainState], None],
     reporter: Reporter,
     anneal: float = 4.0,
+    lr_decay: float | None = None,
+    lr_decay_start: int = 0,
     after_batch: BatchHook | None = None,
     after_epoch: Callable[[TrainState], None] | None = None,
     on_diverged: Callable[[Diverged], None] | None = None,
@@ -287,8 +289,9 @@ def fit(
 ) -> TrainState:
     """Train for ``state.epoch .. epochs``, validating after each epoch.
 
-    The model is saved (``save_best``) whenever validation loss improves; otherwise the learning rate
-    is divided by ``anneal``, as in the classic example. ``after_epoch`` runs once the epoch's
+    The model is saved (``save_best``) whenever validation loss improves. The learning rate is divided
+    by ``anneal`` when it does not, as in the classic example; or, with ``lr_decay``, multiplied by it
+    after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs once the epoch's
     bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
     with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
     lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates.
@@ -320,9 +323,12 @@ def fit(
         if improved:
             state.best_val_loss = val_loss
             state.best_epoch = state.epoch
-        else:
+        if lr_decay is not None:
+            if state.epoch >= lr_decay_start:
+                state.lr *= lr_decay
+        elif not improved:
             state.lr /= anneal
-            set_lr(optimizer, state.lr)
+        set_lr(optimizer, state.lr)
         state.epoch += 1
         state.batch = 0
         state.hidden = None
