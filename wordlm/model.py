@@ -102,13 +102,20 @@ class RNNModel(nn.Module):
         if not self.config.tied:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def forward(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
+    def forward(
+        self, inputs: torch.Tensor, hidden: Hidden, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Hidden]:
         """Run ``inputs`` (T, B) of word ids from state ``hidden``.
 
         Returns:
-            ``(logits, hidden)``: unnormalised scores (T, B, V) and the state after the last step.
+            ``(logits, hidden)``: unnormalised scores (T, B, V) and the state after the last step; or,
+            given ``targets`` (T, B), ``(loss, hidden)`` with the mean cross-entropy (``decoder_loss``).
+            Training goes through here with targets, so that wrappers such as DistributedDataParallel
+            see the whole computation.
         """
         output, hidden = self.features(inputs, hidden)  # (T, B, H)
+        if targets is not None:
+            return self.decoder_loss(output, targets), hidden
         return self.decoder(output), hidden  # (T, B, V)
 
     def features(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:

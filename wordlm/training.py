@@ -200,8 +200,7 @@ def train_epoch(
         inputs, targets = get_batch(data, i, bptt)  # (T, B) each
         hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
-        features, hidden = model.features(inputs, hidden)  # (T, B, H)
-        loss = model.decoder_loss(features, targets)
+        loss, hidden = model(inputs, hidden, targets)
         if not torch.isfinite(loss):
             reporter.close()
             raise Diverged(state.epoch, state.batch + 1, loss.item(), state.lr)
