@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from wordlm.fused import linear_cross_entropy, linear_nll_sum
+from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 
-Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list  # a list of per-layer states when layered
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,30 @@ class ModelConfig:
     dropout: float = 0.2
     tied: bool = True
     init_range: float | None = None  # uniform(-r, r) for every weight (Zaremba et al.); None: the classic init
+    # AWD-LSTM's regularizers (Merity et al. 2017); the defaults leave the classic model unchanged.
+    locked_dropout: bool = False  # one dropout mask per sequence instead of per step
+    dropouti: float | None = None  # dropout on the embeddings (None: dropout)
+    dropouth: float | None = None  # dropout between layers (None: dropout)
+    dropoute: float = 0.0  # drop whole words from the embedding matrix
+    wdrop: float = 0.0  # DropConnect on the hidden-to-hidden weights
+    alpha: float = 0.0  # activation regularization (AR)
+    beta: float = 0.0  # temporal activation regularization (TAR)
+    tied_projection: bool = False  # with tied and emsize != nhid, the last layer has emsize units
+
+    @property
+    def layered(self) -> bool:
+        """Whether the layers are separate one-layer RNNs (needed for locked dropout between layers,
+        weight drop and a last layer of emsize units); otherwise one multi-layer ``nn.RNN`` module."""
+        return self.locked_dropout or self.wdrop > 0 or (self.tied and self.emsize != self.nhid)
+
+    def layer_sizes(self) -> list[tuple[int, int]]:
+        """(input, hidden) size of each layer."""
+        sizes = []
+        for layer in range(self.nlayers):
+            inputs = self.emsize if layer == 0 else self.nhid
+            last = layer == self.nlayers - 1
+            sizes.append((inputs, self.emsize if last and self.tied_projection else self.nhid))
+        return sizes
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -41,18 +66,29 @@ class ModelConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must be a number with 0 <= dropout < 1")
+        for key in ("dropout", "dropouti", "dropouth", "dropoute", "wdrop"):
+            value = getattr(self, key)
+            if value is None and key in ("dropouti", "dropouth"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{key}={value!r} must be a number with 0 <= {key} < 1")
+        for key in ("alpha", "beta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{key}={value!r} must be a number >= 0")
+        for key in ("locked_dropout", "tied_projection"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
         if self.init_range is not None and (
             isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or not self.init_range > 0
         ):
             raise ValueError(f"init_range={self.init_range!r} must be a positive number or None")
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
-        if self.tied and self.emsize != self.nhid:
+        if self.tied and self.emsize != self.nhid and not self.tied_projection:
             raise ValueError(
                 f"tied=True needs emsize == nhid (got emsize={self.emsize}, nhid={self.nhid}); "
-                "set them equal or use tied=False"
+                "set them equal, use tied=False, or tied_projection=True (the last layer gets emsize units)"
             )
 
     def to_dict(self) -> dict:
@@ -71,18 +107,19 @@ class RNNModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.drop = nn.Dropout(config.dropout)
+        dropouti = config.dropout if config.dropouti is None else config.dropouti
+        dropouth = config.dropout if config.dropouth is None else config.dropouth
+        make_dropout = LockedDropout if config.locked_dropout else nn.Dropout
+        self.drop = make_dropout(config.dropout)  # on the last layer's output
+        self.drop_input = make_dropout(dropouti)
         self.encoder = nn.Embedding(config.ntoken, config.emsize)
-        inter_layer_dropout = config.dropout if config.nlayers > 1 else 0.0
-        if config.model_type in ("LSTM", "GRU"):
-            rnn_class = getattr(nn, config.model_type)
-            self.rnn = rnn_class(config.emsize, config.nhid, config.nlayers, dropout=inter_layer_dropout)
+        if config.layered:
+            self.drop_between = make_dropout(dropouth)
+            self.rnns = nn.ModuleList(_make_rnn(config.model_type, i, h, 1, 0.0) for i, h in config.layer_sizes())
         else:
-            nonlinearity = config.model_type.removeprefix("RNN_").lower()
-            self.rnn = nn.RNN(
-                config.emsize, config.nhid, config.nlayers, nonlinearity=nonlinearity, dropout=inter_layer_dropout
-            )
-        self.decoder = nn.Linear(config.nhid, config.ntoken)
+            inter_layer_dropout = dropouth if config.nlayers > 1 else 0.0
+            self.rnn = _make_rnn(config.model_type, config.emsize, config.nhid, config.nlayers, inter_layer_dropout)
+        self.decoder = nn.Linear(config.layer_sizes()[-1][1], config.ntoken)
         if config.tied:
             self.decoder.weight = self.encoder.weight
         self.reset_parameters()
@@ -109,20 +146,38 @@ class RNNModel(nn.Module):
 
         Returns:
             ``(logits, hidden)``: unnormalised scores (T, B, V) and the state after the last step; or,
-            given ``targets`` (T, B), ``(loss, hidden)`` with the mean cross-entropy (``decoder_loss``).
+            given ``targets`` (T, B), ``(loss, hidden)`` with the training objective: the mean
+            cross-entropy (``decoder_loss``, also kept in ``last_cross_entropy``) plus AR/TAR when set.
             Training goes through here with targets, so that wrappers such as DistributedDataParallel
             see the whole computation.
         """
-        output, hidden = self.features(inputs, hidden)  # (T, B, H)
-        if targets is not None:
-            return self.decoder_loss(output, targets), hidden
-        return self.decoder(output), hidden  # (T, B, V)
+        output, raw, hidden = self._run(inputs, hidden)  # (T, B, H) dropped and raw top-layer outputs
+        if targets is None:
+            return self.decoder(output), hidden  # (T, B, V)
+        cross_entropy = self.decoder_loss(output, targets)
+        self.last_cross_entropy = cross_entropy.detach()
+        if self.training:
+            return cross_entropy + activation_penalties(output, raw, self.config.alpha, self.config.beta), hidden
+        return cross_entropy, hidden
 
     def features(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """Run everything but the decoder: the dropped-out top-layer states (T, B, H) and the new state."""
-        embedded = self.drop(self.encoder(inputs))  # (T, B, E)
-        output, hidden = self.rnn(embedded, hidden)  # (T, B, H)
-        return self.drop(output), hidden
+        output, _, hidden = self._run(inputs, hidden)
+        return output, hidden
+
+    def _run(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
+        embedded = embedding_dropout(self.encoder, inputs, self.config.dropoute, self.training)  # (T, B, E)
+        layer_input = self.drop_input(embedded)
+        if not self.config.layered:
+            raw, hidden = self.rnn(layer_input, hidden)  # (T, B, H)
+            return self.drop(raw), raw, hidden
+        new_hidden = []
+        for index, rnn in enumerate(self.rnns):
+            raw, state = weight_dropped_call(rnn, layer_input, hidden[index], self.config.wdrop, self.training)
+            new_hidden.append(state)
+            if index < len(self.rnns) - 1:
+                layer_input = self.drop_between(raw)
+        return self.drop(raw), raw, new_hidden
 
     def decoder_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the decoder's softmax over ``features`` (T, B, H) against ``targets`` (T, B).
@@ -143,12 +198,26 @@ class RNNModel(nn.Module):
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1), reduction="sum")
 
     def init_hidden(self, batch_size: int) -> Hidden:
-        """Zero state for ``batch_size`` columns: (L, B, H), or a pair of them for the LSTM."""
+        """Zero state for ``batch_size`` columns: (L, B, H), a pair of them for the LSTM, or in the
+        layered mode a list with one such state (1, B, H_l) per layer."""
         weight = self.encoder.weight
-        shape = (self.config.nlayers, batch_size, self.config.nhid)
-        if self.config.model_type == "LSTM":
-            return weight.new_zeros(shape), weight.new_zeros(shape)
-        return weight.new_zeros(shape)
+
+        def zeros(layers: int, size: int):
+            shape = (layers, batch_size, size)
+            if self.config.model_type == "LSTM":
+                return weight.new_zeros(shape), weight.new_zeros(shape)
+            return weight.new_zeros(shape)
+
+        if self.config.layered:
+            return [zeros(1, size) for _, size in self.config.layer_sizes()]
+        return zeros(self.config.nlayers, self.config.nhid)
+
+
+def _make_rnn(model_type: str, inputs: int, hidden: int, layers: int, dropout: float) -> nn.RNNBase:
+    if model_type in ("LSTM", "GRU"):
+        return getattr(nn, model_type)(inputs, hidden, layers, dropout=dropout)
+    nonlinearity = model_type.removeprefix("RNN_").lower()
+    return nn.RNN(inputs, hidden, layers, nonlinearity=nonlinearity, dropout=dropout)
 
 
 def _use_fused(features: torch.Tensor) -> bool:
@@ -163,4 +232,4 @@ def detach_hidden(hidden: Hidden) -> Hidden:
     """
     if isinstance(hidden, torch.Tensor):
         return hidden.detach()
-    return tuple(detach_hidden(h) for h in hidden)
+    return type(hidden)(detach_hidden(h) for h in hidden)

@@ -63,7 +63,7 @@ def _map_hidden(hidden, function):
         return None
     if isinstance(hidden, torch.Tensor):
         return function(hidden)
-    return tuple(function(h) for h in hidden)
+    return type(hidden)(_map_hidden(h, function) for h in hidden)
 
 
 class Diverged(RuntimeError):
