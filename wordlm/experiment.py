@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,6 +22,8 @@ from wordlm.corpora import load_dataset
 from wordlm.data import batchify
 from wordlm.errors import UserError
 from wordlm.model import ModelConfig, RNNModel
+from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
+from wordlm.runs import MetricHistory
 from wordlm.training import Reporter, TrainState, evaluate_loss, fit, perplexity
 
 
@@ -160,7 +163,8 @@ def _train(
     valid_ids = corpus.valid.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     state = TrainState(lr=lr)
-    reporter = Reporter(interactive=_INTERACTIVE, log_metric=_run.log_scalar)
+    history = MetricHistory(forward=_run.log_scalar)  # kept in memory too, for the learning-curve picture
+    reporter = Reporter(interactive=_INTERACTIVE, log_metric=history.log)
     meta = {"wordlm_version": __version__, "config": dict(_run.config)}
 
     def save_best(current: TrainState) -> None:
@@ -208,7 +212,22 @@ def _train(
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
     )
     _run.add_artifact(save, name=os.path.basename(save))
+    title = f"run {_run._id} · {model_type} {nlayers}x{nhid}" + (" · interrupted" if interrupted else "")
+    _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
     return test_ppl
+
+
+def _add_learning_curves(_run, _log, history: MetricHistory, **plot_options) -> None:
+    """Keep a PNG of the learning curves with the run's records; a failure to draw is one warning line."""
+    if not _run.observers:
+        return  # unobserved: there are no records to keep it with
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_learning_curves(history.metrics, os.path.join(folder, LEARNING_CURVES_PNG), **plot_options)
+            _run.add_artifact(str(path), name=LEARNING_CURVES_PNG)
+    except Exception as problem:  # noqa: BLE001 - a picture must never cost the run
+        reason = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+        _log.warning("learning curves not drawn: %s", reason)
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
