@@ -22,8 +22,8 @@ from wordlm.corpora import load_dataset
 from wordlm.data import batchify
 from wordlm.errors import UserError
 from wordlm.model import ModelConfig, RNNModel
-from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
-from wordlm.runs import MetricHistory
+from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
+from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
 from wordlm.training import Reporter, TrainState, evaluate_loss, fit, perplexity
 
 
@@ -230,6 +230,64 @@ def _add_learning_curves(_run, _log, history: MetricHistory, **plot_options) -> 
         _log.warning("learning curves not drawn: %s", reason)
 
 
+# -- reading the run records: `python main.py runs` and `python main.py plot`
+@ex.config
+def runs_config():
+    runs_dir = None  # folder of run records to read (None: where runs are recorded, runs/ or $WORDLM_RUNS_DIR)
+    runs_db = None  # instead, a database of Sacred's SQL observer (-s URL), e.g. sqlite:///runs.db
+    runs_status = None  # list only runs with these statuses, e.g. completed or interrupted,killed (None: all)
+    runs_sort = "id"  # sort the table by this column (a leading '-' sorts descending), e.g. -test_ppl
+    run_ids = []  # runs whose validation curves `plot` draws (empty: every run with one)
+    plot_path = "validation_curves.png"  # where `plot` writes its PNG
+
+
+_READER_KEYS = tuple(runs_config())  # never among the config keys that tell runs apart
+
+
+def _default_runs_dir() -> str:
+    return os.environ.get("WORDLM_RUNS_DIR", "runs")
+
+
+def _read_records(runs_dir, runs_db):
+    if runs_db:
+        return read_runs_db(runs_db)
+    return read_runs_dir(runs_dir or _default_runs_dir())
+
+
+@ex.command(unobserved=True)
+def runs(runs_dir, runs_db, runs_status, runs_sort):
+    """List the recorded runs: status, times, the config keys that differ, best validation and test perplexity."""
+    try:
+        records = select_runs(_read_records(runs_dir, runs_db), runs_status)
+        print(format_runs_table(records, ignore_keys=_READER_KEYS, sort_by=runs_sort) if records else "no runs")
+        if runs_db:
+            print(SQL_LACKS)
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+@ex.command(unobserved=True)
+def plot(runs_dir, runs_db, run_ids, plot_path):
+    """Draw the validation curves of several runs on one figure, saved as a PNG (and shown on a display)."""
+    try:
+        if runs_db:
+            raise UserError("Sacred's SQL observer stores no metrics: plot needs run folders (runs/ or -F DIR)")
+        chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None)
+        for record in chosen:
+            if not record.has_validation_curve:
+                print(f"run {record.run_id} has no validation curve ({'; '.join(record.notes) or record.status})")
+        try:
+            path = plot_validation_curves(chosen, plot_path, ignore_keys=_READER_KEYS, show=has_display())
+        except ValueError:
+            raise UserError("none of these runs finished an epoch: there is no validation curve to draw") from None
+        except OSError as problem:
+            raise UserError(f"cannot write plot_path={plot_path!r}: {problem.strerror or problem}") from None
+        drawn = ", ".join(r.run_id for r in chosen if r.has_validation_curve)
+        print(f"validation curves of runs {drawn} written to {path}")
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
                    "-S", "--s3", "-G", "--gcs", "-u", "--unobserved")  # fmt: skip
 
@@ -239,5 +297,5 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
     if not observed and not ex.observers:
-        ex.observers.append(FileStorageObserver(os.environ.get("WORDLM_RUNS_DIR", "runs")))
+        ex.observers.append(FileStorageObserver(_default_runs_dir()))
     ex.run_commandline(argv)
