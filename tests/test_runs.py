@@ -321,3 +321,23 @@ def test_sql_observer_with_postgresql(workdir, postgres_url):
         names = connection.execute(sa.text("SELECT filename FROM artifact")).scalars().all()
     engine.dispose()
     assert sorted(names) == [LEARNING_CURVES_PNG, "model.pt"]
+
+
+def test_plot_leaves_out_runs_without_a_curve_and_refuses_a_database(workdir, tmp_path, capfd):
+    copy_run(workdir, "1", tmp_path / "runs" / "1")
+    (tmp_path / "runs" / "2").mkdir()  # killed before it wrote anything
+
+    def plot(**keys):
+        return experiment.ex.run("plot", config_updates={"runs_dir": str(tmp_path / "runs"), **keys},
+                                 options={"--loglevel": "ERROR"})  # fmt: skip
+
+    plot(plot_path=str(tmp_path / "one.png"))
+    assert capfd.readouterr().out.splitlines() == [
+        "run 2 has no validation curve (no run.json; no config.json)",
+        f"validation curves of runs 1 written to {tmp_path / 'one.png'}",
+    ]
+    check_png(tmp_path / "one.png", 1100, 420 + 40)
+    with pytest.raises(experiment.error, match="none of these runs finished an epoch"):
+        plot(run_ids=[2])
+    with pytest.raises(experiment.error, match="SQL observer stores no metrics: plot needs run folders"):
+        plot(runs_db="sqlite:///runs.db")
