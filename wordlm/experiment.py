@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,6 +22,8 @@ from wordlm.corpora import load_dataset
 from wordlm.data import batchify
 from wordlm.errors import UserError
 from wordlm.model import ModelConfig, RNNModel
+from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
+from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
 from wordlm.signals import StopRequests
 from wordlm.system import tune_cpu_allocator
 from wordlm.training import (
@@ -344,7 +347,8 @@ def _train(_run, _log, cfg: dict):
     )  # fmt: skip
     train_data = batchify(corpus.train, cfg["batch_size"]).to(device)  # (rows, B)
     valid_ids = corpus.valid.to(device)
-    reporter = Reporter(interactive=_INTERACTIVE, log_metric=_run.log_scalar)
+    history = MetricHistory(forward=_run.log_scalar)  # kept in memory too, for the learning-curve picture
+    reporter = Reporter(interactive=_INTERACTIVE, log_metric=history.log)
     meta = {"wordlm_version": __version__, "config": cfg}
 
     def training_payload() -> dict:
@@ -429,6 +433,8 @@ def _train(_run, _log, cfg: dict):
         _run.add_artifact(cfg["save"], name=os.path.basename(cfg["save"]))
     else:
         _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
+    title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}" + (" · interrupted" if interrupted else "")
+    _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
     return test_ppl
 
 
@@ -445,6 +451,77 @@ def _load_best_weights(path: str, state: TrainState) -> dict | None:
     return payload["model_state"]
 
 
+def _add_learning_curves(_run, _log, history: MetricHistory, **plot_options) -> None:
+    """Keep a PNG of the learning curves with the run's records; a failure to draw is one warning line."""
+    if not _run.observers:
+        return  # unobserved: there are no records to keep it with
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_learning_curves(history.metrics, os.path.join(folder, LEARNING_CURVES_PNG), **plot_options)
+            _run.add_artifact(str(path), name=LEARNING_CURVES_PNG)
+    except Exception as problem:  # noqa: BLE001 - a picture must never cost the run
+        reason = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+        _log.warning("learning curves not drawn: %s", reason)
+
+
+# -- reading the run records: `python main.py runs` and `python main.py plot`
+@ex.config
+def runs_config():
+    runs_dir = None  # folder of run records to read (None: where runs are recorded, runs/ or $WORDLM_RUNS_DIR)
+    runs_db = None  # instead, a database of Sacred's SQL observer (-s URL), e.g. sqlite:///runs.db
+    runs_status = None  # list only runs with these statuses, e.g. completed or interrupted,killed (None: all)
+    runs_sort = "id"  # sort the table by this column (a leading '-' sorts descending), e.g. -test_ppl
+    run_ids = []  # runs whose validation curves `plot` draws (empty: every run with one)
+    plot_path = "validation_curves.png"  # where `plot` writes its PNG
+
+
+_READER_KEYS = tuple(runs_config())  # never among the config keys that tell runs apart
+
+
+def _default_runs_dir() -> str:
+    return os.environ.get("WORDLM_RUNS_DIR", "runs")
+
+
+def _read_records(runs_dir, runs_db):
+    if runs_db:
+        return read_runs_db(runs_db)
+    return read_runs_dir(runs_dir or _default_runs_dir())
+
+
+@ex.command(unobserved=True)
+def runs(runs_dir, runs_db, runs_status, runs_sort):
+    """List the recorded runs: status, times, the config keys that differ, best validation and test perplexity."""
+    try:
+        records = select_runs(_read_records(runs_dir, runs_db), runs_status)
+        print(format_runs_table(records, ignore_keys=_READER_KEYS, sort_by=runs_sort) if records else "no runs")
+        if runs_db:
+            print(SQL_LACKS)
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+@ex.command(unobserved=True)
+def plot(runs_dir, runs_db, run_ids, plot_path):
+    """Draw the validation curves of several runs on one figure, saved as a PNG (and shown on a display)."""
+    try:
+        if runs_db:
+            raise UserError("Sacred's SQL observer stores no metrics: plot needs run folders (runs/ or -F DIR)")
+        chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None)
+        for record in chosen:
+            if not record.has_validation_curve:
+                print(f"run {record.run_id} has no validation curve ({'; '.join(record.notes) or record.status})")
+        try:
+            path = plot_validation_curves(chosen, plot_path, ignore_keys=_READER_KEYS, show=has_display())
+        except ValueError:
+            raise UserError("none of these runs finished an epoch: there is no validation curve to draw") from None
+        except OSError as problem:
+            raise UserError(f"cannot write plot_path={plot_path!r}: {problem.strerror or problem}") from None
+        drawn = ", ".join(r.run_id for r in chosen if r.has_validation_curve)
+        print(f"validation curves of runs {drawn} written to {path}")
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
                    "-S", "--s3", "-G", "--gcs", "-u", "--unobserved")  # fmt: skip
 
@@ -454,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
     if not observed and not ex.observers:
-        ex.observers.append(FileStorageObserver(os.environ.get("WORDLM_RUNS_DIR", "runs")))
+        ex.observers.append(FileStorageObserver(_default_runs_dir()))
     try:
         ex.run_commandline(argv)
     except KeyboardInterrupt:  # a second Ctrl-C while the interrupted run was being tested

@@ -1,0 +1,412 @@
+"""Read Sacred's run records and list them as a table: run folders and SQL observer databases.
+
+Lives here: ``Series`` and ``MetricHistory`` (metrics as steps and values), ``RunRecord`` (what is known of
+one run), ``read_runs_dir``, ``read_runs_db``, ``select_runs`` and ``format_runs_table``. Must not import
+Sacred: it reads the json files of the FileStorageObserver and the ``run`` table of the SQL observer itself,
+so records written by any version of wordlm or Sacred can be read, and a broken one costs a note, not a crash.
+
+A run folder (``runs/<id>/``) holds ``run.json`` (status and times), ``config.json``, ``info.json`` (what
+``train`` put in ``_run.info``) and ``metrics.json`` (every ``log_scalar``). Sacred writes naive UTC times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from wordlm.errors import UserError
+
+STATUSES = ("completed", "interrupted", "failed", "running", "killed", "queued", "unknown")
+STALE_AFTER = 120.0  # seconds without a heartbeat (Sacred beats every 10 s) before RUNNING means killed
+SQL_LACKS = (
+    "Sacred's SQL observer stores no metrics: perplexities and tokens/s come from each run's info, "
+    "and `plot` needs run folders (the default runs/ or -F DIR); each run's learning_curves.png is an artifact"
+)
+_ABSENT = object()  # a config key a run does not have, shown as '-' (a value of None is shown as None)
+COLUMNS = ("id", "command", "status", "started", "duration", "valid_ppl", "test_ppl", "tokens/s", "note")
+
+
+@dataclass
+class Series:
+    """One metric: ``values[i]`` was logged at ``steps[i]``."""
+
+    steps: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+class MetricHistory:
+    """Keeps every metric logged during a run in memory, and passes each on to ``forward``."""
+
+    def __init__(self, forward: Callable[[str, float, int], None] | None = None) -> None:
+        self.metrics: dict[str, Series] = {}
+        self.forward = forward
+
+    def log(self, name: str, value: float, step: int) -> None:
+        series = self.metrics.setdefault(name, Series())
+        series.steps.append(step)
+        series.values.append(value)
+        if self.forward is not None:
+            self.forward(name, value, step)
+
+
+@dataclass
+class RunRecord:
+    """What the records say of one run; ``None`` where they do not say."""
+
+    run_id: str
+    status: str = "unknown"
+    command: str | None = None
+    start_time: datetime | None = None  # aware, UTC
+    seconds: float | None = None  # how long it ran (until its last heartbeat for a killed run)
+    config: dict = field(default_factory=dict)  # flattened: nested keys joined with '.'
+    info: dict = field(default_factory=dict)
+    metrics: dict[str, Series] = field(default_factory=dict)
+    result: float | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be read
+
+    @property
+    def valid_ppl(self) -> float | None:
+        """The best validation perplexity, from the info or else from the curve."""
+        if _is_number(self.info.get("best_valid_ppl")):
+            return float(self.info["best_valid_ppl"])
+        if "valid.ppl" in self.metrics:
+            return _finite_min(self.metrics["valid.ppl"].values)
+        if "valid.loss" in self.metrics:
+            loss = _finite_min(self.metrics["valid.loss"].values)
+            return None if loss is None else math.exp(min(loss, 709.0))
+        return None
+
+    @property
+    def has_validation_curve(self) -> bool:
+        return bool(self.metrics.get("valid.ppl", Series()).values)
+
+    @property
+    def test_ppl(self) -> float | None:
+        if _is_number(self.info.get("test_ppl")):
+            return float(self.info["test_ppl"])
+        if self.metrics.get("test.ppl") and self.metrics["test.ppl"].values:
+            return self.metrics["test.ppl"].values[-1]
+        return self.result if self.command == "train" else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if _is_number(self.info.get("tokens_per_second")):
+            return float(self.info["tokens_per_second"])
+        rates = self.metrics.get("tokens_per_second")
+        return sum(rates.values) / len(rates.values) if rates and rates.values else None
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose model was kept: from the info, or where the validation curve is lowest."""
+        if _is_number(self.info.get("best_epoch")) and self.info["best_epoch"] > 0:
+            return int(self.info["best_epoch"])
+        curve = self.metrics.get("valid.ppl") or self.metrics.get("valid.loss")
+        finite = [(v, s) for s, v in zip(curve.steps, curve.values) if math.isfinite(v)] if curve else []
+        return int(min(finite)[1]) if finite else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_min(values: Iterable[float]) -> float | None:
+    finite = [v for v in values if _is_number(v)]
+    return min(finite) if finite else None
+
+
+def _parse_time(value) -> datetime | None:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _flatten(config: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and not any(str(k).startswith("py/") for k in value):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _settle(record: RunRecord, sacred_status, start, heartbeat, stop, now: datetime, stale_after: float) -> None:
+    """Fill in the status and duration from Sacred's status and the times it recorded."""
+    record.start_time = start = _parse_time(start)
+    heartbeat, stop = _parse_time(heartbeat), _parse_time(stop)
+    sacred_status = str(sacred_status or "").upper()
+    end = stop
+    if sacred_status == "COMPLETED":
+        record.status = "interrupted" if record.info.get("interrupted") is True else "completed"
+    elif sacred_status == "INTERRUPTED":
+        record.status = "interrupted"
+    elif sacred_status in ("FAILED", "TIMEOUT"):
+        record.status = "failed"
+    elif sacred_status == "QUEUED":
+        record.status = "queued"
+    elif sacred_status == "RUNNING":
+        last = heartbeat or start
+        if last is not None and (now - last).total_seconds() <= stale_after:
+            record.status, end = "running", now
+        elif last is not None:
+            record.status, end = "killed", heartbeat
+            record.notes.append(f"RUNNING, but no heartbeat since {_local(last)}")
+    if start is not None and end is not None:
+        record.seconds = max(0.0, (end - start).total_seconds())
+
+
+def _read_json(path: Path, notes: list[str], expected: bool = True):
+    """The json in ``path``, or ``None`` (with a note when it was expected or is unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        if expected:
+            notes.append(f"no {path.name}")
+    except (OSError, ValueError) as problem:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        notes.append(f"{path.name} unreadable ({type(problem).__name__})")
+    return None
+
+
+def _load_json_text(text: str | None, name: str, notes: list[str]) -> dict:
+    """The json object in a text column, or ``{}`` (with a note when the text is not one)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        notes.append(f"{name} unreadable")
+        return {}
+    return value
+
+
+def _read_metrics(raw, notes: list[str]) -> dict[str, Series]:
+    metrics = {}
+    for name, entry in (raw or {}).items() if isinstance(raw, dict) else ():
+        steps = entry.get("steps") if isinstance(entry, dict) else None
+        values = entry.get("values") if isinstance(entry, dict) else None
+        if not isinstance(steps, list) or not isinstance(values, list) or len(steps) != len(values):
+            notes.append(f"metric {name} malformed")
+            continue
+        pairs = [(s, v) for s, v in zip(steps, values) if _is_number(s) and isinstance(v, (int, float))]
+        metrics[name] = Series([s for s, _ in pairs], [float(v) for _, v in pairs])
+    if raw is not None and not isinstance(raw, dict):
+        notes.append("metrics.json malformed")
+    return metrics
+
+
+def read_run_folder(folder: Path, now: datetime | None = None, stale_after: float = STALE_AFTER) -> RunRecord:
+    """Read one run folder of Sacred's FileStorageObserver; whatever is missing or corrupt becomes a note."""
+    folder = Path(folder)
+    record = RunRecord(run_id=folder.name)
+    run = _read_json(folder / "run.json", record.notes)
+    run = run if isinstance(run, dict) else {}
+    config = _read_json(folder / "config.json", record.notes)
+    record.config = _flatten(config) if isinstance(config, dict) else {}
+    info = _read_json(folder / "info.json", record.notes, expected=False)
+    record.info = info if isinstance(info, dict) else {}
+    record.command = run.get("command") if isinstance(run.get("command"), str) else None
+    record.result = run.get("result") if _is_number(run.get("result")) else None
+    _settle(record, run.get("status"), run.get("start_time"), run.get("heartbeat"), run.get("stop_time"),
+            now or datetime.now(timezone.utc), stale_after)  # fmt: skip
+    curves_expected = record.status in ("completed", "interrupted") and record.command in (None, "train")
+    record.metrics = _read_metrics(_read_json(folder / "metrics.json", record.notes, curves_expected), record.notes)
+    return record
+
+
+def _id_order(name: str) -> tuple:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def read_runs_dir(folder: str | Path, now: datetime | None = None, stale_after: float = STALE_AFTER) -> list[RunRecord]:
+    """Read every run folder in ``folder`` (skipping Sacred's ``_sources``/``_resources``), by id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of run records: train first (runs go to runs/) or name another")
+    names = sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))),
+                   key=_id_order)  # fmt: skip
+    return [read_run_folder(folder / name, now, stale_after) for name in names]
+
+
+def read_runs_db(url: str, now: datetime | None = None, stale_after: float = STALE_AFTER) -> list[RunRecord]:
+    """Read the runs that Sacred's SQL observer (``-s URL``) stored in the database at ``url``.
+
+    The SQL observer keeps status, times, config, info and the result, but no metrics: the records have none.
+
+    Raises:
+        UserError: SQLAlchemy or the database driver is missing, or the database cannot be read.
+    """
+    try:
+        import sqlalchemy as sa
+    except ImportError:
+        raise UserError("reading runs from a database needs SQLAlchemy: pip install 'wordlm[sql]'") from None
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as problem:
+        raise UserError(f"{url!r} is not a database URL that can be opened here: {problem}") from None
+    shown = engine.url.render_as_string(hide_password=True)
+    database = engine.url.database
+    if (
+        engine.url.get_backend_name() == "sqlite"
+        and database
+        and database != ":memory:"
+        and not Path(database).is_file()
+    ):
+        raise UserError(f"{shown}: there is no database file {database}")  # connecting would create an empty one
+    columns = [sa.Column(name, sa.String) for name in ("run_id", "command", "status", "config", "info")]
+    columns += [sa.Column(name, sa.DateTime) for name in ("start_time", "heartbeat", "stop_time")]
+    table = sa.Table("run", sa.MetaData(), sa.Column("id", sa.Integer), sa.Column("result", sa.Float), *columns)
+    try:
+        with engine.connect() as connection:
+            if not sa.inspect(connection).has_table("run"):
+                raise UserError(f"{shown} holds no runs of Sacred's SQL observer (no table 'run')")
+            rows = connection.execute(sa.select(table).order_by(table.c.id)).mappings().all()
+    except sa.exc.SQLAlchemyError as problem:
+        reason = str(getattr(problem, "orig", None) or problem).strip().splitlines()[0]
+        raise UserError(f"cannot read runs from {shown}: {reason}") from None
+    finally:
+        engine.dispose()
+    now = now or datetime.now(timezone.utc)
+    records = []
+    for row in rows:
+        record = RunRecord(run_id=str(row["run_id"]), command=row["command"], result=row["result"])
+        record.config = _flatten(_load_json_text(row["config"], "config", record.notes))
+        record.info = _load_json_text(row["info"], "info", record.notes)
+        _settle(record, row["status"], row["start_time"], row["heartbeat"], row["stop_time"], now, stale_after)
+        records.append(record)
+    return records
+
+
+def differing_config_keys(records: list[RunRecord], ignore: Iterable[str] = ()) -> list[str]:
+    """The config keys whose values differ between the runs whose config was read (missing counts as a value)."""
+    configs = [r.config for r in records if r.config]
+    keys = sorted(set().union(*configs) - set(ignore)) if configs else []
+    return [
+        k for k in keys if len({json.dumps(c[k], sort_keys=True, default=str) if k in c else None for c in configs}) > 1
+    ]
+
+
+def select_runs(records: list[RunRecord], statuses: str | Iterable[str] | None = None, run_ids=None) -> list[RunRecord]:
+    """The records with one of ``statuses`` (all when ``None``) and an id among ``run_ids`` (all when ``None``).
+
+    ``statuses`` may be one string naming several, as a command line gives them: ``interrupted,killed``.
+    """
+    if isinstance(statuses, str):
+        statuses = statuses.strip("[]").replace(",", " ").split()
+    if statuses is not None:
+        statuses = {str(s).lower() for s in statuses}
+        unknown = sorted(statuses - set(STATUSES))
+        if unknown:
+            raise UserError(f"unknown run status {', '.join(unknown)}; choose among {', '.join(STATUSES)}")
+        records = [r for r in records if r.status in statuses]
+    if run_ids is not None:
+        by_id = {r.run_id: r for r in records}
+        missing = [str(i) for i in run_ids if str(i) not in by_id]
+        if missing:
+            known = ", ".join(by_id) or "none"
+            raise UserError(f"no run {', '.join(missing)} among the records (runs there: {known})")
+        records = [by_id[str(i)] for i in run_ids]
+    return records
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _cell(value) -> str:
+    if value is None or value is _ABSENT:
+        return "-"
+    if isinstance(value, float):
+        return repr(value) if len(repr(value)) <= 10 else f"{value:.6g}"  # 20.0 stays 20.0, as it was written
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 32 else "…" + text[-31:]
+
+
+def _config_value(config: dict, key: str):
+    value = config.get(key, _ABSENT)
+    return "None" if value is None else value
+
+
+def run_labels(records: list[RunRecord], ignore_keys: Iterable[str] = ()) -> list[str]:
+    """A legend label for each run: its id and its values of the config keys that differ between the runs."""
+    keys = differing_config_keys(records, ignore_keys)
+    return [
+        ", ".join([f"run {r.run_id}"] + [f"{k}={_cell(_config_value(r.config, k))}" for k in keys if r.config])
+        for r in records
+    ]
+
+
+def _row(record: RunRecord, keys: list[str]) -> dict[str, object]:
+    """The table's raw values for one run: numbers stay numbers so that they sort as numbers."""
+    return {
+        "id": int(record.run_id) if record.run_id.isdigit() else record.run_id,
+        "command": record.command,
+        "status": record.status,
+        "started": record.start_time,
+        "duration": record.seconds,
+        **{key: _config_value(record.config, key) for key in keys},
+        "valid_ppl": record.valid_ppl,
+        "test_ppl": record.test_ppl,
+        "tokens/s": record.tokens_per_second,
+        "note": "; ".join(record.notes) or None,
+    }
+
+
+def _sort_key(value) -> tuple:
+    if value is None or value is _ABSENT:
+        return (2, 0, "")
+    if isinstance(value, datetime):
+        return (0, value.timestamp(), "")
+    if _is_number(value):
+        return (0, float(value), "")
+    return (1, 0, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+
+def format_runs_table(records: list[RunRecord], ignore_keys: Iterable[str] = (), sort_by: str | None = None) -> str:
+    """A plain-text table of ``records``, one line a run, with the config keys that differ between them.
+
+    Args:
+        records: the runs to list.
+        ignore_keys: config keys never shown (e.g. the keys of the commands that read records).
+        sort_by: a column name (``id``, ``status``, ``started``, ``duration``, ``valid_ppl``, ``test_ppl``,
+            ``tokens/s`` or a shown config key); a leading ``-`` sorts descending. Unknown values go last.
+
+    Raises:
+        UserError: ``sort_by`` names no column.
+    """
+    keys = differing_config_keys(records, ignore_keys)
+    rows = [_row(r, keys) for r in records]
+    columns = [c for c in COLUMNS[:5] if c != "command" or len({r.command for r in records if r.command}) > 1]
+    columns += keys + [c for c in COLUMNS[5:] if c != "note" or any(r.notes for r in records)]
+    if sort_by:
+        column = sort_by[1:] if sort_by.startswith("-") else sort_by
+        if column not in columns:
+            raise UserError(f"cannot sort by {column!r}: the columns are {', '.join(columns)}")
+        known = [r for r in rows if _sort_key(r[column])[0] < 2]
+        known.sort(key=lambda r: _sort_key(r[column]), reverse=sort_by.startswith("-"))
+        rows = known + [r for r in rows if _sort_key(r[column])[0] == 2]
+    shown = {"started": lambda v: _local(v) if v else "-",
+             "duration": lambda v: "-" if v is None else str(timedelta(seconds=round(v))),
+             "valid_ppl": lambda v: "-" if v is None else f"{v:.2f}",
+             "test_ppl": lambda v: "-" if v is None else f"{v:.2f}",
+             "tokens/s": lambda v: "-" if v is None else f"{v:.0f}",
+             "note": lambda v: v or ""}  # fmt: skip
+    cells = [[shown.get(c, _cell)(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    numeric = [all(_is_number(row[c]) or row[c] is None or row[c] is _ABSENT for row in rows) for c in columns]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(columns)] + [line(values) for values in cells])
