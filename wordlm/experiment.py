@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from sacred import Experiment
@@ -16,10 +17,16 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 
 from wordlm import __version__
-from wordlm.checkpoint import load_checkpoint, save_checkpoint
+from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.corpora import load_dataset
-from wordlm.data import batchify
+from wordlm.data import UNK, batchify
 from wordlm.errors import UserError
+from wordlm.generation import (
+    check_sampling_options,
+    encode_prompt,
+    format_samples,
+    generate_words,
+)
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.training import Reporter, TrainState, evaluate_loss, fit, perplexity
 
@@ -72,6 +79,16 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
+    # -- generation: `python generate.py`
+    checkpoint = save  # checkpoint that generate reads (follows save unless set)
+    words = 1000  # tokens to generate per sample (an <eos>, i.e. a line break, counts as one)
+    temperature = 1.0  # sampling temperature > 0: below 1 more likely words, above 1 more surprising ones
+    top_k = 0  # sample among the k most likely words only (0 = all words)
+    top_p = 1.0  # sample among the most likely words whose probabilities add up to top_p, in (0, 1] (1 = all)
+    prompt = ""  # text that primes the hidden state before sampling; unknown words become <unk>
+    samples = 1  # texts to generate at once, side by side in one batch
+    stop_at_eos = False  # end each sample at its first <eos> (the end of its first line)
+    outf = "generated.txt"  # file that generate writes the text to ('-' = stdout)
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
@@ -209,6 +226,47 @@ def _train(
     )
     _run.add_artifact(save, name=os.path.basename(save))
     return test_ppl
+
+
+def _load_model(checkpoint, device):
+    """The checkpoint's model on ``device`` (eval mode) and its vocabulary."""
+    model, vocab = model_from_checkpoint(load_checkpoint(checkpoint))
+    return model.to(resolve_device(device)), vocab
+
+
+@ex.command
+def generate(
+    _log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device,
+):  # fmt: skip
+    """Sample text from a checkpoint alone: `python generate.py with checkpoint=model.pt words=200`."""
+    try:
+        return _generate(**locals())
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device):
+    check_sampling_options(words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples)
+    prompt = "" if prompt is None else str(prompt)
+    model, vocab = _load_model(checkpoint, device)
+    _, unknown = encode_prompt(vocab, prompt)
+    if unknown:
+        _log.warning(
+            "prompt words not in the checkpoint's vocabulary, %s: %s",
+            f"read as {UNK}" if UNK in vocab else f"left out (it has no {UNK})", " ".join(unknown),
+        )  # fmt: skip
+    generator = torch.Generator(device=model.encoder.weight.device).manual_seed(seed)
+    texts = generate_words(
+        model, vocab, words=words, prompt=prompt, samples=samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
+    )  # fmt: skip
+    output = format_samples(prompt, texts)
+    if outf == "-":
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    else:
+        Path(outf).write_text(output, encoding="utf-8")
+        _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
