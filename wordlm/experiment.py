@@ -6,6 +6,7 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,14 +19,17 @@ from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 
 from wordlm import __version__
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from wordlm.corpora import load_dataset
-from wordlm.data import UNK, batchify
+from wordlm.corpora import load_dataset, resolve_dataset
+from wordlm.data import EOS, SPLITS, UNK, batchify
 from wordlm.errors import UserError
 from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
     format_samples,
     generate_words,
+    score_lines,
+    target_log_probs,
+    tokenize_for_scoring,
 )
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.training import Reporter, TrainState, evaluate_loss, fit, perplexity
@@ -79,8 +83,8 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
-    # -- generation: `python generate.py`
-    checkpoint = save  # checkpoint that generate reads (follows save unless set)
+    # -- generation and scoring: `python generate.py`, `python main.py evaluate`
+    checkpoint = save  # checkpoint that generate and evaluate read (follows save unless set)
     words = 1000  # tokens to generate per sample (an <eos>, i.e. a line break, counts as one)
     temperature = 1.0  # sampling temperature > 0: below 1 more likely words, above 1 more surprising ones
     top_k = 0  # sample among the k most likely words only (0 = all words)
@@ -89,6 +93,9 @@ def config():
     samples = 1  # texts to generate at once, side by side in one batch
     stop_at_eos = False  # end each sample at its first <eos> (the end of its first line)
     outf = "generated.txt"  # file that generate writes the text to ('-' = stdout)
+    split = "test"  # split of dataset that evaluate scores: train, valid or test
+    text = None  # plain text file that evaluate scores instead of dataset's split
+    line_scores = None  # file where evaluate also writes each line's log-probability as JSON lines
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
@@ -267,6 +274,39 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
     else:
         Path(outf).write_text(output, encoding="utf-8")
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
+
+
+@ex.command
+def evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+    """Print a checkpoint's perplexity on a split of dataset (`split`) or on any text file (`text`)."""
+    try:
+        return _evaluate(**locals())
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+def _evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+    _check_positive_int("eval_batch_size", eval_batch_size)
+    _check_positive_int("bptt", bptt)
+    if text is None and split not in SPLITS:
+        raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
+    model, vocab = _load_model(checkpoint, device)
+    path = Path(text) if text is not None else resolve_dataset(dataset) / f"{split}.txt"
+    ids, unknown = tokenize_for_scoring(path, vocab, model.config.ntoken)
+    ids = ids.to(model.encoder.weight.device)
+    if unknown:
+        _log.info("%d of %d tokens are not in the checkpoint's vocabulary and were read as <unk>", unknown, len(ids))
+    loss, count = evaluate_loss(model, ids, eval_batch_size, bptt)
+    ppl = perplexity(loss)
+    print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}", flush=True)
+    _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
+    if line_scores:
+        if EOS not in vocab:
+            raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
+        scores = score_lines(ids, target_log_probs(model, ids, eval_batch_size, bptt), vocab.word2idx[EOS])
+        Path(line_scores).write_text("".join(json.dumps(record) + "\n" for record in scores), encoding="utf-8")
+        _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
+    return ppl
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
