@@ -22,6 +22,7 @@ from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_check
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import EOS, SPLITS, UNK, batchify
 from wordlm.errors import UserError
+from wordlm.export import export_onnx
 from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
@@ -83,8 +84,8 @@ def config():
     max_batches = None  # stop each epoch after this many training batches (None = the whole epoch)
     device = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'
     eval_batch_size = 10  # batch size of validation and test evaluation
-    # -- generation and scoring: `python generate.py`, `python main.py evaluate`
-    checkpoint = save  # checkpoint that generate and evaluate read (follows save unless set)
+    # -- generation and scoring: `python generate.py`, `python main.py evaluate`, `python main.py export`
+    checkpoint = save  # checkpoint that generate, evaluate and export read (follows save unless set)
     words = 1000  # tokens to generate per sample (an <eos>, i.e. a line break, counts as one)
     temperature = 1.0  # sampling temperature > 0: below 1 more likely words, above 1 more surprising ones
     top_k = 0  # sample among the k most likely words only (0 = all words)
@@ -96,6 +97,7 @@ def config():
     split = "test"  # split of dataset that evaluate scores: train, valid or test
     text = None  # plain text file that evaluate scores instead of dataset's split
     line_scores = None  # file where evaluate also writes each line's log-probability as JSON lines
+    onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
@@ -146,7 +148,7 @@ def build_model_config(ntoken, model_type, emsize, nhid, nlayers, dropout, tied)
 @ex.main
 def train(
     _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
+    nhid, nlayers, save, tied, max_batches, device, eval_batch_size, onnx_export,
 ):  # fmt: skip
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
@@ -157,7 +159,7 @@ def train(
 
 def _train(
     _run, _log, dataset, batch_size, bptt, clip, dropout, emsize, epochs, log_interval, lr, model_type,
-    nhid, nlayers, save, tied, max_batches, device, eval_batch_size,
+    nhid, nlayers, save, tied, max_batches, device, eval_batch_size, onnx_export,
 ):  # fmt: skip
     for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
         _check_positive_int(key, locals()[key])
@@ -232,6 +234,8 @@ def _train(
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
     )
     _run.add_artifact(save, name=os.path.basename(save))
+    if onnx_export:
+        _log.info("wrote %s", export_onnx(model, onnx_export, vocab))
     return test_ppl
 
 
@@ -307,6 +311,18 @@ def _evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_ba
         Path(line_scores).write_text("".join(json.dumps(record) + "\n" for record in scores), encoding="utf-8")
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl
+
+
+@ex.command
+def export(_log, checkpoint, onnx_export):
+    """Write a checkpoint's model as ONNX: `python main.py export with checkpoint=model.pt onnx_export=model.onnx`."""
+    try:
+        model, vocab = _load_model(checkpoint, "cpu")
+        target = onnx_export or Path(checkpoint).with_suffix(".onnx")
+        _log.info("wrote %s", export_onnx(model, target, vocab))
+        return str(target)
+    except UserError as problem:
+        raise error(str(problem)) from None
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
