@@ -17,8 +17,13 @@ objects (and so could run code) is refused before anything in it runs.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
+import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -59,17 +64,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(
-            f"{path} was refused: it holds objects other than plain data, which could run code when loaded "
-            f"({first[:160]}); only wordlm checkpoints can be loaded"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - any failure to parse means: not a checkpoint
-        raise UserError(
-            f"{path} is not a readable wordlm checkpoint ({type(error).__name__}: {str(error)[:120]})"
-        ) from None
+        with warnings.catch_warnings():  # a foreign pickle's protocol is noted before it is refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        callables = _foreign_globals(path)
+        if callables:
+            raise UserError(
+                f"{path} was refused, and nothing in it was run: loading it would call {', '.join(callables[:3])}, "
+                "which can run any code; only wordlm checkpoints (plain data) are loaded"
+            ) from None
+        raise UserError(f"{path} is not a wordlm checkpoint (it is no file that torch.save wrote)") from None
+    except Exception as error:  # torch.load fails on arbitrary bytes with many types: KeyError, RuntimeError, ...
+        problem = f"{type(error).__name__}: {str(error)[:120]}"
+        raise UserError(f"{path} is not a readable wordlm checkpoint ({problem})") from None
     if not isinstance(payload, dict) or "format_version" not in payload or "model_state" not in payload:
         raise UserError(f"{path} is not a wordlm checkpoint (it holds no format_version/model_state)")
     version = payload["format_version"]
@@ -81,9 +89,64 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
+_PLAIN_DATA_MODULES = ("torch", "collections", "_codecs")  # what torch.save itself names in a pickle
+_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _foreign_globals(path: Path, limit: int = 16) -> list[str]:
+    """Name the callables a refused pickle would import, read with ``pickletools`` (which runs nothing).
+
+    Only chooses the message: the refusal itself is ``torch.load(weights_only=True)``'s. Reads the
+    ``data.pkl`` of a zip checkpoint, else the pickles at the start of the file.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((name for name in archive.namelist() if name.endswith("data.pkl")), None)
+                stream = io.BytesIO(archive.read(member) if member else b"")
+        else:
+            stream = open(path, "rb")
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found, strings, memo = [], [], {}
+    with stream:
+        try:
+            for _ in range(limit):  # a legacy torch file is several pickles in a row
+                for opcode, argument, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(argument.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif opcode.name in _STRING_OPCODES:
+                        strings.append(str(argument))
+                    elif opcode.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and argument in memo:
+                        strings.append(memo[argument])
+        except Exception:  # the end of the pickles, or bytes that are no pickle at all
+            pass
+    foreign = [name for name in found if name.split(".")[0] not in _PLAIN_DATA_MODULES]
+    return list(dict.fromkeys(foreign))
+
+
 def model_from_checkpoint(payload: dict) -> tuple[RNNModel, Vocabulary]:
-    """Rebuild the model (in eval mode) and its vocabulary from a loaded checkpoint."""
-    model = RNNModel(ModelConfig(**payload["model_config"]))
-    model.load_state_dict(payload["model_state"])
+    """Rebuild the model (in eval mode) and its vocabulary from a loaded checkpoint.
+
+    Raises:
+        UserError: the checkpoint's parts do not fit together (a damaged or hand-made file).
+    """
+    try:
+        model = RNNModel(ModelConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model_state"])
+        vocab = Vocabulary(payload["vocab"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        problem = " ".join(str(error).split())[:160] or type(error).__name__  # one line, however torch wrapped it
+        raise UserError(
+            f"the checkpoint is damaged: its model config, weights and vocabulary do not fit ({problem})"
+        ) from None
+    if len(vocab) != model.config.ntoken:
+        raise UserError(
+            f"the checkpoint is damaged: its vocabulary has {len(vocab)} words, its model {model.config.ntoken}"
+        )
     model.eval()
-    return model, Vocabulary(payload["vocab"])
+    return model, vocab

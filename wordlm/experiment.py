@@ -6,10 +6,12 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from sacred import Experiment
@@ -17,10 +19,20 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 
 from wordlm import __version__
-from wordlm.checkpoint import load_checkpoint, save_checkpoint
-from wordlm.corpora import load_dataset
-from wordlm.data import batchify
+from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.corpora import load_dataset, resolve_dataset
+from wordlm.data import EOS, SPLITS, UNK, batchify
 from wordlm.errors import UserError
+from wordlm.export import export_onnx
+from wordlm.generation import (
+    check_sampling_options,
+    encode_prompt,
+    format_samples,
+    generate_words,
+    score_lines,
+    target_log_probs,
+    tokenize_for_scoring,
+)
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
 from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
@@ -95,6 +107,21 @@ def config():
     checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
     resume = None  # continue the run whose checkpoint (save_last, or save) is at this path
     on_divergence = "stop"  # a NaN/inf loss: 'stop' (one-line error) or 'reload' (best model, lr / 4)
+
+    # -- generation and scoring: `python generate.py`, `python main.py evaluate`, `python main.py export`
+    checkpoint = save  # checkpoint that generate, evaluate and export read (follows save unless set)
+    words = 1000  # tokens to generate per sample (an <eos>, i.e. a line break, counts as one)
+    temperature = 1.0  # sampling temperature > 0: below 1 more likely words, above 1 more surprising ones
+    top_k = 0  # sample among the k most likely words only (0 = all words)
+    top_p = 1.0  # sample among the most likely words whose probabilities add up to top_p, in (0, 1] (1 = all)
+    prompt = ""  # text that primes the hidden state before sampling; unknown words become <unk>
+    samples = 1  # texts to generate at once, side by side in one batch
+    stop_at_eos = False  # end each sample at its first <eos> (the end of its first line)
+    outf = "generated.txt"  # file that generate writes the text to ('-' = stdout)
+    split = "test"  # split of dataset that evaluate scores: train, valid or test
+    text = None  # plain text file that evaluate scores instead of dataset's split
+    line_scores = None  # file where evaluate also writes each line's log-probability as JSON lines
+    onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
 
 
 # Zaremba, Sutskever & Vinyals 2014, "Recurrent Neural Network Regularization", PTB, non-regularized
@@ -433,6 +460,8 @@ def _train(_run, _log, cfg: dict):
         _run.add_artifact(cfg["save"], name=os.path.basename(cfg["save"]))
     else:
         _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
+    if cfg["onnx_export"]:
+        _log.info("wrote %s", export_onnx(model, cfg["onnx_export"], vocab))
     title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}" + (" · interrupted" if interrupted else "")
     _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
     return test_ppl
@@ -518,6 +547,92 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
             raise UserError(f"cannot write plot_path={plot_path!r}: {problem.strerror or problem}") from None
         drawn = ", ".join(r.run_id for r in chosen if r.has_validation_curve)
         print(f"validation curves of runs {drawn} written to {path}")
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+def _load_model(checkpoint, device):
+    """The checkpoint's model on ``device`` (eval mode) and its vocabulary."""
+    model, vocab = model_from_checkpoint(load_checkpoint(checkpoint))
+    return model.to(resolve_device(device)), vocab
+
+
+@ex.command
+def generate(
+    _log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device,
+):  # fmt: skip
+    """Sample text from a checkpoint alone: `python generate.py with checkpoint=model.pt words=200`."""
+    try:
+        return _generate(**locals())
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device):
+    check_sampling_options(words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples)
+    prompt = "" if prompt is None else str(prompt)
+    model, vocab = _load_model(checkpoint, device)
+    _, unknown = encode_prompt(vocab, prompt)
+    if unknown:
+        _log.warning(
+            "prompt words not in the checkpoint's vocabulary, %s: %s",
+            f"read as {UNK}" if UNK in vocab else f"left out (it has no {UNK})", " ".join(unknown),
+        )  # fmt: skip
+    generator = torch.Generator(device=model.encoder.weight.device).manual_seed(seed)
+    texts = generate_words(
+        model, vocab, words=words, prompt=prompt, samples=samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
+    )  # fmt: skip
+    output = format_samples(prompt, texts)
+    if outf == "-":
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    else:
+        Path(outf).write_text(output, encoding="utf-8")
+        _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
+
+
+@ex.command
+def evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+    """Print a checkpoint's perplexity on a split of dataset (`split`) or on any text file (`text`)."""
+    try:
+        return _evaluate(**locals())
+    except UserError as problem:
+        raise error(str(problem)) from None
+
+
+def _evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+    _check_positive_int("eval_batch_size", eval_batch_size)
+    _check_positive_int("bptt", bptt)
+    if text is None and split not in SPLITS:
+        raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
+    model, vocab = _load_model(checkpoint, device)
+    path = Path(text) if text is not None else resolve_dataset(dataset) / f"{split}.txt"
+    ids, unknown = tokenize_for_scoring(path, vocab, model.config.ntoken)
+    ids = ids.to(model.encoder.weight.device)
+    if unknown:
+        _log.info("%d of %d tokens are not in the checkpoint's vocabulary and were read as <unk>", unknown, len(ids))
+    loss, count = evaluate_loss(model, ids, eval_batch_size, bptt)
+    ppl = perplexity(loss)
+    print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}", flush=True)
+    _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
+    if line_scores:
+        if EOS not in vocab:
+            raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
+        scores = score_lines(ids, target_log_probs(model, ids, eval_batch_size, bptt), vocab.word2idx[EOS])
+        Path(line_scores).write_text("".join(json.dumps(record) + "\n" for record in scores), encoding="utf-8")
+        _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
+    return ppl
+
+
+@ex.command
+def export(_log, checkpoint, onnx_export):
+    """Write a checkpoint's model as ONNX: `python main.py export with checkpoint=model.pt onnx_export=model.onnx`."""
+    try:
+        model, vocab = _load_model(checkpoint, "cpu")
+        target = onnx_export or Path(checkpoint).with_suffix(".onnx")
+        _log.info("wrote %s", export_onnx(model, target, vocab))
+        return str(target)
     except UserError as problem:
         raise error(str(problem)) from None
 

@@ -1,0 +1,87 @@
+"""ONNX export: onnxruntime gives PyTorch's outputs step after step; the key on training; the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wordlm import export
+from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.data import Vocabulary
+from wordlm.errors import UserError
+from wordlm.experiment import error, ex
+from wordlm.export import export_onnx, state_names
+from wordlm.model import ModelConfig, RNNModel
+
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'wordlm[onnx]'")
+onnx = pytest.importorskip("onnx")
+
+
+def run_steps_both_ways(model: RNNModel, path, batch: int = 3, steps: int = 3, seed: int = 0) -> None:
+    """Feed the same tokens and a random start state to PyTorch and onnxruntime; compare every output."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = state_names(model)
+    generator = torch.Generator().manual_seed(seed)
+    state = model.init_hidden(batch)
+    state = tuple(torch.randn(s.shape, generator=generator) for s in (state if isinstance(state, tuple) else (state,)))
+    onnx_state = [s.numpy() for s in state]
+    torch_hidden = state if len(state) == 2 else state[0]
+    for _ in range(steps):
+        tokens = torch.randint(0, model.config.ntoken, (batch,), generator=generator)  # (B,)
+        with torch.inference_mode():
+            logits, torch_hidden = model(tokens.view(1, -1), torch_hidden)  # (1, B, V)
+        logits_onnx, *onnx_state = session.run(
+            None, {"tokens": tokens.numpy(), **dict(zip(names, onnx_state, strict=True))}
+        )
+        np.testing.assert_allclose(logits_onnx, logits[0].numpy(), rtol=1e-4, atol=1e-5)
+        expected = torch_hidden if isinstance(torch_hidden, tuple) else (torch_hidden,)
+        for got, want in zip(onnx_state, expected, strict=True):
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_onnxruntime_matches_pytorch_step_by_step(tmp_path):
+    """An LSTM: its state is a pair (test_training_with_onnx_export... covers a GRU's single state)."""
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(23, "LSTM", emsize=10, nhid=10, nlayers=2, dropout=0.3, tied=True)).eval()
+    vocab = Vocabulary([f"w{i}" for i in range(23)])
+    path = export_onnx(model, tmp_path / "sub" / "m.onnx", vocab)
+    run_steps_both_ways(model, path, batch=3)
+    run_steps_both_ways(model, path, batch=1, seed=1)  # the batch is dynamic, 1 included
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["tokens", *state_names(model)]
+    assert [o.name for o in session.get_outputs()] == ["logits", *(f"{n}_out" for n in state_names(model))]
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["wordlm.vocab"]) == vocab.idx2word
+    assert json.loads(metadata["wordlm.model_config"]) == model.config.to_dict()
+    assert model.training is False and next(model.parameters()).device.type == "cpu"
+
+
+def test_missing_extra_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "_EXPORT_NEEDS", ("onnx", "no_such_module_for_wordlm"))
+    model = RNNModel(ModelConfig(5, "GRU", 4, 4, 1, 0.0, True))
+    with pytest.raises(UserError, match=r"needs no_such_module_for_wordlm.*pip install 'wordlm\[onnx\]'"):
+        export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_training_with_onnx_export_then_the_export_command(tiny_corpus, tmp_path):
+    """The key on training writes the best model; the command on its checkpoint writes the same model."""
+    updates = {"dataset": str(tiny_corpus), "save": str(tmp_path / "m.pt"), "onnx_export": str(tmp_path / "t.onnx"),
+               "model_type": "GRU", "max_batches": 2, "log_interval": 1}  # fmt: skip
+    ex.run(named_configs=["smoke"], config_updates=updates, options={"--loglevel": "ERROR"})
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    run_steps_both_ways(model, tmp_path / "t.onnx")
+    run = ex.run("export", config_updates={"checkpoint": str(tmp_path / "m.pt")}, options={"--loglevel": "ERROR"})
+    assert run.result == str(tmp_path / "m.onnx")  # onnx_export defaults to the checkpoint's name
+    run_steps_both_ways(model, tmp_path / "m.onnx")
+
+
+def test_export_command_of_a_damaged_checkpoint_is_a_user_error(tmp_path):
+    model = RNNModel(ModelConfig(5, "GRU", 4, 4, 1, 0.0, True))
+    save_checkpoint(tmp_path / "m.pt", model, Vocabulary(["a", "b"]))  # 2 words for a model of 5
+    with pytest.raises(error, match="^the checkpoint is damaged: its vocabulary has 2 words, its model 5$"):
+        ex.run("export", config_updates={"checkpoint": str(tmp_path / "m.pt"), "onnx_export": str(tmp_path / "x.onnx")},
+               options={"--loglevel": "ERROR"})  # fmt: skip
+    assert not (tmp_path / "x.onnx").exists()

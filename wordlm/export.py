@@ -1,0 +1,120 @@
+"""One step of a trained model as an ONNX file, for runtimes without PyTorch.
+
+Lives here: ``state_names``, ``export_onnx``. Must not import Sacred. Needs the optional ``onnx``
+extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript export, onnxruntime runs the result).
+
+What is exported is one time step with the recurrent state passed in and out, so a caller drives
+generation (or scoring) one token at a time, exactly as ``generation.sample_ids`` does:
+
+    inputs   tokens      (B,)      int64, one word id per column
+             hidden      (L, B, H) float32, the state (zeros to start)
+             cell        (L, B, H) float32, LSTM only: the cell state
+    outputs  logits      (B, V)    float32, unnormalised scores of the next word
+             hidden_out  (L, B, H) and, LSTM only, cell_out (L, B, H): the state to feed back
+
+``B`` is dynamic. The model runs in eval mode (no dropout). The file's metadata holds the
+vocabulary (``wordlm.vocab``, a JSON list, index = id) and the model config (``wordlm.model_config``),
+so the file alone is enough to turn ids back into words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wordlm.data import Vocabulary
+from wordlm.errors import UserError
+from wordlm.model import RNNModel
+
+_EXPORT_NEEDS = ("onnx", "onnxscript")
+_CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # each logs every optimisation pass at INFO
+_SINGLE_FILE_BYTES = 1 << 30  # ONNX protobufs stop at 2 GiB: larger weights go to a .data file beside it
+
+
+def state_names(model: RNNModel) -> tuple[str, ...]:
+    """Names of the state inputs: ``("hidden",)``, or ``("hidden", "cell")`` when the state is a pair."""
+    return ("hidden", "cell") if isinstance(model.init_hidden(1), tuple) else ("hidden",)
+
+
+class _Step(nn.Module):
+    """The model as a function of one token per column and the flattened state."""
+
+    def __init__(self, model: RNNModel) -> None:
+        super().__init__()
+        self.model = model
+        self.paired = len(state_names(model)) == 2
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = tuple(state) if self.paired else state[0]
+        logits, hidden = self.model(tokens.unsqueeze(0), hidden)  # (1, B, V)
+        return (logits[0], *hidden) if self.paired else (logits[0], hidden)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's chatter (deprecation notes, optional-package notices) for one export."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def export_onnx(model: RNNModel, path: str | os.PathLike, vocab: Vocabulary | None = None) -> Path:
+    """Write one step of ``model`` (see the module docstring) to ``path`` as ONNX.
+
+    Args:
+        model: the model to export; it is copied to the CPU, so the caller's model is not changed.
+        path: the ``.onnx`` file to write; its folder is created if needed.
+        vocab: stored in the file's metadata when given.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserError: the ``onnx`` extra is not installed.
+    """
+    missing = [name for name in _EXPORT_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"ONNX export needs {' and '.join(missing)}, which are not installed; run pip install 'wordlm[onnx]'"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = _Step(copy.deepcopy(model).cpu()).eval()
+    names = state_names(model)
+    example_batch = 2  # not 1: the exporter would fix a batch of 1 as a constant
+    state = step.model.init_hidden(example_batch)
+    state = state if isinstance(state, tuple) else (state,)
+    batch = torch.export.Dim("batch")
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            step,
+            (torch.zeros(example_batch, dtype=torch.long), *state),
+            input_names=["tokens", *names],
+            output_names=["logits", *(f"{name}_out" for name in names)],
+            dynamic_shapes={"tokens": {0: batch}, "state": tuple({1: batch} for _ in names)},
+            dynamo=True,
+            verbose=False,
+        )
+    program.model.metadata_props["wordlm.model_config"] = json.dumps(model.config.to_dict())
+    if vocab is not None:
+        program.model.metadata_props["wordlm.vocab"] = json.dumps(vocab.idx2word, ensure_ascii=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(path, external_data=weight_bytes > _SINGLE_FILE_BYTES)
+    return path
