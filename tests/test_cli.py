@@ -77,7 +77,7 @@ def test_the_issue_example_trains_and_records_the_run(tmp_path, tiny_corpus):
     )
     run, metrics = read_run(tmp_path / "runs" / "1")
     assert run["status"] == "COMPLETED" and run["result"] == pytest.approx(test_ppl, rel=1e-4)
-    assert run["info"]["interrupted"] is False and run["artifacts"] == ["rnn_01.pt"]
+    assert run["info"]["interrupted"] is False and run["artifacts"] == ["rnn_01.pt", "learning_curves.png"]
     assert metrics["valid.ppl"]["steps"] == [1, 2, 3] and len(metrics["lr"]["values"]) == 3
     assert metrics["test.ppl"]["values"] == [run["result"]]
     assert metrics["train.loss"]["values"] and (tmp_path / "runs" / "1" / "rnn_01.pt").is_file()

@@ -21,7 +21,6 @@ import io
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path

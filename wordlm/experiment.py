@@ -41,7 +41,9 @@ from wordlm.system import tune_cpu_allocator
 from wordlm.training import (
     Reporter,
     TrainState,
+    averaging_optimizer,
     capture_rng_state,
+    make_optimizer,
     evaluate_loss,
     fit,
     perplexity,
@@ -100,6 +102,20 @@ def config():
     lr_decay = None  # multiply lr by this after each epoch from lr_decay_start on (None = lr / 4 on no improvement)
     lr_decay_start = 1  # the first epoch after which lr_decay applies
     init_range = None  # initialise every weight uniform(-r, r) (None = the classic init)
+    # -- regularization and optimization of AWD-LSTM (Merity et al. 2017); all off by default
+    locked_dropout = False  # variational dropout: one mask per sequence on inputs, between layers, on outputs
+    dropouti = None  # dropout on the word embeddings (None = dropout)
+    dropouth = None  # dropout between recurrent layers (None = dropout)
+    dropoute = 0.0  # embedding dropout: drop whole words from the embedding matrix
+    wdrop = 0.0  # weight drop: DropConnect on the hidden-to-hidden weights
+    alpha = 0.0  # activation regularization (AR) coefficient
+    beta = 0.0  # temporal activation regularization (TAR) coefficient
+    tied_projection = False  # with tied=True and emsize != nhid, give the last layer emsize units
+    wdecay = 0.0  # weight decay (L2)
+    optimizer = "sgd"  # 'sgd', 'adam' or 'adamw' (the lr schedule applies to each)
+    nonmono = None  # NT-ASGD: switch to averaged SGD when valid loss is worse than the best before the last n epochs
+    variable_bptt = False  # variable-length BPTT around bptt, lr scaled to each sequence's length
+    finetune = False  # with resume: restart averaged SGD from the loaded weights (AWD-LSTM's fine-tuning stage)
     min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)
     max_vocab = None  # keep at most this many words, the most frequent; the rest become <unk> (None = all)
     # -- never lose a run
@@ -207,6 +223,110 @@ def press_wolf_large_tied():
     init_range = 0.04
 
 
+# Inan, Khosravi & Socher 2016, "Tying Word Vectors and Word Classifiers": variational dropout + tied
+# embeddings on Zaremba's medium/large models, PTB test 73.2 / 68.5 (with their augmented loss, which
+# wordlm does not implement). Locked dropout here covers inputs, outputs and between layers, not the
+# recurrent connections of Gal & Ghahramani's variant.
+@ex.named_config
+def inan_medium_tied():
+    dataset = "penn"
+    emsize = 650
+    nhid = 650
+    nlayers = 2
+    dropout = 0.5
+    locked_dropout = True
+    tied = True
+    batch_size = 20
+    bptt = 35
+    lr = 35.0
+    clip = 5 / 35
+    epochs = 39
+    lr_decay = 1 / 1.2
+    lr_decay_start = 6
+    init_range = 0.05
+
+
+@ex.named_config
+def inan_large_tied():
+    dataset = "penn"
+    emsize = 1500
+    nhid = 1500
+    nlayers = 2
+    dropout = 0.65
+    locked_dropout = True
+    tied = True
+    batch_size = 20
+    bptt = 35
+    lr = 35.0
+    clip = 10 / 35
+    epochs = 55
+    lr_decay = 1 / 1.15
+    lr_decay_start = 14
+    init_range = 0.04
+
+
+# Merity, Keskar & Socher 2017, "Regularizing and Optimizing LSTM Language Models" (AWD-LSTM), PTB:
+# 3-layer LSTM 400/1150/400, tied, every regularizer, NT-ASGD; test 58.8 (57.3 after fine-tuning with
+# `with resume=awd_ptb.pt finetune=True epochs=...`, 52.8 with the cache pointer). 500 epochs: a GPU job.
+@ex.named_config
+def awd_lstm_ptb():
+    dataset = "penn"
+    model_type = "LSTM"
+    emsize = 400
+    nhid = 1150
+    nlayers = 3
+    tied = True
+    tied_projection = True
+    locked_dropout = True
+    dropout = 0.4
+    dropouti = 0.4
+    dropouth = 0.25
+    dropoute = 0.1
+    wdrop = 0.5
+    alpha = 2.0
+    beta = 1.0
+    wdecay = 1.2e-6
+    nonmono = 5
+    variable_bptt = True
+    batch_size = 20
+    bptt = 70
+    lr = 30.0
+    clip = 0.25
+    epochs = 500
+    eval_batch_size = 10
+    seed = 141
+
+
+# Merity et al. 2017 on WikiText-2: test 66.0 (65.8 after fine-tuning, 52.0 with the cache pointer).
+@ex.named_config
+def awd_lstm_wt2():
+    dataset = "wikitext-2"
+    model_type = "LSTM"
+    emsize = 400
+    nhid = 1150
+    nlayers = 3
+    tied = True
+    tied_projection = True
+    locked_dropout = True
+    dropout = 0.4
+    dropouti = 0.65
+    dropouth = 0.2
+    dropoute = 0.1
+    wdrop = 0.5
+    alpha = 2.0
+    beta = 1.0
+    wdecay = 1.2e-6
+    nonmono = 5
+    variable_bptt = True
+    batch_size = 80
+    bptt = 70
+    lr = 30.0
+    clip = 0.25
+    epochs = 750
+    eval_batch_size = 10
+    seed = 1882
+
+
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
 @ex.named_config
 def smoke():
@@ -262,9 +382,18 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     if cfg["lr_decay"] is not None:
         _check_positive_number("lr_decay", cfg["lr_decay"])
     _check_positive_int("lr_decay_start", cfg["lr_decay_start"])
-    return build_model_config(
-        1, cfg["model_type"], cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], cfg["tied"], cfg["init_range"]
-    )
+    if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
+        raise UserError(f"optimizer={cfg['optimizer']!r} must be 'sgd', 'adam' or 'adamw'")
+    if isinstance(cfg["wdecay"], bool) or not isinstance(cfg["wdecay"], (int, float)) or not 0 <= cfg["wdecay"] < 1:
+        raise UserError(f"wdecay={cfg['wdecay']!r} must be a number with 0 <= wdecay < 1")
+    _check_positive_int("nonmono", cfg["nonmono"], allow_none=True)
+    if cfg["nonmono"] is not None and cfg["optimizer"] != "sgd":
+        raise UserError(f"nonmono={cfg['nonmono']} (NT-ASGD) needs optimizer='sgd', not {cfg['optimizer']!r}")
+    if cfg["finetune"] and cfg["resume"] is None:
+        raise UserError("finetune=True needs resume=PATH: fine-tuning continues a trained model")
+    if not isinstance(cfg["variable_bptt"], bool):
+        raise UserError(f"variable_bptt={cfg['variable_bptt']!r} must be True or False")
+    return build_model_config(1, cfg)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -280,17 +409,21 @@ def resolve_device(device: str) -> torch.device:
     return chosen
 
 
-def build_model_config(ntoken, model_type, emsize, nhid, nlayers, dropout, tied, init_range=None) -> ModelConfig:
-    """The model's config, or one line naming the bad key."""
+MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
+              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection")  # fmt: skip
+
+
+def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:
+    """The model's config from the config keys, or one line naming the bad key."""
     try:
-        return ModelConfig(ntoken, model_type, emsize, nhid, nlayers, dropout, tied, init_range)
+        return ModelConfig(ntoken, **{key: cfg[key] for key in MODEL_KEYS})
     except (ValueError, TypeError) as problem:
         raise UserError(str(problem)) from None
 
 
 # Keys that define the model or the batch layout: a resumed run must keep them.
 FIXED_ON_RESUME = ("dataset", "min_freq", "max_vocab", "batch_size", "bptt", "model_type", "emsize", "nhid",
-                   "nlayers", "tied", "dropout")  # fmt: skip
+                   "nlayers", "tied", "tied_projection", "optimizer")  # fmt: skip
 
 
 def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:
@@ -349,20 +482,22 @@ def _train(_run, _log, cfg: dict):
             f"batch_size={cfg['batch_size']} needs at least {2 * cfg['batch_size']} training tokens, "
             f"but the training split has {corpus.train.numel()}; lower batch_size"
         )
-    model_config = build_model_config(
-        len(vocab), cfg["model_type"], cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], cfg["tied"],
-        cfg["init_range"],
-    )
-    model = RNNModel(model_config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    model = RNNModel(build_model_config(len(vocab), cfg)).to(device)
+    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
     state = TrainState(lr=cfg["lr"])
     best_weights = None  # a CPU copy of the best model so far: what the final test uses
     if cfg["resume"] is not None:
         if payload["vocab"] != vocab.idx2word:
             raise UserError(f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)")
         model.load_state_dict(payload["model_state"])
-        optimizer.load_state_dict(payload["training"]["optimizer"])
         state = TrainState.from_dict(payload["training"]["state"], device)
+        if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
+            state.averaging, state.val_history = True, []
+            optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+        else:
+            if state.averaging:
+                optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+            optimizer.load_state_dict(payload["training"]["optimizer"])
         if "lr" in _run.config_modifications.modified:
             state.lr = cfg["lr"]
         restore_rng_state(payload["training"]["rng"])
@@ -404,9 +539,15 @@ def _train(_run, _log, cfg: dict):
             kept = f"{cfg['save']} keeps the best model (epoch {state.best_epoch})" if best_weights else "no model was saved"
             raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
         model.load_state_dict(best_weights)
-        optimizer.state.clear()
+        optimizer.state.clear()  # (an averaging optimizer restarts its average too)
         state.lr /= 4
         _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
+
+    def switch_to_averaging() -> torch.optim.Optimizer:
+        nonlocal optimizer
+        optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+        _log.info("NT-ASGD: validation stopped improving; averaging the weights from epoch %d on", state.epoch + 1)
+        return optimizer
 
     interrupted = False
     started = time.perf_counter()
@@ -419,6 +560,7 @@ def _train(_run, _log, cfg: dict):
                     eval_batch_size=cfg["eval_batch_size"], log_interval=cfg["log_interval"],
                     max_batches=cfg["max_batches"], save_best=save_best, reporter=reporter,
                     lr_decay=cfg["lr_decay"], lr_decay_start=cfg["lr_decay_start"],
+                    variable_bptt=cfg["variable_bptt"], nonmono=cfg["nonmono"], switch_to_averaging=switch_to_averaging,
                     after_batch=after_batch, after_epoch=lambda _: save_last(), on_diverged=on_diverged,
                     pause_deferral=stop.immediate,
                 )  # fmt: skip

@@ -12,7 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ class TrainState:
     best_epoch: int = 0  # 0: no epoch finished yet, so nothing was saved as best
     tokens_seen: int = 0
     divergences: int = 0  # how often training diverged and was rolled back
+    position: int = 0  # row of the batchified data where the next batch starts
+    val_history: list = field(default_factory=list)  # validation loss of every epoch so far
+    averaging: bool = False  # NT-ASGD has switched to averaged SGD
     hidden: Hidden | None = None  # state carried into batch ``batch`` (None: start of an epoch)
     interval_loss: float | torch.Tensor = 0.0  # sum of batch losses since the last progress line
     interval_batches: int = 0
@@ -162,6 +166,54 @@ def count_batches(rows: int, bptt: int, max_batches: int | None = None) -> int:
     return total if max_batches is None else min(total, max_batches)
 
 
+def sample_bptt(bptt: int) -> int:
+    """A chunk length for variable-length BPTT (Merity et al. 2017): around ``bptt`` with probability
+    0.95, else around ``bptt / 2``; normal with deviation 5, at least 5. Uses numpy's global generator,
+    whose state checkpoints keep."""
+    base = bptt if np.random.random() < 0.95 else bptt / 2
+    return max(5, int(np.random.normal(base, 5)))
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
+def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """'sgd' (plain SGD, the classic update), 'adam' or 'adamw'; the lr schedule reaches all of them."""
+    parameters = list(parameters)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r} is not one of sgd, adam, adamw")
+
+
+def averaging_optimizer(parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.ASGD:
+    """Averaged SGD as NT-ASGD switches to it: plain SGD steps, and the average of the iterates since
+    the switch kept in each parameter's ``ax`` state (t0=0, lambd=0: Merity et al. 2017)."""
+    return torch.optim.ASGD(parameters, lr=lr, t0=0, lambd=0.0, weight_decay=weight_decay)
+
+
+@contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer):
+    """Within the block the model's parameters hold their averages (ASGD's ``ax``), if there are any."""
+    swapped = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            average = optimizer.state.get(parameter, {}).get("ax")
+            if average is not None:
+                saved = parameter.data.clone()
+                parameter.data.copy_(average)
+                swapped.append((parameter, saved))
+    try:
+        yield
+    finally:
+        for parameter, saved in swapped:
+            parameter.data.copy_(saved)
+
+
 def train_epoch(
     model: RNNModel,
     data: torch.Tensor,
@@ -174,10 +226,12 @@ def train_epoch(
     max_batches: int | None,
     reporter: Reporter,
     after_batch: BatchHook | None = None,
+    variable_bptt: bool = False,
 ) -> None:
     """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks.
 
-    Starts from ``state.batch`` and ``state.hidden`` (a resumed mid-epoch state) and keeps both current
+    With ``variable_bptt`` each chunk's length is drawn by ``sample_bptt`` and the learning rate scaled
+    to it. Starts from ``state.position`` and ``state.hidden`` (a resumed mid-epoch state) and keeps both current
     after every batch, so that ``after_batch`` (stop checks, timed checkpoints) sees a consistent state.
 
     Raises:
@@ -186,7 +240,7 @@ def train_epoch(
     model.train()
     total = count_batches(data.size(0), bptt, max_batches)
     if state.hidden is None:
-        state.hidden = model.init_hidden(data.size(1))
+        state.hidden = _unwrap(model).init_hidden(data.size(1))
     parameters = [p for p in model.parameters() if p.requires_grad]
     # The running loss stays on the device (no sync per batch); state holds the same tensor.
     interval_loss = torch.tensor(float(state.interval_loss), dtype=torch.float64, device=data.device)
@@ -194,10 +248,11 @@ def train_epoch(
     interval_start = time.perf_counter()
     timed_batches = 0
     reporter.epoch_start(state.epoch, total, state.batch)
-    for i in range(state.batch * bptt, data.size(0) - 1, bptt):
-        if state.batch >= total:
-            break
-        inputs, targets = get_batch(data, i, bptt)  # (T, B) each
+    while state.position < data.size(0) - 1 and state.batch < total:
+        length = sample_bptt(bptt) if variable_bptt else bptt
+        inputs, targets = get_batch(data, state.position, length)  # (T, B) each
+        if variable_bptt:  # longer sequences, larger steps: lr scaled to the sequence length (AWD-LSTM)
+            set_lr(optimizer, state.lr * inputs.size(0) / bptt)
         hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
         loss, hidden = model(inputs, hidden, targets)
@@ -207,14 +262,16 @@ def train_epoch(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
-        interval_loss += loss.detach()
+        interval_loss += _unwrap(model).last_cross_entropy
         state.hidden = detach_hidden(hidden)
         state.interval_batches += 1
         timed_batches += 1
         state.batch += 1
+        state.position += inputs.size(0)
         state.tokens_seen += targets.numel()
         reporter.batch_end(state, total)
-        if state.batch % log_interval == 0 or state.batch == total:
+        last = state.batch == total or state.position >= data.size(0) - 1
+        if state.batch % log_interval == 0 or last:
             elapsed = time.perf_counter() - interval_start
             mean_loss = interval_loss.item() / state.interval_batches
             reporter.interval(state, total, elapsed * 1000 / max(timed_batches, 1), mean_loss)
@@ -223,6 +280,8 @@ def train_epoch(
             interval_start = time.perf_counter()
         if after_batch is not None:
             after_batch()
+    if variable_bptt:
+        set_lr(optimizer, state.lr)
     state.interval_loss, state.interval_batches = 0.0, 0
 
 
@@ -285,6 +344,9 @@ def fit(
     after_epoch: Callable[[TrainState], None] | None = None,
     on_diverged: Callable[[Diverged], None] | None = None,
     pause_deferral: Callable[[], AbstractContextManager] = nullcontext,
+    variable_bptt: bool = False,
+    nonmono: int | None = None,
+    switch_to_averaging: Callable[[], torch.optim.Optimizer] | None = None,
 ) -> TrainState:
     """Train for ``state.epoch .. epochs``, validating after each epoch.
 
@@ -303,7 +365,7 @@ def fit(
             train_epoch(
                 model, train_data, optimizer, state,
                 bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches,
-                reporter=reporter, after_batch=after_batch,
+                reporter=reporter, after_batch=after_batch, variable_bptt=variable_bptt,
             )  # fmt: skip
         except Diverged as divergence:
             if on_diverged is None:
@@ -314,25 +376,31 @@ def fit(
             state.interval_loss, state.interval_batches = 0.0, 0
             continue
         train_seconds = time.perf_counter() - start
-        with pause_deferral():
-            val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
-        seconds = time.perf_counter() - start
-        reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
-        improved = val_loss < state.best_val_loss
-        if improved:
-            state.best_val_loss = val_loss
-            state.best_epoch = state.epoch
-        if lr_decay is not None:
-            if state.epoch >= lr_decay_start:
-                state.lr *= lr_decay
-        elif not improved:
-            state.lr /= anneal
-        set_lr(optimizer, state.lr)
-        state.epoch += 1
-        state.batch = 0
-        state.hidden = None
-        if improved:  # saved with the state of the next epoch's start, so it resumes like save_last
-            save_best(state)
+        with averaged_weights(optimizer):
+            with pause_deferral():
+                val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
+            seconds = time.perf_counter() - start
+            reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
+            improved = val_loss < state.best_val_loss
+            if improved:
+                state.best_val_loss = val_loss
+                state.best_epoch = state.epoch
+            if lr_decay is not None:
+                if state.epoch >= lr_decay_start:
+                    state.lr *= lr_decay
+            elif not improved and not state.averaging:
+                state.lr /= anneal
+            set_lr(optimizer, state.lr)
+            history = state.val_history
+            if nonmono and not state.averaging and len(history) > nonmono and val_loss > min(history[:-nonmono]):
+                state.averaging = True
+                optimizer = switch_to_averaging()
+            history.append(val_loss)
+            state.epoch += 1
+            state.batch = state.position = 0
+            state.hidden = None
+            if improved:  # saved with the state of the next epoch's start, so it resumes like save_last
+                save_best(state)
         if after_epoch is not None:
             after_epoch(state)
     return state
