@@ -446,9 +446,18 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
 def train(_run, _log, _config):
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
-        return _train(_run, _log, dict(_config))
+        return _train(_run, _log, _plain(_config))
     except UserError as problem:
         raise error(str(problem)) from None
+
+
+def _plain(value):
+    """Sacred's read-only config containers as plain dicts and lists: checkpoints hold only plain data."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _warn(message: str) -> None:

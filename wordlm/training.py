@@ -191,8 +191,9 @@ def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0) 
 
 
 def averaging_optimizer(parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.ASGD:
-    """Averaged SGD as NT-ASGD switches to it: plain SGD steps, and the average of the iterates since
-    the switch kept in each parameter's ``ax`` state (t0=0, lambd=0: Merity et al. 2017)."""
+    """Averaged SGD as NT-ASGD switches to it: plain SGD steps, and in each parameter's ``ax`` state the
+    average of the iterates since the switch (torch's ASGD with t0=0, lambd=0, as Merity et al. 2017
+    used it: the average starts from the iterate after the first step)."""
     return torch.optim.ASGD(parameters, lr=lr, t0=0, lambd=0.0, weight_decay=weight_decay)
 
 
