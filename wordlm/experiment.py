@@ -23,6 +23,7 @@ from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_check
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import EOS, SPLITS, UNK, batchify
 from wordlm.errors import UserError
+from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
 from wordlm.export import export_onnx
 from wordlm.generation import (
     check_sampling_options,
@@ -137,6 +138,11 @@ def config():
     split = "test"  # split of dataset that evaluate scores: train, valid or test
     text = None  # plain text file that evaluate scores instead of dataset's split
     line_scores = None  # file where evaluate also writes each line's log-probability as JSON lines
+    cache_window = 0  # evaluate: continuous cache pointer over this many past words (0 = off; AWD WT2: 3785)
+    cache_theta = 0.662  # evaluate: cache pointer's flatness θ (scale of the state dot products)
+    cache_lambda = 0.1279  # evaluate: weight λ of the cache in the mixture with the model
+    dynamic_lr = 0.0  # evaluate: dynamic evaluation's SGD step on each scored bptt segment (0 = off)
+    dynamic_decay = 0.0  # evaluate: dynamic evaluation's pull back toward the trained weights
     onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
 
 
@@ -744,7 +750,10 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
 
 
 @ex.command
-def evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+def evaluate(
+    _run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device, cache_window,
+    cache_theta, cache_lambda, dynamic_lr, dynamic_decay,
+):  # fmt: skip
     """Print a checkpoint's perplexity on a split of dataset (`split`) or on any text file (`text`)."""
     try:
         return _evaluate(**locals())
@@ -752,8 +761,20 @@ def evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_bat
         raise error(str(problem)) from None
 
 
-def _evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device):
+def _evaluate(
+    _run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device, cache_window,
+    cache_theta, cache_lambda, dynamic_lr, dynamic_decay,
+):  # fmt: skip
     _check_positive_int("eval_batch_size", eval_batch_size)
+    if isinstance(cache_window, bool) or not isinstance(cache_window, int) or cache_window < 0:
+        raise UserError(f"cache_window={cache_window!r} must be an integer >= 0 (0 = no cache)")
+    if not 0 <= cache_lambda <= 1:
+        raise UserError(f"cache_lambda={cache_lambda!r} must be between 0 and 1")
+    for key, value in (("cache_theta", cache_theta), ("dynamic_lr", dynamic_lr), ("dynamic_decay", dynamic_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise UserError(f"{key}={value!r} must be a number >= 0")
+    if cache_window and (dynamic_lr or dynamic_decay):
+        raise UserError("use the cache pointer (cache_window) or dynamic evaluation (dynamic_lr), not both at once")
     _check_positive_int("bptt", bptt)
     if text is None and split not in SPLITS:
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
@@ -763,9 +784,17 @@ def _evaluate(_run, _log, checkpoint, dataset, split, text, line_scores, eval_ba
     ids = ids.to(model.encoder.weight.device)
     if unknown:
         _log.info("%d of %d tokens are not in the checkpoint's vocabulary and were read as <unk>", unknown, len(ids))
-    loss, count = evaluate_loss(model, ids, eval_batch_size, bptt)
+    if cache_window:
+        loss, count = cache_pointer_loss(model, ids, cache_window, cache_theta, cache_lambda)
+        method = f" | cache pointer (window {cache_window}, theta {cache_theta:g}, lambda {cache_lambda:g})"
+    elif dynamic_lr or dynamic_decay:
+        loss, count = dynamic_evaluation_loss(model, ids, bptt, dynamic_lr, dynamic_decay)
+        method = f" | dynamic evaluation (lr {dynamic_lr:g}, decay {dynamic_decay:g})"
+    else:
+        loss, count = evaluate_loss(model, ids, eval_batch_size, bptt)
+        method = ""
     ppl = perplexity(loss)
-    print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}", flush=True)
+    print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}{method}", flush=True)
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
     if line_scores:
         if EOS not in vocab:
