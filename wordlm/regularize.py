@@ -36,11 +36,11 @@ def embedding_dropout(embedding: nn.Embedding, inputs: torch.Tensor, p: float, t
 
     Gal & Ghahramani (2016), as used by AWD-LSTM; kept rows are scaled by 1 / (1 - p).
     """
+    if not training or p == 0:
+        return embedding(inputs)  # the module itself, so hooks and wrappers still see the lookup
     weight = embedding.weight
-    if training and p > 0:
-        mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
-        weight = weight * mask
-    return F.embedding(inputs, weight, embedding.padding_idx)
+    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
+    return F.embedding(inputs, weight * mask, embedding.padding_idx)
 
 
 def weight_dropped_call(rnn: nn.RNNBase, inputs: torch.Tensor, hidden, p: float, training: bool):
