@@ -146,11 +146,15 @@ def worker(args) -> None:
         model = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
         train, evaluate = classic_train, classic_evaluate
     else:
+        import wordlm.model
         from wordlm.model import ModelConfig, RNNModel
         from wordlm.system import tune_cpu_allocator
         from wordlm.training import evaluate_loss
 
-        tune_cpu_allocator()  # what `python main.py` does on a CPU
+        if args.impl != "wordlm-no-allocator":
+            tune_cpu_allocator()  # what `python main.py` does on a CPU
+        if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
+            wordlm.model._use_fused = lambda features: False
         model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], True))
         train = wordlm_train
 
@@ -226,7 +230,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12, help="timed training batches (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--eval-tokens", type=int, default=30000)
-    parser.add_argument("--worker", choices=["classic", "wordlm"], dest="impl")
+    parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator"], dest="impl")
+    parser.add_argument("--ablations", action="store_true", help="also run wordlm without each speed-up (default config)")
     parser.add_argument("--config", default="default")
     parser.add_argument("--weights")
     parser.add_argument("--out")
@@ -283,6 +288,19 @@ def main() -> None:
         print(f"{'eval ppl':24s}{row['classic_eval_ppl']:12.3f}{row['wordlm_eval_ppl']:12.3f}")
         print(f"{'peak RSS MB':24s}{row['classic_peak_rss_mb']:12.0f}{row['wordlm_peak_rss_mb']:12.0f}")
         print(f"per-batch losses agree: {row['loss_match']} (max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")
+        if args.ablations and name == "default":
+            torch.manual_seed(0)
+            weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+            torch.save(ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"]).state_dict(), weights)
+            for variant, what in (("wordlm-unfused", "without the fused decoder loss"),
+                                  ("wordlm-no-allocator", "without the allocator setting")):  # fmt: skip
+                result = run_side(variant, name, args, weights)
+                row[f"{variant}_train_tokens_per_s"] = result["train_tokens_per_s"]
+                row[f"{variant}_eval_tokens_per_s"] = result["eval_tokens_per_s"]
+                print(f"wordlm {what:32s} train {result['train_tokens_per_s']:7.0f} tokens/s "
+                      f"({result['train_tokens_per_s'] / classic['train_tokens_per_s']:.2f}x classic), eval "
+                      f"{result['eval_tokens_per_s']:7.0f} tokens/s")  # fmt: skip
+            os.unlink(weights)
     first = summary[args.configs.split(",")[0]]
     print(json.dumps({**{k: first[k] for k in ("train_ratio", "eval_ratio", "gflops_fraction", "loss_match")},
                       "configs": summary}))  # fmt: skip
