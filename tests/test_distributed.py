@@ -23,7 +23,7 @@ LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) 
 VALID = re.compile(r"\| end of epoch +(\d+) \|.*\| valid loss +([\d.]+) \|")
 TEST_PPL = re.compile(r"test ppl +([\d.]+)")
 # dropout 0: with dropout the processes draw their own masks, and no single process draws the same ones
-RUN = ("with", "smoke", "dropout=0", "epochs=2", "max_batches=30", "log_interval=5")
+RUN = ("with", "smoke", "dropout=0", "epochs=2", "max_batches=20", "log_interval=5")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -160,3 +160,12 @@ def test_a_crashed_process_brings_the_run_down_with_a_message(tmp_path, tiny_cor
     assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2 lost contact with the others ("), err
     assert "resume=model.last.pt continues from the latest state written" in errors[0]
     assert "End of training" not in out
+
+
+def test_the_distributed_benchmark_runs_and_reports_every_figure(tmp_path, tiny_corpus):
+    result = run_cli("--configs", "smoke", "--dataset", str(tiny_corpus), "--batches", "2", "--warmup", "1",
+                     "--repeats", "1", "--no-gpu", cwd=tmp_path, script="benchmarks/distributed.py")  # fmt: skip
+    for setup in ("1 process x 1 thread", "1 process x 2 threads", r"2 processes x 1 thread \(torchrun\)"):
+        assert re.search(rf"{setup} +[\d,]+ +[\d.]+\n", result.stdout), result.stdout
+    assert re.search(r"scaling efficiency, 2 processes vs 1 process x 1 thread: \d+%", result.stdout)
+    assert '"efficiency": ' in result.stdout.splitlines()[-1]
