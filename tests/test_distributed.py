@@ -7,13 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, cli_env, run_cli
+from test_reliability import read_until
 from wordlm.distributed import World
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.signals import StopRequests
@@ -37,19 +37,6 @@ def torchrun(cwd: Path, *args: str, **env: str) -> subprocess.Popen:
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), *args],
         cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-
-
-def read_until(process: subprocess.Popen, pattern: str, timeout: float = 120) -> str:
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    process.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}\n{process.stderr.read()}")
 
 
 def worker_pid(launcher: subprocess.Popen, rank: int) -> int:

@@ -422,7 +422,8 @@ def _train(_run, _log, cfg: dict):
         model.load_state_dict(best_weights)
         optimizer.state.clear()
         state.lr /= 4
-        _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
+        if world.is_main:  # every rank reloads alike; one says so
+            _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
 
     interrupted = False
     started = time.perf_counter()
