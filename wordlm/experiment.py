@@ -6,11 +6,13 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -22,6 +24,16 @@ from wordlm import __version__
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import EOS, SPLITS, UNK, batchify
+from wordlm.distributed import (
+    launched_rank,
+    launched_size,
+    lost_contact,
+    lost_contact_message,
+    rank_rng_state,
+    split_rng_streams,
+    start_world,
+    stop_world,
+)
 from wordlm.errors import UserError
 from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
 from wordlm.export import export_onnx
@@ -44,9 +56,9 @@ from wordlm.training import (
     TrainState,
     averaging_optimizer,
     capture_rng_state,
-    make_optimizer,
     evaluate_loss,
     fit,
+    make_optimizer,
     perplexity,
     restore_rng_state,
 )
@@ -455,6 +467,15 @@ def train(_run, _log, _config):
         return _train(_run, _log, _plain(_config))
     except UserError as problem:
         raise error(str(problem)) from None
+    except Exception as problem:
+        if not lost_contact(problem):
+            raise
+        raise error(
+            f"{lost_contact_message(problem)}: another process failed, was killed or hung, and its own output "
+            f"says which; resume={_config['save_last']} continues from the latest state written"
+        ) from None
+    finally:
+        stop_world()
 
 
 def _plain(value):
@@ -487,9 +508,16 @@ def _train(_run, _log, cfg: dict):
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)
     device = resolve_device(cfg["device"])
+    if cfg["batch_size"] % launched_size():
+        raise UserError(
+            f"batch_size={cfg['batch_size']} must be a multiple of the {launched_size()} processes: each one "
+            "trains an equal block of the batch's columns"
+        )
+    world, device = start_world(device)  # several processes under torchrun; else World() and device as is
     if device.type == "cpu":
         tune_cpu_allocator()
-    corpus = load_dataset(cfg["dataset"], log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
+    with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
+        corpus = load_dataset(cfg["dataset"], log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
     vocab = corpus.vocab
     rows = corpus.train.numel() // cfg["batch_size"]
     if rows < 2:
@@ -501,6 +529,7 @@ def _train(_run, _log, cfg: dict):
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
     state = TrainState(lr=cfg["lr"])
     best_weights = None  # a CPU copy of the best model so far: what the final test uses
+    own_rng = False  # whether this rank goes on with the random stream it saved
     if cfg["resume"] is not None:
         if payload["vocab"] != vocab.idx2word:
             raise UserError(f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)")
@@ -513,39 +542,57 @@ def _train(_run, _log, cfg: dict):
             if state.averaging:
                 optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
             optimizer.load_state_dict(payload["training"]["optimizer"])
+        state.hidden = world.take_columns(state.hidden)  # the checkpoint holds every column's state
         if "lr" in _run.config_modifications.modified:
             state.lr = cfg["lr"]
-        restore_rng_state(payload["training"]["rng"])
+        rng, own_rng = rank_rng_state(payload["training"], world)
+        restore_rng_state(rng)
         best_weights = _load_best_weights(cfg["save"], state)
         _log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
+    if not own_rng:
+        split_rng_streams(world)  # ranks > 0: dropout masks of their own
     _log.info(
         "model: %s, %d parameters, vocabulary %d, device %s",
         cfg["model_type"], sum(p.numel() for p in model.parameters()), len(vocab), device,
     )  # fmt: skip
-    train_data = batchify(corpus.train, cfg["batch_size"]).to(device)  # (rows, B)
+    train_data = batchify(corpus.train, cfg["batch_size"])[:, world.share(cfg["batch_size"])]  # (rows, B/N)
+    train_data = train_data.contiguous().to(device)
     valid_ids = corpus.valid.to(device)
     history = MetricHistory(forward=_run.log_scalar)  # kept in memory too, for the learning-curve picture
-    reporter = Reporter(interactive=_INTERACTIVE, log_metric=history.log)
+    reporter = Reporter(interactive=_INTERACTIVE and world.is_main, log_metric=history.log)
     meta = {"wordlm_version": __version__, "config": cfg}
 
+    def whole_state() -> dict:  # a collective, as is training_payload: all ranks call it, rank 0 writes
+        return dataclasses.replace(state, hidden=world.gather_columns(state.hidden)).to_dict()
+
     def training_payload() -> dict:
-        return {"optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": capture_rng_state()}
+        rng = world.gather_data(capture_rng_state())
+        by_rank = {"rng_by_rank": rng} if world.size > 1 else {}
+        return {"optimizer": optimizer.state_dict(), "state": whole_state(), "rng": rng[0], **by_rank}
 
     def save_last() -> None:
-        _save_safely(cfg["save_last"], model, vocab, meta={**meta, "epoch": state.epoch}, training=training_payload())
+        training = training_payload()
+        if world.is_main:
+            _save_safely(cfg["save_last"], model, vocab, meta={**meta, "epoch": state.epoch}, training=training)
 
     def save_best(current: TrainState) -> None:
         nonlocal best_weights
         best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         best_meta = {**meta, "valid_loss": current.best_val_loss, "epoch": current.best_epoch}
-        _save_safely(cfg["save"], model, vocab, meta=best_meta, training=training_payload())
+        training = training_payload()
+        if world.is_main:
+            _save_safely(cfg["save"], model, vocab, meta=best_meta, training=training)
 
     last_write = time.monotonic()
 
     def after_batch() -> None:
         nonlocal last_write
+        due = cfg["checkpoint_every"] is not None and time.monotonic() - last_write >= 60 * cfg["checkpoint_every"]
+        signum, due = world.agree(stop.requested or 0, due)  # a signal to any rank stops all at this batch
+        if signum:
+            stop.request(signum)
         stop.check()
-        if cfg["checkpoint_every"] is not None and time.monotonic() - last_write >= 60 * cfg["checkpoint_every"]:
+        if due:
             save_last()
             last_write = time.monotonic()
 
@@ -556,7 +603,8 @@ def _train(_run, _log, cfg: dict):
         model.load_state_dict(best_weights)
         optimizer.state.clear()  # (an averaging optimizer restarts its average too)
         state.lr /= 4
-        _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
+        if world.is_main:  # every rank reloads alike; one says so
+            _warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
 
     def switch_to_averaging() -> torch.optim.Optimizer:
         nonlocal optimizer
@@ -566,18 +614,18 @@ def _train(_run, _log, cfg: dict):
 
     interrupted = False
     started = time.perf_counter()
-    with StopRequests() as stop:
+    with StopRequests(second_interrupts=world.size == 1) as stop:
         try:
             with stop.deferred():
                 fit(
-                    model, train_data, valid_ids, optimizer, state,
+                    world.wrap(model), train_data, valid_ids, optimizer, state,
                     epochs=cfg["epochs"], bptt=cfg["bptt"], clip=cfg["clip"],
                     eval_batch_size=cfg["eval_batch_size"], log_interval=cfg["log_interval"],
                     max_batches=cfg["max_batches"], save_best=save_best, reporter=reporter,
                     lr_decay=cfg["lr_decay"], lr_decay_start=cfg["lr_decay_start"],
                     variable_bptt=cfg["variable_bptt"], nonmono=cfg["nonmono"], switch_to_averaging=switch_to_averaging,
                     after_batch=after_batch, after_epoch=lambda _: save_last(), on_diverged=on_diverged,
-                    pause_deferral=stop.immediate,
+                    pause_deferral=stop.immediate if world.size == 1 else nullcontext, world=world,
                 )  # fmt: skip
         except KeyboardInterrupt:
             interrupted = True
@@ -589,11 +637,14 @@ def _train(_run, _log, cfg: dict):
             print(f"The latest state is in {cfg['save_last']}: continue with `with resume={cfg['save_last']}`")
             if best_weights is None:
                 print(f"No epoch finished yet: saving the current model to {cfg['save']} and testing it")
-                _save_safely(cfg["save"], model, vocab, meta={**meta, "epoch": 0, "interrupted_at": state.to_dict()})
+                stopped_at = whole_state()
+                if world.is_main:
+                    _save_safely(cfg["save"], model, vocab, meta={**meta, "epoch": 0, "interrupted_at": stopped_at})
         training_seconds = time.perf_counter() - started
         if best_weights is not None:
             model.load_state_dict(best_weights)
-        test_loss, test_tokens = evaluate_loss(model, corpus.test.to(device), cfg["eval_batch_size"], cfg["bptt"])
+        test_ids = corpus.test.to(device)
+        test_loss, test_tokens = evaluate_loss(model, test_ids, cfg["eval_batch_size"], cfg["bptt"], world)
     test_ppl = perplexity(test_loss)
     print("=" * 89)
     print(f"| End of training | test loss {test_loss:5.2f} | test ppl {test_ppl:8.2f}")
@@ -613,7 +664,9 @@ def _train(_run, _log, cfg: dict):
         tokens_seen=state.tokens_seen,
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
     )
-    if os.path.isfile(cfg["save"]):
+    if not world.is_main:
+        pass  # rank 0 records the run
+    elif os.path.isfile(cfg["save"]):
         _run.add_artifact(cfg["save"], name=os.path.basename(cfg["save"]))
     else:
         _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
@@ -825,10 +878,15 @@ def main(argv: list[str] | None = None) -> None:
     """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given."""
     argv = list(sys.argv if argv is None else argv)
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
-    if not observed and not ex.observers:
+    follower = launched_rank() > 0  # under torchrun every process runs this; rank 0 alone records and prints
+    if follower:
+        argv += [] if "-u" in argv or "--unobserved" in argv else ["-u"]
+        argv += [] if any(arg.startswith(("-l", "--loglevel")) for arg in argv[1:]) else ["-l", "WARNING"]
+    elif not observed and not ex.observers:
         ex.observers.append(FileStorageObserver(_default_runs_dir()))
     try:
-        ex.run_commandline(argv)
+        with open(os.devnull, "w") if follower else nullcontext(sys.stdout) as out, redirect_stdout(out):
+            ex.run_commandline(argv)
     except KeyboardInterrupt:  # a second Ctrl-C while the interrupted run was being tested
         print("error: interrupted again; stopped without testing (the checkpoints written are complete)", file=sys.stderr)
         sys.exit(130)

@@ -6,6 +6,10 @@ An interrupt that lands in the middle of an optimizer step would leave weights h
 checkpoint of that state could not resume exactly. So while training steps run, SIGINT and SIGTERM
 (what schedulers send before preemption) only *request* a stop; the loop honours it between batches
 by raising ``KeyboardInterrupt``. Outside steps, and on a second signal, the interrupt is immediate.
+
+Processes of a distributed run must stop together, at the same batch, so there a second signal waits
+as well (a scheduler may signal the launcher and every process at once), and a stop that another
+process received is taken over with ``request``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequests:
-    """Install handlers for SIGINT/SIGTERM for the duration of a ``with`` block."""
+    """Install handlers for SIGINT/SIGTERM for the duration of a ``with`` block.
 
-    def __init__(self) -> None:
+    Args:
+        second_interrupts: whether a second signal during a ``deferred`` block interrupts at once.
+    """
+
+    def __init__(self, second_interrupts: bool = True) -> None:
         self.requested: int | None = None  # the signal number of the first request
+        self._second_interrupts = second_interrupts
         self._deferring = False
         self._previous: dict[int, object] = {}
 
@@ -37,10 +46,10 @@ class StopRequests:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self._deferring and self.requested is None:
-            self.requested = signum
-            return
+        first = self.requested is None
         self.requested = self.requested or signum
+        if self._deferring and (first or not self._second_interrupts):
+            return
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     @contextmanager
@@ -61,6 +70,10 @@ class StopRequests:
             yield
         finally:
             self._deferring = deferring
+
+    def request(self, signum: int) -> None:
+        """Record a stop requested elsewhere (by a signal to another process of the run), unless one is."""
+        self.requested = self.requested or signum
 
     def check(self) -> None:
         """Raise ``KeyboardInterrupt`` if a stop was requested (call it where state is consistent)."""

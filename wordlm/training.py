@@ -11,14 +11,14 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from wordlm.data import batchify_eval, get_batch
+from wordlm.distributed import SINGLE, World
 from wordlm.model import Hidden, RNNModel, detach_hidden
 
 MetricLogger = Callable[[str, float, int], None]
@@ -174,10 +174,6 @@ def sample_bptt(bptt: int) -> int:
     return max(5, int(np.random.normal(base, 5)))
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-
-
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """'sgd' (plain SGD, the classic update), 'adam' or 'adamw'; the lr schedule reaches all of them."""
     parameters = list(parameters)
@@ -228,12 +224,15 @@ def train_epoch(
     reporter: Reporter,
     after_batch: BatchHook | None = None,
     variable_bptt: bool = False,
+    world: World = SINGLE,
 ) -> None:
     """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks.
 
     With ``variable_bptt`` each chunk's length is drawn by ``sample_bptt`` and the learning rate scaled
     to it. Starts from ``state.position`` and ``state.hidden`` (a resumed mid-epoch state) and keeps both current
     after every batch, so that ``after_batch`` (stop checks, timed checkpoints) sees a consistent state.
+    In a ``world`` of several processes ``model`` is the DistributedDataParallel wrapper, ``data`` this
+    rank's block of columns, and the loss that is logged and checked is the global batch's.
 
     Raises:
         Diverged: a batch's loss was NaN or infinite; the optimizer step was not taken.
@@ -241,7 +240,7 @@ def train_epoch(
     model.train()
     total = count_batches(data.size(0), bptt, max_batches)
     if state.hidden is None:
-        state.hidden = _unwrap(model).init_hidden(data.size(1))
+        state.hidden = _unwrapped(model).init_hidden(data.size(1))
     parameters = [p for p in model.parameters() if p.requires_grad]
     # The running loss stays on the device (no sync per batch); state holds the same tensor.
     interval_loss = torch.tensor(float(state.interval_loss), dtype=torch.float64, device=data.device)
@@ -257,19 +256,20 @@ def train_epoch(
         hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
         loss, hidden = model(inputs, hidden, targets)
-        if not torch.isfinite(loss):
+        batch_loss = world.mean(loss.detach())  # the whole batch's: every rank decides alike below
+        if not torch.isfinite(batch_loss):
             reporter.close()
-            raise Diverged(state.epoch, state.batch + 1, loss.item(), state.lr)
+            raise Diverged(state.epoch, state.batch + 1, batch_loss.item(), state.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
-        interval_loss += _unwrap(model).last_cross_entropy
+        interval_loss += batch_loss
         state.hidden = detach_hidden(hidden)
         state.interval_batches += 1
         timed_batches += 1
         state.batch += 1
         state.position += inputs.size(0)
-        state.tokens_seen += targets.numel()
+        state.tokens_seen += targets.numel() * world.size
         reporter.batch_end(state, total)
         last = state.batch == total or state.position >= data.size(0) - 1
         if state.batch % log_interval == 0 or last:
@@ -289,23 +289,36 @@ def train_epoch(
 EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: large enough for matmul speed, small in memory
 
 
+def _unwrapped(model: torch.nn.Module) -> RNNModel:
+    """The ``RNNModel`` inside a DistributedDataParallel wrapper (or ``model`` itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 @torch.inference_mode()
-def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None) -> tuple[float, int]:
+def evaluate_loss(
+    model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None, world: World = SINGLE
+) -> tuple[float, int]:
     """Mean cross-entropy (nats per token) of ``ids`` (1-D) with every token but the first a target once.
 
     The hidden state is carried through each column, so the result does not depend on how the columns
     are cut into chunks (``bptt`` is accepted for symmetry with training and ignored): chunks of about
-    ``EVAL_TOKENS`` tokens keep the decoder's matrix products large.
+    ``EVAL_TOKENS`` tokens keep the decoder's matrix products large. In a ``world`` of several processes
+    each rank scores its block of the ``batch_size`` columns (the last rank also the tail) and the sums
+    are added up: every rank returns the figure one process would, scoring each token once.
 
     Returns:
         ``(loss, targets)``: the mean loss and how many targets it covers (``len(ids) - 1``).
     """
+    model = _unwrapped(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     count = 0
-    for source in batchify_eval(ids, batch_size):
-        if source is None:
+    columns, tail = batchify_eval(ids, batch_size)
+    if columns is not None:
+        columns = columns[:, world.share(columns.size(1))]
+    for source in (columns, tail if world.rank == world.size - 1 else None):
+        if source is None or source.size(1) == 0:
             continue
         hidden = model.init_hidden(source.size(1))
         steps = max(1, EVAL_TOKENS // source.size(1))
@@ -315,7 +328,8 @@ def evaluate_loss(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int
             total += model.decoder_nll_sum(features, targets)
             count += targets.numel()
     model.train(was_training)
-    return (total.item() / count if count else math.nan), count
+    total, count = world.total(torch.stack([total, total.new_tensor(count)])).tolist()
+    return (total / count if count else math.nan), int(count)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -348,6 +362,7 @@ def fit(
     variable_bptt: bool = False,
     nonmono: int | None = None,
     switch_to_averaging: Callable[[], torch.optim.Optimizer] | None = None,
+    world: World = SINGLE,
 ) -> TrainState:
     """Train for ``state.epoch .. epochs``, validating after each epoch.
 
@@ -356,7 +371,9 @@ def fit(
     after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs once the epoch's
     bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
     with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
-    lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates.
+    lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates. In a
+    ``world`` of several processes ``model`` is the DistributedDataParallel wrapper and every rank
+    validates on its share and sees the same validation loss, so all take the same decisions.
     """
     while state.epoch <= epochs:
         start = time.perf_counter()
@@ -366,7 +383,7 @@ def fit(
             train_epoch(
                 model, train_data, optimizer, state,
                 bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches,
-                reporter=reporter, after_batch=after_batch, variable_bptt=variable_bptt,
+                reporter=reporter, after_batch=after_batch, variable_bptt=variable_bptt, world=world,
             )  # fmt: skip
         except Diverged as divergence:
             if on_diverged is None:
@@ -379,7 +396,7 @@ def fit(
         train_seconds = time.perf_counter() - start
         with averaged_weights(optimizer):
             with pause_deferral():
-                val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt)
+                val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt, world)
             seconds = time.perf_counter() - start
             reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
             improved = val_loss < state.best_val_loss
