@@ -286,7 +286,14 @@ def train_epoch(
     state.interval_loss, state.interval_batches = 0.0, 0
 
 
-EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: large enough for matmul speed, small in memory
+EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: matmul-sized, yet a modest buffer ...
+EVAL_BUFFER_BYTES = 128 << 20  # ... unless the (V, tokens) float32 buffer would pass this
+
+
+def eval_chunk_tokens(ntoken: int) -> int:
+    """Tokens per decoder call in evaluation: ``EVAL_TOKENS``, fewer for vocabularies so large that the
+    logits buffer would pass ``EVAL_BUFFER_BYTES`` (at least 64)."""
+    return max(64, min(EVAL_TOKENS, EVAL_BUFFER_BYTES // (4 * ntoken)))
 
 
 def _unwrapped(model: torch.nn.Module) -> RNNModel:
@@ -321,7 +328,7 @@ def evaluate_loss(
         if source is None or source.size(1) == 0:
             continue
         hidden = model.init_hidden(source.size(1))
-        steps = max(1, EVAL_TOKENS // source.size(1))
+        steps = max(1, eval_chunk_tokens(model.config.ntoken) // source.size(1))
         for i in range(0, source.size(0) - 1, steps):
             inputs, targets = get_batch(source, i, steps)
             features, hidden = model.features(inputs, hidden)
