@@ -20,7 +20,8 @@ from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 
-from wordlm import __version__
+# Modules only used through others: named here so that Sacred records them among the run's sources.
+from wordlm import __version__, cache, download, files, fused, regularize  # noqa: F401, E402
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import EOS, SPLITS, UNK, batchify
