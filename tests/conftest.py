@@ -79,3 +79,20 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def read_until(process, pattern: str, timeout: float = 180) -> str:
+    """Read a running CLI's stdout line by line until a line matches ``pattern``; return all read so far."""
+    import re
+    import time
+
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    process.kill()
+    raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(seen)}")

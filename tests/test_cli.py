@@ -8,11 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, read_until, run_cli
 
 SPEC = {  # key: (default as printed, one-line doc) -- exactly the spec's
     "batch_size": ("32", "batch size"),
@@ -151,31 +150,17 @@ def start_training(tmp_path, corpus, *extra):
     )  # fmt: skip
 
 
-def wait_for(process, pattern, timeout=120):
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-    process.kill()
-    raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(seen)}")
-
-
 def interrupt(process, seen):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    return "".join(seen) + out, err
+    return seen + out, err
 
 
 def test_ctrl_c_before_the_first_epoch_saves_and_tests_the_current_model(tmp_path, small_corpus):
     stale = tmp_path / "model.pt"
     stale.write_bytes(b"a stale file from an earlier run")
     process = start_training(tmp_path, small_corpus)
-    seen = wait_for(process, r"\|\s+10/\s*\d+ batches")
+    seen = read_until(process, r"\|\s+10/\s*\d+ batches")
     out, err = interrupt(process, seen)
     assert process.returncode == 0, err
     assert "Exiting from training early by SIGINT (epoch 1" in out and "No epoch finished yet" in out
@@ -189,7 +174,7 @@ def test_ctrl_c_before_the_first_epoch_saves_and_tests_the_current_model(tmp_pat
 
 def test_ctrl_c_after_an_epoch_tests_the_best_model(tmp_path, tiny_corpus):
     process = start_training(tmp_path, tiny_corpus)
-    seen = wait_for(process, r"\| end of epoch   2 \|")
+    seen = read_until(process, r"\| end of epoch   2 \|")
     out, err = interrupt(process, seen)
     assert process.returncode == 0, err
     assert "Exiting from training early" in out and "No epoch finished yet" not in out

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_env, run_cli
 from test_reliability import read_until
+
 from wordlm.distributed import World
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.signals import StopRequests

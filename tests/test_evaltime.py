@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.training import evaluate_loss

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
 from wordlm.training import (

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, cli_env, cut_corpus, read_until, run_cli
 
-from conftest import ROOT, cli_env, cut_corpus, run_cli
 from wordlm import checkpoint as checkpoint_module
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
 from wordlm.data import Vocabulary
@@ -39,19 +39,6 @@ def same_weights(path_a, path_b) -> bool:
 def popen(cwd, *args):
     return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def read_until(process, pattern, timeout=180):
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    process.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
 
 
 def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights_and_losses(tmp_path, tiny_corpus):

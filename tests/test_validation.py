@@ -5,10 +5,10 @@ from __future__ import annotations
 import string
 
 import pytest
+from conftest import cut_corpus, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cut_corpus, run_cli
 from wordlm.errors import UserError
 from wordlm.experiment import validate_training_config
 from wordlm.model import ModelConfig

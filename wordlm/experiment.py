@@ -159,191 +159,50 @@ def config():
     onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
 
 
+# -- presets: the published recipes, each building on the one it varies (`print_named_configs` lists them)
+
 # Zaremba, Sutskever & Vinyals 2014, "Recurrent Neural Network Regularization", PTB, non-regularized
-# 2x200 LSTM: test perplexity 114.5 (valid 120.7). Their loss sums over the 20 time steps, so their
-# lr 1 and gradient-norm clip 5 are lr 20 and clip 0.25 on our per-token mean loss.
-@ex.named_config
-def zaremba_small():
-    dataset = "penn"
-    model_type = "LSTM"
-    emsize = 200
-    nhid = 200
-    nlayers = 2
-    dropout = 0.0
-    tied = False
-    batch_size = 20
-    bptt = 20
-    lr = 20.0
-    clip = 0.25
-    epochs = 13
-    lr_decay = 0.5
-    lr_decay_start = 4
-    init_range = 0.1
-
-
-# Zaremba et al. 2014, medium regularized 2x650 LSTM, dropout 0.5: test 82.7 (valid 86.2).
-# Their bptt 35 loss sum makes lr 1 / clip 5 into lr 35 / clip 5/35 here.
-@ex.named_config
-def zaremba_medium():
-    dataset = "penn"
-    model_type = "LSTM"
-    emsize = 650
-    nhid = 650
-    nlayers = 2
-    dropout = 0.5
-    tied = False
-    batch_size = 20
-    bptt = 35
-    lr = 35.0
-    clip = 5 / 35
-    epochs = 39
-    lr_decay = 1 / 1.2
-    lr_decay_start = 6
-    init_range = 0.05
-
-
+# 2x200 LSTM: test perplexity 114.5 (valid 120.7). Their loss sums over the time steps, so their lr 1
+# and gradient-norm clip 5 at bptt 20 are lr 20 and clip 0.25 on wordlm's per-token mean loss.
+ZAREMBA_SMALL = dict(
+    dataset="penn", model_type="LSTM", emsize=200, nhid=200, nlayers=2, dropout=0.0, tied=False,
+    batch_size=20, bptt=20, lr=20.0, clip=0.25, epochs=13, lr_decay=0.5, lr_decay_start=4, init_range=0.1,
+)  # fmt: skip
+# Zaremba et al. 2014, medium regularized 2x650 LSTM, dropout 0.5: test 82.7 (valid 86.2); at bptt 35
+# their lr 1 / clip 5 become lr 35 / clip 5/35; lr / 1.2 every epoch after the 6th.
+ZAREMBA_MEDIUM = {**ZAREMBA_SMALL, **dict(emsize=650, nhid=650, dropout=0.5, bptt=35, lr=35.0, clip=5 / 35,
+                                          epochs=39, lr_decay=1 / 1.2, lr_decay_start=6, init_range=0.05)}  # fmt: skip
 # Zaremba et al. 2014, large regularized 2x1500 LSTM, dropout 0.65: test 78.4 (valid 82.2).
-@ex.named_config
-def zaremba_large():
-    dataset = "penn"
-    model_type = "LSTM"
-    emsize = 1500
-    nhid = 1500
-    nlayers = 2
-    dropout = 0.65
-    tied = False
-    batch_size = 20
-    bptt = 35
-    lr = 35.0
-    clip = 10 / 35
-    epochs = 55
-    lr_decay = 1 / 1.15
-    lr_decay_start = 14
-    init_range = 0.04
-
-
-# Press & Wolf 2016, "Using the Output Embedding to Improve Language Models": Zaremba's large model
-# with tied input/output embeddings, test 74.3 on PTB (medium tied: 79.6 with dropout).
-@ex.named_config
-def press_wolf_large_tied():
-    dataset = "penn"
-    emsize = 1500
-    nhid = 1500
-    nlayers = 2
-    dropout = 0.65
-    tied = True
-    batch_size = 20
-    bptt = 35
-    lr = 35.0
-    clip = 10 / 35
-    epochs = 55
-    lr_decay = 1 / 1.15
-    lr_decay_start = 14
-    init_range = 0.04
-
-
+ZAREMBA_LARGE = {**ZAREMBA_MEDIUM, **dict(emsize=1500, nhid=1500, dropout=0.65, clip=10 / 35, epochs=55,
+                                          lr_decay=1 / 1.15, lr_decay_start=14, init_range=0.04)}  # fmt: skip
+# Press & Wolf 2016, "Using the Output Embedding to Improve Language Models": Zaremba's large model with
+# tied input and output embeddings, test 74.3 on PTB.
+PRESS_WOLF_LARGE_TIED = {**ZAREMBA_LARGE, "tied": True}
 # Inan, Khosravi & Socher 2016, "Tying Word Vectors and Word Classifiers": variational dropout + tied
 # embeddings on Zaremba's medium/large models, PTB test 73.2 / 68.5 (with their augmented loss, which
 # wordlm does not implement). Locked dropout here covers inputs, outputs and between layers, not the
 # recurrent connections of Gal & Ghahramani's variant.
-@ex.named_config
-def inan_medium_tied():
-    dataset = "penn"
-    emsize = 650
-    nhid = 650
-    nlayers = 2
-    dropout = 0.5
-    locked_dropout = True
-    tied = True
-    batch_size = 20
-    bptt = 35
-    lr = 35.0
-    clip = 5 / 35
-    epochs = 39
-    lr_decay = 1 / 1.2
-    lr_decay_start = 6
-    init_range = 0.05
-
-
-@ex.named_config
-def inan_large_tied():
-    dataset = "penn"
-    emsize = 1500
-    nhid = 1500
-    nlayers = 2
-    dropout = 0.65
-    locked_dropout = True
-    tied = True
-    batch_size = 20
-    bptt = 35
-    lr = 35.0
-    clip = 10 / 35
-    epochs = 55
-    lr_decay = 1 / 1.15
-    lr_decay_start = 14
-    init_range = 0.04
-
-
+INAN_MEDIUM_TIED = {**ZAREMBA_MEDIUM, "tied": True, "locked_dropout": True}
+INAN_LARGE_TIED = {**ZAREMBA_LARGE, "tied": True, "locked_dropout": True}
 # Merity, Keskar & Socher 2017, "Regularizing and Optimizing LSTM Language Models" (AWD-LSTM), PTB:
 # 3-layer LSTM 400/1150/400, tied, every regularizer, NT-ASGD; test 58.8 (57.3 after fine-tuning with
-# `with resume=awd_ptb.pt finetune=True epochs=...`, 52.8 with the cache pointer). 500 epochs: a GPU job.
-@ex.named_config
-def awd_lstm_ptb():
-    dataset = "penn"
-    model_type = "LSTM"
-    emsize = 400
-    nhid = 1150
-    nlayers = 3
-    tied = True
-    tied_projection = True
-    locked_dropout = True
-    dropout = 0.4
-    dropouti = 0.4
-    dropouth = 0.25
-    dropoute = 0.1
-    wdrop = 0.5
-    alpha = 2.0
-    beta = 1.0
-    wdecay = 1.2e-6
-    nonmono = 5
-    variable_bptt = True
-    batch_size = 20
-    bptt = 70
-    lr = 30.0
-    clip = 0.25
-    epochs = 500
-    eval_batch_size = 10
-    seed = 141
-
-
+# `with resume=model.pt finetune=True epochs=...`, 52.8 with the cache pointer). 500 epochs: a GPU job.
+AWD_LSTM_PTB = dict(
+    dataset="penn", model_type="LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, tied_projection=True,
+    locked_dropout=True, dropout=0.4, dropouti=0.4, dropouth=0.25, dropoute=0.1, wdrop=0.5, alpha=2.0,
+    beta=1.0, wdecay=1.2e-6, nonmono=5, variable_bptt=True, batch_size=20, bptt=70, lr=30.0, clip=0.25,
+    epochs=500, eval_batch_size=10, seed=141,
+)  # fmt: skip
 # Merity et al. 2017 on WikiText-2: test 66.0 (65.8 after fine-tuning, 52.0 with the cache pointer).
-@ex.named_config
-def awd_lstm_wt2():
-    dataset = "wikitext-2"
-    model_type = "LSTM"
-    emsize = 400
-    nhid = 1150
-    nlayers = 3
-    tied = True
-    tied_projection = True
-    locked_dropout = True
-    dropout = 0.4
-    dropouti = 0.65
-    dropouth = 0.2
-    dropoute = 0.1
-    wdrop = 0.5
-    alpha = 2.0
-    beta = 1.0
-    wdecay = 1.2e-6
-    nonmono = 5
-    variable_bptt = True
-    batch_size = 80
-    bptt = 70
-    lr = 30.0
-    clip = 0.25
-    epochs = 750
-    eval_batch_size = 10
-    seed = 1882
+AWD_LSTM_WT2 = {**AWD_LSTM_PTB, **dict(dataset="wikitext-2", dropouti=0.65, dropouth=0.2, batch_size=80,
+                                       epochs=750, seed=1882)}  # fmt: skip
+PRESETS = {
+    "zaremba_small": ZAREMBA_SMALL, "zaremba_medium": ZAREMBA_MEDIUM, "zaremba_large": ZAREMBA_LARGE,
+    "press_wolf_large_tied": PRESS_WOLF_LARGE_TIED, "inan_medium_tied": INAN_MEDIUM_TIED,
+    "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2,
+}  # fmt: skip
+for _name, _preset in PRESETS.items():
+    ex.add_named_config(_name, _preset)
 
 
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
