@@ -189,3 +189,12 @@ def test_resume_refuses_a_pickle_that_would_run_code(tmp_path):
     result = run_cli("with", "resume=evil.pt", "-u", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "error: evil.pt was refused" in result.stderr
     assert not marker.exists()
+
+
+def test_derived_paths_stay_where_the_user_pointed(tmp_path):
+    """save_last is derived from save: it lies beside it, never elsewhere."""
+    printed = run_cli("print_config", "with", "save=deep/dir/best.pt", cwd=tmp_path).stdout
+    assert "save_last = 'deep/dir/best.last.pt'" in printed
+    other = run_cli("print_config", "with", "save=models/run7", cwd=tmp_path).stdout
+    assert "save_last = 'models/run7.last.pt'" in other
+    assert not any(tmp_path.iterdir())  # print_config wrote nothing
