@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -449,9 +450,9 @@ def _train(_run, _log, cfg: dict):
         nonlocal last_write
         due = cfg["checkpoint_every"] is not None and time.monotonic() - last_write >= 60 * cfg["checkpoint_every"]
         signum, due = world.agree(stop.requested or 0, due)  # a signal to any rank stops all at this batch
-        if signum:
+        if signum:  # decided on the agreed value only: a signal landing after the agree waits for the next batch
             stop.request(signum)
-        stop.check()
+            raise KeyboardInterrupt(signal.Signals(signum).name)
         if due:
             save_last()
             last_write = time.monotonic()
