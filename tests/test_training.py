@@ -96,3 +96,21 @@ def test_evaluation_covers_every_target_once_and_matches_a_direct_sum():
             logits, _ = model(column[:-1].view(-1, 1), model.init_hidden(1))
             total += torch.nn.functional.cross_entropy(logits.view(-1, 13), column[1:], reduction="sum").item()
     assert loss == __import__("pytest").approx(total / 102, rel=1e-6)
+
+
+def test_evaluation_does_not_depend_on_its_chunk_size(monkeypatch):
+    torch.manual_seed(7)
+    model = make_model(17).eval()
+    ids = torch.randint(17, (401,))
+    reference, count = evaluate_loss(model, ids, batch_size=3)
+    monkeypatch.setattr(training, "EVAL_TOKENS", 7)  # many short chunks instead of one long one
+    chunked, chunked_count = evaluate_loss(model, ids, batch_size=3)
+    assert chunked_count == count == 400
+    assert chunked == __import__("pytest").approx(reference, rel=1e-6)
+
+
+def test_eval_chunks_keep_the_logits_buffer_bounded():
+    assert training.eval_chunk_tokens(10_000) == training.EVAL_TOKENS
+    assert training.eval_chunk_tokens(33_278) == training.EVAL_BUFFER_BYTES // (4 * 33_278)
+    assert training.eval_chunk_tokens(267_735) * 267_735 * 4 <= training.EVAL_BUFFER_BYTES
+    assert training.eval_chunk_tokens(10**9) == 64  # never fewer than 64 tokens

@@ -75,13 +75,13 @@ class Vocabulary:
     def __contains__(self, word: str) -> bool:
         return word in self.word2idx
 
-    def encode(self, words: list[str], unk_ok: bool = True) -> list[int]:
-        """Map words to ids; unknown words map to ``<unk>`` when the vocabulary has it."""
+    def encode(self, words: list[str]) -> list[int]:
+        """Map words to ids; unknown words map to ``<unk>`` when the vocabulary has it, else raise KeyError."""
         unk = self.word2idx.get(UNK)
         ids = []
         for word in words:
             index = self.word2idx.get(word, unk)
-            if index is None or (not unk_ok and word not in self.word2idx):
+            if index is None:
                 raise KeyError(word)
             ids.append(index)
         return ids

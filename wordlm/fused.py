@@ -9,7 +9,7 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 
 - logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which all three decoder
   products (forward, grad of h, grad of W) run at the machine's matmul speed; ``h @ Wᵀ`` with these
-  shapes runs at about half of it (measured in benchmarks/speed.py);
+  shapes runs at about half of it (figures in docs/PERFORMANCE.md);
 - the softmax statistics are taken in vocabulary chunks while each chunk is in cache; each chunk keeps
   ``exp(logit - chunk max)`` in place, so the backward pass needs one multiply, not another ``exp``;
 - the gradient is written into the same buffer: one ``V × N`` buffer per step, no other.
