@@ -12,7 +12,11 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   shapes runs at about half of it (figures in docs/PERFORMANCE.md);
 - the softmax statistics are taken in vocabulary chunks while each chunk is in cache; each chunk keeps
   ``exp(logit - chunk max)`` in place, so the backward pass needs one multiply, not another ``exp``;
-- the gradient is written into the same buffer: one ``V × N`` buffer per step, no other.
+- the backward pass scales one chunk at a time and feeds it to the two gradient products while it is
+  still in cache; the one-hot part of the gradient is a sparse update of the target rows. One ``V × N``
+  buffer per training step, no other;
+- evaluation never writes the logits out whole: chunks of rows are computed into a small buffer and
+  reduced in cache.
 
 Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabulary chunks.
 """
@@ -57,6 +61,19 @@ def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.addmm(bias.unsqueeze(1), weight, hidden.t(), out=out)
 
 
+def _exp_shifted_(block: torch.Tensor, maxima: torch.Tensor, sums: torch.Tensor) -> None:
+    """Turn ``block`` (rows, N) in place into ``exp(logit - column max)``; write the maxima and sums (N,)."""
+    torch.amax(block, 0, out=maxima)
+    block.sub_(maxima).exp_()
+    torch.sum(block, 0, out=sums)
+
+
+def _logsumexp(maxima: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Per column ``log Σ exp(logit)`` (N,) from the chunks' maxima and shifted sums (C, N)."""
+    top = maxima.amax(0)
+    return top + (sums * torch.exp(maxima - top)).sum(0).log()
+
+
 def _exp_and_logsumexp_(logits_t: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn ``logits_t`` (V, N) in place into ``exp(logit - max of its chunk)``.
 
@@ -68,13 +85,8 @@ def _exp_and_logsumexp_(logits_t: torch.Tensor, chunk: int = CHUNK) -> tuple[tor
     maxima = logits_t.new_empty(count, columns)
     sums = logits_t.new_empty(count, columns)
     for index, start in enumerate(range(0, vocab, chunk)):
-        block = logits_t[start : start + chunk]  # (≤chunk, N), a view
-        torch.amax(block, 0, out=maxima[index])
-        block.sub_(maxima[index]).exp_()
-        torch.sum(block, 0, out=sums[index])
-    top = maxima.amax(0)  # (N,)
-    logsumexp = top + (sums * torch.exp(maxima - top)).sum(0).log()
-    return logsumexp, maxima
+        _exp_shifted_(logits_t[start : start + chunk], maxima[index], sums[index])
+    return _logsumexp(maxima, sums), maxima
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -90,18 +102,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        """d loss / d logits = (softmax - one-hot) · scale. The softmax part is formed chunk by chunk and
+        used at once, while the chunk is in cache, by the three products; the one-hot part touches only
+        the target rows, so it is added as a sparse update instead of being written into the buffer."""
         hidden, weight, targets, exps, maxima, logsumexp = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
         scale = grad_loss / targets.numel()
-        factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax = exps · factor of the chunk
-        grad_t = exps  # the buffer becomes d loss / d logits, transposed
-        for index, start in enumerate(range(0, grad_t.size(0), CHUNK)):
-            grad_t[start : start + CHUNK].mul_(factors[index])
-        columns = torch.arange(targets.numel(), device=targets.device)
-        grad_t.index_put_((targets, columns), -scale.expand(targets.numel()), accumulate=True)
-        grad_hidden = torch.mm(grad_t.t(), weight) if ctx.needs_input_grad[0] else None  # (N, H)
-        grad_weight = torch.mm(grad_t, hidden) if ctx.needs_input_grad[1] else None  # (V, H)
-        grad_bias = grad_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (V,)
-        _POOL.give(grad_t)
+        factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = exps · factor of the chunk
+        grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else None  # (N, H)
+        grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
+        grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
+        for index, start in enumerate(range(0, exps.size(0), CHUNK)):
+            rows = slice(start, start + CHUNK)
+            block = exps[rows].mul_(factors[index])  # (≤CHUNK, N): this chunk's softmax·scale
+            if need_weight:
+                torch.mm(block, hidden, out=grad_weight[rows])
+            if need_hidden:
+                grad_hidden.addmm_(block.t(), weight[rows])
+            if need_bias:
+                torch.sum(block, 1, out=grad_bias[rows])
+        _POOL.give(exps)
+        minus = -scale  # the one-hot part: -scale at (target, column)
+        if need_weight:
+            grad_weight.index_add_(0, targets, hidden * minus)
+        if need_hidden:
+            grad_hidden.add_(weight[targets] * minus)
+        if need_bias:
+            grad_bias.index_add_(0, targets, minus.expand(targets.numel()))
         return grad_hidden, grad_weight, grad_bias, None
 
 
@@ -121,14 +149,35 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 
+EVAL_CHUNK = 512  # vocabulary rows per product in evaluation: the (512, N) block stays in cache
+
+
 @torch.no_grad()
 def linear_nll_sum(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Summed negative log-likelihood of ``targets`` (N,) under the decoder, without autograd."""
-    columns = torch.arange(targets.numel(), device=targets.device)
-    logits_t = _logits_t(hidden, weight, bias)
-    target_logits = logits_t[targets, columns]
-    logsumexp, _ = _exp_and_logsumexp_(logits_t)
-    _POOL.give(logits_t)
-    return (logsumexp - target_logits).sum()
+    """Summed negative log-likelihood of ``targets`` (N,) under the decoder, without autograd.
+
+    Nothing is kept for a backward pass, so the logits are never written out whole: each chunk of
+    ``EVAL_CHUNK`` vocabulary rows is computed into one small buffer and reduced while in cache. This
+    also bounds evaluation's memory at ``EVAL_CHUNK × N`` floats, whatever the vocabulary.
+    """
+    vocab, columns = weight.size(0), hidden.size(0)
+    count = (vocab + EVAL_CHUNK - 1) // EVAL_CHUNK
+    maxima = hidden.new_empty(count, columns)
+    sums = hidden.new_empty(count, columns)
+    buffer = _POOL.take(min(EVAL_CHUNK, vocab), columns, hidden)
+    hidden_t = hidden.t()
+    for index, start in enumerate(range(0, vocab, EVAL_CHUNK)):
+        rows = slice(start, start + EVAL_CHUNK)
+        block = buffer[: min(EVAL_CHUNK, vocab - start)]
+        if bias is None:
+            torch.mm(weight[rows], hidden_t, out=block)
+        else:
+            torch.addmm(bias[rows].unsqueeze(1), weight[rows], hidden_t, out=block)
+        _exp_shifted_(block, maxima[index], sums[index])
+    _POOL.give(buffer)
+    target_logits = (hidden * weight[targets]).sum(1)  # (N,)
+    if bias is not None:
+        target_logits += bias[targets]
+    return (_logsumexp(maxima, sums) - target_logits).sum()
