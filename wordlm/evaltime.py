@@ -41,7 +41,7 @@ def cache_pointer_loss(
         inputs = inputs[: targets.numel()]
         features, hidden = model.features(inputs.view(-1, 1), hidden)  # (T, 1, H)
         states = features.squeeze(1)  # (T, H)
-        log_model = torch.log_softmax(model.decoder(states).double(), dim=-1)  # (T, V)
+        log_model = torch.log_softmax(model.scores(states).double(), dim=-1)  # (T, V)
         model_log_prob = log_model.gather(1, targets.view(-1, 1)).squeeze(1)  # (T,)
         if window > 0 and lambdah > 0:
             keys = torch.cat([memory_states, states])  # (M + T, H): cache, then this chunk
@@ -89,7 +89,7 @@ def dynamic_evaluation_loss(
         inputs = inputs[: targets.numel()]
         hidden = detach_hidden(hidden)
         features, hidden = adapted.features(inputs.view(-1, 1), hidden)
-        logits = adapted.decoder(features.squeeze(1))
+        logits = adapted.scores(features.squeeze(1))
         loss = F.cross_entropy(logits, targets, reduction="sum")
         total += loss.detach().double().cpu()
         count += targets.numel()

@@ -54,6 +54,7 @@ from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_d
 from wordlm.signals import StopRequests
 from wordlm.system import tune_cpu_allocator
 from wordlm.training import (
+    Precision,
     Reporter,
     TrainState,
     averaging_optimizer,
@@ -133,6 +134,10 @@ def config():
     finetune = False  # with resume: restart averaged SGD from the loaded weights (AWD-LSTM's fine-tuning stage)
     min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)
     max_vocab = None  # keep at most this many words, the most frequent; the rest become <unk> (None = all)
+    # -- speed options that change the math; all off by default (figures in docs/PERFORMANCE.md)
+    adaptive_softmax = None  # adaptive softmax: cluster cutoffs over words by frequency, e.g. [2000, 10000], tied=False (None = off)
+    amp = None  # mixed precision of the training forward pass: 'bf16' (CPU or CUDA) or 'fp16' (CUDA) (None = float32)
+    compile = False  # run the training forward pass through torch.compile
     # -- never lose a run
     save_last = (save[:-3] if save.endswith(".pt") else save) + ".last.pt"  # latest state, for resume
     checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
@@ -270,9 +275,12 @@ def validate_training_config(cfg: dict) -> ModelConfig:
         raise UserError(f"nonmono={cfg['nonmono']} (NT-ASGD) needs optimizer='sgd', not {cfg['optimizer']!r}")
     if cfg["finetune"] and cfg["resume"] is None:
         raise UserError("finetune=True needs resume=PATH: fine-tuning continues a trained model")
-    if not isinstance(cfg["variable_bptt"], bool):
-        raise UserError(f"variable_bptt={cfg['variable_bptt']!r} must be True or False")
-    return build_model_config(1, cfg)
+    for key in ("variable_bptt", "compile"):
+        if not isinstance(cfg[key], bool):
+            raise UserError(f"{key}={cfg[key]!r} must be True or False")
+    if cfg["amp"] not in (None, "bf16", "fp16"):
+        raise UserError(f"amp={cfg['amp']!r} must be 'bf16', 'fp16' or None")
+    return build_model_config(sys.maxsize, cfg)  # the vocabulary's size is checked once it is known
 
 
 def resolve_device(device: str) -> torch.device:
@@ -289,7 +297,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
-              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection")  # fmt: skip
+              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax")  # fmt: skip
 
 
 def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:
@@ -302,7 +310,7 @@ def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:
 
 # Keys that define the model or the batch layout: a resumed run must keep them.
 FIXED_ON_RESUME = ("dataset", "min_freq", "max_vocab", "batch_size", "bptt", "model_type", "emsize", "nhid",
-                   "nlayers", "tied", "tied_projection", "optimizer")  # fmt: skip
+                   "nlayers", "tied", "tied_projection", "adaptive_softmax", "optimizer")  # fmt: skip
 
 
 def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:
@@ -375,6 +383,8 @@ def _train(_run, _log, cfg: dict):
             "trains an equal block of the batch's columns"
         )
     world, device = start_world(device)  # several processes under torchrun; else World() and device as is
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise UserError("amp='fp16' needs a CUDA device (half precision with loss scaling); on a CPU use amp='bf16'")
     if device.type == "cpu":
         tune_cpu_allocator()
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
@@ -387,6 +397,8 @@ def _train(_run, _log, cfg: dict):
             f"but the training split has {corpus.train.numel()}; lower batch_size"
         )
     model = RNNModel(build_model_config(len(vocab), cfg)).to(device)
+    if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
+        model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
     state = TrainState(lr=cfg["lr"])
     best_weights = None  # a CPU copy of the best model so far: what the final test uses
@@ -473,13 +485,16 @@ def _train(_run, _log, cfg: dict):
         _log.info("NT-ASGD: validation stopped improving; averaging the weights from epoch %d on", state.epoch + 1)
         return optimizer
 
+    network = world.wrap(model)  # what training calls: DDP's wrapper across processes, torch.compile's on top
+    if cfg["compile"]:
+        network = torch.compile(network)
     interrupted = False
     started = time.perf_counter()
     with StopRequests(second_interrupts=world.size == 1) as stop:
         try:
             with stop.deferred():
                 fit(
-                    world.wrap(model), train_data, valid_ids, optimizer, state,
+                    network, train_data, valid_ids, optimizer, state,
                     epochs=cfg["epochs"], bptt=cfg["bptt"], clip=cfg["clip"],
                     eval_batch_size=cfg["eval_batch_size"], log_interval=cfg["log_interval"],
                     max_batches=cfg["max_batches"], save_best=save_best, reporter=reporter,
@@ -487,6 +502,7 @@ def _train(_run, _log, cfg: dict):
                     variable_bptt=cfg["variable_bptt"], nonmono=cfg["nonmono"], switch_to_averaging=switch_to_averaging,
                     after_batch=after_batch, after_epoch=lambda _: save_last(), on_diverged=on_diverged,
                     pause_deferral=stop.immediate if world.size == 1 else nullcontext, world=world,
+                    precision=Precision(cfg["amp"], device.type),
                 )  # fmt: skip
         except KeyboardInterrupt:
             interrupted = True

@@ -43,6 +43,9 @@ class ModelConfig:
     alpha: float = 0.0  # activation regularization (AR)
     beta: float = 0.0  # temporal activation regularization (TAR)
     tied_projection: bool = False  # with tied and emsize != nhid, the last layer has emsize units
+    # Adaptive softmax (Grave et al. 2017): cluster boundaries over the words sorted by frequency, e.g.
+    # (2000, 10000); None is the full softmax. Its probabilities are exact and normalised.
+    adaptive_softmax: tuple[int, ...] | None = None
 
     @property
     def layered(self) -> bool:
@@ -83,6 +86,23 @@ class ModelConfig:
             isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or not self.init_range > 0
         ):
             raise ValueError(f"init_range={self.init_range!r} must be a positive number or None")
+        if self.adaptive_softmax is not None:
+            cutoffs = self.adaptive_softmax
+            if (
+                not isinstance(cutoffs, (list, tuple))
+                or not cutoffs
+                or any(isinstance(c, bool) or not isinstance(c, int) for c in cutoffs)
+                or list(cutoffs) != sorted(set(cutoffs))
+                or cutoffs[0] < 1
+                or cutoffs[-1] >= self.ntoken
+            ):
+                raise ValueError(
+                    f"adaptive_softmax={cutoffs!r} must be increasing word counts between 1 and the vocabulary "
+                    f"size ({self.ntoken}), e.g. [2000, 10000], or None for the full softmax"
+                )
+            object.__setattr__(self, "adaptive_softmax", tuple(cutoffs))
+            if self.tied:
+                raise ValueError("adaptive_softmax has output weights of its own, so it cannot be tied; add tied=False")
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
         if self.tied and self.emsize != self.nhid and not self.tied_projection:
@@ -119,9 +139,14 @@ class RNNModel(nn.Module):
         else:
             inter_layer_dropout = dropouth if config.nlayers > 1 else 0.0
             self.rnn = _make_rnn(config.model_type, config.emsize, config.nhid, config.nlayers, inter_layer_dropout)
-        self.decoder = nn.Linear(config.layer_sizes()[-1][1], config.ntoken)
-        if config.tied:
-            self.decoder.weight = self.encoder.weight
+        features = config.layer_sizes()[-1][1]
+        if config.adaptive_softmax is None:
+            self.decoder = nn.Linear(features, config.ntoken)
+            if config.tied:
+                self.decoder.weight = self.encoder.weight
+        else:  # the words sorted by frequency: word_rank[id] is the id's place in that order
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(features, config.ntoken, list(config.adaptive_softmax))
+            self.register_buffer("word_rank", torch.arange(config.ntoken))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -135,9 +160,17 @@ class RNNModel(nn.Module):
                 nn.init.uniform_(parameter, -self.config.init_range, self.config.init_range)
             return
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if self.config.adaptive_softmax is not None:
+            return  # the adaptive softmax keeps PyTorch's initialisation of its layers
         nn.init.zeros_(self.decoder.bias)
         if not self.config.tied:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def sort_words_by_frequency(self, counts: torch.Tensor) -> None:
+        """Give the adaptive softmax its word order: ``counts`` (V,) of each id in the training text, the
+        most frequent first (ties by id). Stored in the state dict, so a checkpoint keeps it."""
+        order = torch.sort(-counts.to(torch.float64), stable=True).indices  # ids, most frequent first
+        self.word_rank.copy_(torch.empty_like(order).scatter_(0, order, torch.arange(order.numel())))
 
     def forward(
         self, inputs: torch.Tensor, hidden: Hidden, targets: torch.Tensor | None = None
@@ -153,12 +186,20 @@ class RNNModel(nn.Module):
         """
         output, raw, hidden = self._run(inputs, hidden)  # (T, B, H) dropped and raw top-layer outputs
         if targets is None:
-            return self.decoder(output), hidden  # (T, B, V)
+            return self.scores(output), hidden  # (T, B, V)
         cross_entropy = self.decoder_loss(output, targets)
         self.last_cross_entropy = cross_entropy.detach()
         if self.training:
             return cross_entropy + activation_penalties(output, raw, self.config.alpha, self.config.beta), hidden
         return cross_entropy, hidden
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-probabilities (..., V) of the next word given ``features`` (..., H): the
+        logits, or with the adaptive softmax its (normalised) log-probabilities, in id order."""
+        if self.config.adaptive_softmax is None:
+            return self.decoder(features)
+        flat = features.reshape(-1, features.size(-1))
+        return self.adaptive.log_prob(flat)[:, self.word_rank].view(*features.shape[:-1], -1)
 
     def features(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """Run everything but the decoder: the dropped-out top-layer states (T, B, H) and the new state."""
@@ -186,6 +227,8 @@ class RNNModel(nn.Module):
         time); elsewhere the plain ``cross_entropy`` of the logits, which cuDNN/cuBLAS already serve well.
         """
         flat = features.reshape(-1, features.size(-1))  # (T·B, H)
+        if self.config.adaptive_softmax is not None:
+            return self.adaptive(flat, self.word_rank[targets.reshape(-1)]).loss
         if _use_fused(flat):
             return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1))
@@ -193,6 +236,8 @@ class RNNModel(nn.Module):
     def decoder_nll_sum(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed negative log-likelihood of ``targets`` (T, B) given ``features`` (T, B, H); no autograd."""
         flat = features.reshape(-1, features.size(-1))
+        if self.config.adaptive_softmax is not None:
+            return -self.adaptive(flat, self.word_rank[targets.reshape(-1)]).output.sum()
         if _use_fused(flat):
             return linear_nll_sum(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1), reduction="sum")
@@ -221,7 +266,11 @@ def _make_rnn(model_type: str, inputs: int, hidden: int, layers: int, dropout: f
 
 
 def _use_fused(features: torch.Tensor) -> bool:
-    return features.device.type == "cpu" and features.dtype == torch.float32
+    """The fused CPU path computes in float32 with buffers of its own: under autocast the plain path takes
+    the lower precision, and under torch.compile the plain path is what the compiler fuses."""
+    if features.device.type != "cpu" or features.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return not torch.is_autocast_enabled("cpu")
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

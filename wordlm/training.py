@@ -160,6 +160,42 @@ class Reporter:
             self.bar = None
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """How a training step computes: float32 (``amp`` None), or the forward pass under autocast to
+    bfloat16 or float16 (``amp`` 'bf16' / 'fp16'), float16 with dynamic loss scaling. Parameters,
+    gradients and the optimizer stay float32; evaluation always runs in float32."""
+
+    def __init__(self, amp: str | None = None, device_type: str = "cpu") -> None:
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"amp={amp!r} must be 'bf16', 'fp16' or None")
+        self.amp, self.device_type = amp, device_type
+        self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
+
+    def autocast(self) -> AbstractContextManager:
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list, clip: float) -> None:
+        """Backward, clip the gradients' global norm to ``clip``, and take the optimizer's step."""
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(parameters, clip)
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+
+FLOAT32 = Precision()
+
+
 def count_batches(rows: int, bptt: int, max_batches: int | None = None) -> int:
     """How many chunks one epoch over ``rows`` batchified rows has (capped by ``max_batches``)."""
     total = len(range(0, rows - 1, bptt))
@@ -225,6 +261,7 @@ def train_epoch(
     after_batch: BatchHook | None = None,
     variable_bptt: bool = False,
     world: World = SINGLE,
+    precision: Precision = FLOAT32,
 ) -> None:
     """Train one epoch over batchified ``data`` (rows, B), carrying the hidden state between chunks.
 
@@ -232,7 +269,8 @@ def train_epoch(
     to it. Starts from ``state.position`` and ``state.hidden`` (a resumed mid-epoch state) and keeps both current
     after every batch, so that ``after_batch`` (stop checks, timed checkpoints) sees a consistent state.
     In a ``world`` of several processes ``model`` is the DistributedDataParallel wrapper, ``data`` this
-    rank's block of columns, and the loss that is logged and checked is the global batch's.
+    rank's block of columns, and the loss that is logged and checked is the global batch's. ``precision``
+    says whether the forward pass runs under autocast.
 
     Raises:
         Diverged: a batch's loss was NaN or infinite; the optimizer step was not taken.
@@ -255,14 +293,13 @@ def train_epoch(
             set_lr(optimizer, state.lr * inputs.size(0) / bptt)
         hidden = detach_hidden(state.hidden)
         optimizer.zero_grad(set_to_none=True)
-        loss, hidden = model(inputs, hidden, targets)
+        with precision.autocast():
+            loss, hidden = model(inputs, hidden, targets)
         batch_loss = world.mean(loss.detach())  # the whole batch's: every rank decides alike below
         if not torch.isfinite(batch_loss):
             reporter.close()
             raise Diverged(state.epoch, state.batch + 1, batch_loss.item(), state.lr)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, clip)
-        optimizer.step()
+        precision.step(loss, optimizer, parameters, clip)
         interval_loss += batch_loss
         state.hidden = detach_hidden(hidden)
         state.interval_batches += 1
@@ -297,7 +334,8 @@ def eval_chunk_tokens(ntoken: int) -> int:
 
 
 def _unwrapped(model: torch.nn.Module) -> RNNModel:
-    """The ``RNNModel`` inside a DistributedDataParallel wrapper (or ``model`` itself)."""
+    """The ``RNNModel`` inside ``torch.compile``'s and DistributedDataParallel's wrappers (or ``model`` itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
@@ -370,6 +408,7 @@ def fit(
     nonmono: int | None = None,
     switch_to_averaging: Callable[[], torch.optim.Optimizer] | None = None,
     world: World = SINGLE,
+    precision: Precision = FLOAT32,
 ) -> TrainState:
     """Train for ``state.epoch .. epochs``, validating after each epoch.
 
@@ -391,6 +430,7 @@ def fit(
                 model, train_data, optimizer, state,
                 bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches,
                 reporter=reporter, after_batch=after_batch, variable_bptt=variable_bptt, world=world,
+                precision=precision,
             )  # fmt: skip
         except Diverged as divergence:
             if on_diverged is None:

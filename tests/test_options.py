@@ -1,0 +1,175 @@
+"""The speed options that change the math (issue 5, item 4): adaptive softmax, mixed precision, torch.compile.
+
+Each is off by default; these tests pin what each computes and that the fused recurrent kernel stays in use.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+from torch.profiler import profile
+
+from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.data import Vocabulary
+from wordlm.model import ModelConfig, RNNModel
+from wordlm.training import Precision, Reporter, TrainState, train_epoch
+
+V = 60
+
+
+def adaptive_model(seed=0, **options) -> RNNModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(V, emsize=16, nhid=16, nlayers=1, dropout=0.0, tied=False, adaptive_softmax=(10, 30), **options)
+    return RNNModel(config).eval()
+
+
+def test_adaptive_softmax_gives_normalised_probabilities_in_id_order():
+    model = adaptive_model()
+    counts = torch.arange(V).flip(0).float()  # id 0 the most frequent, id V-1 the rarest
+    counts[[3, 40]] = counts[[40, 3]]  # ... except that ids 3 and 40 swap places
+    model.sort_words_by_frequency(counts)
+    assert model.word_rank[3] == 40 and model.word_rank[40] == 3 and model.word_rank[0] == 0
+    inputs = torch.randint(0, V, (5, 2))
+    targets = torch.randint(0, V, (5, 2))
+    with torch.no_grad():
+        scores, _ = model(inputs, model.init_hidden(2))  # (T, B, V) log-probabilities
+        features, _ = model.features(inputs, model.init_hidden(2))
+        # the id-order scores are the adaptive softmax's own rank-order log-probabilities, permuted
+        ranked = model.adaptive.log_prob(features.reshape(-1, 16))
+        assert torch.allclose(scores.reshape(-1, V), ranked[:, model.word_rank])
+        assert torch.allclose(scores.exp().sum(-1), torch.ones(5, 2), atol=1e-5)
+        expected = F.cross_entropy(scores.reshape(-1, V), targets.reshape(-1), reduction="sum")
+        assert model.decoder_nll_sum(features, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+        assert model.decoder_loss(features, targets).item() == pytest.approx(expected.item() / 10, rel=1e-5)
+
+
+def test_adaptive_softmax_word_order_travels_with_the_checkpoint(tmp_path):
+    model = adaptive_model()
+    model.sort_words_by_frequency(torch.rand(V))
+    vocab = Vocabulary([f"w{index}" for index in range(V)])
+    save_checkpoint(tmp_path / "a.pt", model, vocab)
+    loaded, _ = model_from_checkpoint(load_checkpoint(tmp_path / "a.pt"))
+    assert torch.equal(loaded.word_rank, model.word_rank)
+    inputs = torch.randint(0, V, (4, 1))
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs, loaded.init_hidden(1))[0], model(inputs, model.init_hidden(1))[0])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(tied=True), "cannot be tied"),
+        (dict(adaptive_softmax=(30, 10)), "increasing"),
+        (dict(adaptive_softmax=(10, V)), "between 1 and the vocabulary"),
+        (dict(adaptive_softmax=()), "increasing"),
+    ],
+)
+def test_bad_adaptive_softmax_settings_are_refused(options, message):
+    config = dict(emsize=16, nhid=16, tied=False, adaptive_softmax=(10, 30)) | options
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(V, **config)
+
+
+def rnn_kernels(model, precision=None):
+    """The recurrent ops a training step runs, by name."""
+    precision = precision or Precision()
+    inputs = torch.randint(0, V, (6, 3))
+    model.train()
+    with profile() as prof:
+        with precision.autocast():
+            loss, _ = model(inputs, model.init_hidden(3), inputs)
+        loss.backward()
+    return {event.key for event in prof.key_averages() if "rnn" in event.key or "lstm" in event.key}
+
+
+@pytest.mark.parametrize(
+    "options, amp",
+    [({}, None), ({}, "bf16"), ({"adaptive_softmax": (10, 30), "tied": False}, "bf16"), ({"wdrop": 0.3}, None)],
+)
+def test_the_fused_recurrent_kernel_stays_in_use(options, amp):
+    """On the CPU the fused kernel is oneDNN's (cuDNN's on CUDA): no option may fall back to a cell loop."""
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(V, emsize=16, nhid=16, nlayers=2, **options))
+    kernels = rnn_kernels(model, Precision(amp, "cpu"))
+    assert "aten::mkldnn_rnn_layer" in kernels and "aten::mkldnn_rnn_layer_backward" in kernels, kernels
+
+
+def train_losses(model, precision=None, compiled=None, batches=4):
+    torch.manual_seed(1)
+    data = torch.randint(0, V, (batches * 5 + 1, 4))
+    losses = []
+
+    class Keep(Reporter):
+        def interval(self, state, total, ms_per_batch, loss):
+            losses.append(loss)
+
+        def write(self, line):
+            pass
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_epoch(model if compiled is None else compiled, data, optimizer, TrainState(lr=1.0), bptt=5, clip=0.25, log_interval=1,
+                max_batches=batches, reporter=Keep(), precision=precision or Precision())  # fmt: skip
+    return losses
+
+
+def test_bf16_autocast_trains_close_to_float32_and_keeps_float32_weights():
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(V, emsize=16, nhid=16))
+    reference = RNNModel(ModelConfig(V, emsize=16, nhid=16))
+    reference.load_state_dict(model.state_dict())
+    bf16 = train_losses(model, Precision("bf16", "cpu"))
+    fp32 = train_losses(reference)
+    assert bf16 != fp32  # it does compute in lower precision ...
+    assert bf16 == pytest.approx(fp32, rel=2e-2)  # ... and stays close
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_needs_loss_scaling_and_amp_must_be_known():
+    assert Precision("fp16", "cpu").scaler is not None and Precision("bf16", "cpu").scaler is None
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        Precision("fp8")
+
+
+def test_compiled_training_follows_eager_training():
+    """torch.compile's graph capture of the model, the fused loss included, gives the eager losses. The
+    ``aot_eager`` backend checks the capture quickly; the slow test below runs the real code generator."""
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(V, emsize=16, nhid=16, dropout=0.0))
+    reference = RNNModel(ModelConfig(V, emsize=16, nhid=16, dropout=0.0))
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = train_losses(model, compiled=torch.compile(model, backend="aot_eager"))
+    assert compiled == pytest.approx(train_losses(reference), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_true_trains_through_inductor(tmp_path, tiny_corpus):
+    result = run_cli("with", "smoke", f"dataset={tiny_corpus}", "compile=True", "-u", cwd=tmp_path, timeout=900)
+    assert "End of training" in result.stdout
+
+
+def test_options_through_the_cli(tmp_path, tiny_corpus):
+    """adaptive_softmax and amp train, and the checkpoint serves evaluate and generate; bad values are one line."""
+    args = ("with", "smoke", f"dataset={tiny_corpus}", "tied=False", "adaptive_softmax=[100, 1000]", "amp=bf16", "-u")
+    trained = run_cli(*args, cwd=tmp_path)
+    assert "End of training" in trained.stdout
+    config = load_checkpoint(tmp_path / "model.pt")["meta"]["config"]
+    assert config["adaptive_softmax"] == [100, 1000] and config["amp"] == "bf16"
+    scored = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "line_scores=lines.jsonl", "-u", cwd=tmp_path)
+    assert "ppl" in scored.stdout
+    assert json.loads((tmp_path / "lines.jsonl").read_text().splitlines()[0])
+    run_cli("with", "words=15", "outf=out.txt", "-u", cwd=tmp_path, script="generate.py")
+    assert len((tmp_path / "out.txt").read_text().split()) >= 10
+    for bad, says in (
+        (["adaptive_softmax=[100, 1000]"], "cannot be tied; add tied=False"),
+        (["tied=False", "adaptive_softmax=[1000, 100]"], "adaptive_softmax=[1000, 100] must be increasing"),
+        (["amp=fp16"], "amp='fp16' needs a CUDA device"),
+        (["amp=fp32"], "amp='fp32' must be 'bf16', 'fp16' or None"),
+        (["compile=1"], "compile=1 must be True or False"),
+    ):
+        failed = run_cli("with", "smoke", f"dataset={tiny_corpus}", *bad, "-u", cwd=tmp_path, check=False)
+        assert failed.returncode != 0
+        lines = failed.stderr.strip().splitlines()
+        assert says in lines[-1] and "Traceback" not in failed.stderr, failed.stderr
