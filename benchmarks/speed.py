@@ -39,6 +39,12 @@ CONFIGS = {
     "large": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5, batch_size=32, bptt=35, lr=20.0, clip=0.25),
 }
 EVAL_BATCH = 10
+# wordlm's options that change the math (off by default), for --options
+OPTIONS = {
+    "wordlm-bf16": {"amp": "bf16"},
+    "wordlm-adaptive": {"adaptive_softmax": (2000, 10000)},
+    "wordlm-compile": {"compile": True},
+}
 
 
 # ----------------------------------------------------------------------------- the classic loop
@@ -114,8 +120,8 @@ def classic_evaluate(model, ids, bptt):
 
 
 # ----------------------------------------------------------------------------- wordlm's path
-def wordlm_train(model, data, cfg, batches):
-    from wordlm.training import Reporter, TrainState, train_epoch
+def wordlm_train(model, data, cfg, batches, precision=None, network=None):
+    from wordlm.training import FLOAT32, Reporter, TrainState, train_epoch
 
     losses, times = [], []
 
@@ -135,8 +141,8 @@ def wordlm_train(model, data, cfg, batches):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
     state = TrainState(lr=cfg["lr"])
-    train_epoch(model, data, optimizer, state, bptt=cfg["bptt"], clip=cfg["clip"], log_interval=1,
-                max_batches=batches, reporter=Timing())  # fmt: skip
+    train_epoch(model if network is None else network, data, optimizer, state, bptt=cfg["bptt"], clip=cfg["clip"],
+                log_interval=1, max_batches=batches, reporter=Timing(), precision=precision or FLOAT32)  # fmt: skip
     return losses, times
 
 
@@ -152,19 +158,30 @@ def worker(args) -> None:
         import wordlm.model
         from wordlm.model import ModelConfig, RNNModel
         from wordlm.system import tune_cpu_allocator
-        from wordlm.training import evaluate_loss
+        from wordlm.training import Precision, evaluate_loss
 
         if args.impl != "wordlm-no-allocator":
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
             wordlm.model._use_fused = lambda features: False
-        model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"], True))
-        train = wordlm_train
+        options = OPTIONS.get(args.impl, {})
+        model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"],
+                                     tied="adaptive_softmax" not in options,
+                                     adaptive_softmax=options.get("adaptive_softmax")))  # fmt: skip
+        if "adaptive_softmax" in options:
+            model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=ntoken))
+        precision = Precision(options.get("amp"), "cpu")
+        network = torch.compile(model) if options.get("compile") else None
+
+        def train(model, data, cfg, batches):
+            return wordlm_train(model, data, cfg, batches, precision, network)
 
         def evaluate(model, ids, bptt):
             return evaluate_loss(model, ids, EVAL_BATCH, bptt)[0]
 
-    model.load_state_dict(torch.load(args.weights, weights_only=True))
+    if args.impl not in OPTIONS or "adaptive_softmax" not in OPTIONS[args.impl]:  # (its own output layer)
+        model.load_state_dict(torch.load(args.weights, weights_only=True), strict=False)
+    started = time.perf_counter()
     data = batchify(corpus.train, cfg["batch_size"])
     torch.manual_seed(1)  # the same dropout masks on both sides
     losses, times = train(model, data, cfg, args.warmup + args.batches)
@@ -182,6 +199,7 @@ def worker(args) -> None:
         "eval_loss": eval_loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "seconds_to_last_batch": time.perf_counter() - started,
     }
     Path(args.out).write_text(json.dumps(result))
 
@@ -253,7 +271,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12, help="timed training batches (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--eval-tokens", type=int, default=30000)
-    parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator"], dest="impl")
+    parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator", *OPTIONS],
+                        dest="impl")  # fmt: skip
+    parser.add_argument("--options", action="store_true", help="also time the options that change the math (default)")
     parser.add_argument("--ablations", action="store_true", help="also run wordlm without each speed-up (default config)")
     parser.add_argument("--config", default="default")
     parser.add_argument("--weights")
@@ -328,6 +348,22 @@ def main() -> None:
                 print(f"wordlm {what:32s} train {result['train_tokens_per_s']:7.0f} tokens/s "
                       f"({result['train_tokens_per_s'] / classic['train_tokens_per_s']:.2f}x classic), eval "
                       f"{result['eval_tokens_per_s']:7.0f} tokens/s")  # fmt: skip
+            os.unlink(weights)
+        if args.options and name == "default":
+            torch.manual_seed(0)
+            weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+            torch.save(ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"]).state_dict(), weights)
+            print("options that change the math (first batches' loss against wordlm's float32 run):")
+            for variant, setting in OPTIONS.items():
+                result = run_side(variant, name, args, weights)
+                row[f"{variant}_train_tokens_per_s"] = result["train_tokens_per_s"]
+                row[f"{variant}_eval_tokens_per_s"] = result["eval_tokens_per_s"]
+                gap = max(abs(a - b) for a, b in zip(result["losses"], ours["losses"]))
+                print(f"  {json.dumps(setting):40s} train {result['train_tokens_per_s']:7.0f} tokens/s "
+                      f"({result['train_tokens_per_s'] / ours['train_tokens_per_s']:.2f}x wordlm, "
+                      f"{result['train_tokens_per_s'] / classic['train_tokens_per_s']:.2f}x classic), eval "
+                      f"{result['eval_tokens_per_s']:7.0f} tokens/s, loss gap {gap:.3f}, "
+                      f"{result['seconds_to_last_batch']:.0f} s to the last batch")  # fmt: skip
             os.unlink(weights)
     first = summary[args.configs.split(",")[0]]
     print(json.dumps({**{k: first[k] for k in ("train_ratio", "eval_ratio", "gflops_fraction", "loss_match")},
