@@ -178,6 +178,19 @@ def test_divergence_can_reload_the_best_model_and_lower_the_lr(tmp_path, tiny_co
     assert "Traceback" not in result.stderr
 
 
+def test_reloading_gives_up_after_three_tries_in_one_line(tmp_path, tiny_corpus):
+    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    best = (tmp_path / "model.pt").read_bytes()
+    result = run_cli("with", "resume=model.last.pt", "epochs=2", "lr=1e30", "on_divergence=reload", "-u", cwd=tmp_path,
+                     check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("reloaded the best model (epoch 1)") == 3  # lr 1e30 / 4, / 16, / 64: still too large
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "still diverging after 3 reloads of the best model" in errors[0], result.stderr
+    assert "model.pt keeps the best model (epoch 1)" in errors[0] and "Traceback" not in result.stderr
+    assert (tmp_path / "model.pt").read_bytes() == best
+
+
 def test_resume_refuses_a_pickle_that_would_run_code(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -470,9 +470,12 @@ def _train(_run, _log, cfg: dict):
             last_write = time.monotonic()
 
     def on_diverged(divergence) -> None:
-        if cfg["on_divergence"] == "stop" or best_weights is None or state.divergences >= 3:
+        if cfg["on_divergence"] == "stop" or best_weights is None or state.divergences >= MAX_RELOADS:
             kept = f"{cfg['save']} keeps the best model (epoch {state.best_epoch})" if best_weights else "no model was saved"
-            raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
+            if cfg["on_divergence"] == "stop":
+                raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
+            tried = f"still diverging after {state.divergences} reloads of the best model" if best_weights else ""
+            raise UserError(f"{divergence}; {tried or 'no best model to reload yet'}; {kept}; lower lr or clip")
         model.load_state_dict(best_weights)
         optimizer.state.clear()  # (an averaging optimizer restarts its average too)
         state.lr /= 4
@@ -552,6 +555,9 @@ def _train(_run, _log, cfg: dict):
     title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}" + (" · interrupted" if interrupted else "")
     _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
     return test_ppl
+
+
+MAX_RELOADS = 3  # on_divergence=reload gives up after this many reloads in one run
 
 
 def _load_best_weights(path: str, state: TrainState) -> dict | None:
