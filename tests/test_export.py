@@ -59,6 +59,15 @@ def test_onnxruntime_matches_pytorch_step_by_step(tmp_path):
     assert model.training is False and next(model.parameters()).device.type == "cpu"
 
 
+def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(40, "GRU", emsize=8, nhid=8, nlayers=1, tied=False, adaptive_softmax=(5, 20))
+    model = RNNModel(config).eval()
+    model.sort_words_by_frequency(torch.rand(40))  # a word order the export must keep
+    path = export_onnx(model, tmp_path / "m.onnx", Vocabulary([f"w{i}" for i in range(40)]))
+    run_steps_both_ways(model, path, batch=2)
+
+
 def test_missing_extra_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(export, "_EXPORT_NEEDS", ("onnx", "no_such_module_for_wordlm"))
     model = RNNModel(ModelConfig(5, "GRU", 4, 4, 1, 0.0, True))
