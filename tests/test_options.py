@@ -72,14 +72,14 @@ def test_bad_adaptive_softmax_settings_are_refused(options, message):
         ModelConfig(V, **config)
 
 
-def rnn_kernels(model, precision=None):
+def rnn_kernels(model, precision=None, network=None):
     """The recurrent ops a training step runs, by name."""
     precision = precision or Precision()
     inputs = torch.randint(0, V, (6, 3))
     model.train()
     with profile() as prof:
         with precision.autocast():
-            loss, _ = model(inputs, model.init_hidden(3), inputs)
+            loss, _ = (model if network is None else network)(inputs, model.init_hidden(3), inputs)
         loss.backward()
     return {event.key for event in prof.key_averages() if "rnn" in event.key or "lstm" in event.key}
 
@@ -93,6 +93,15 @@ def test_the_fused_recurrent_kernel_stays_in_use(options, amp):
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(V, emsize=16, nhid=16, nlayers=2, **options))
     kernels = rnn_kernels(model, Precision(amp, "cpu"))
+    assert "aten::mkldnn_rnn_layer" in kernels and "aten::mkldnn_rnn_layer_backward" in kernels, kernels
+
+
+def test_compile_leaves_the_recurrent_kernel_to_eager_mode():
+    """Dynamo does not trace nn.LSTM (``allow_rnn`` is off): the fused kernel runs as it does without compile."""
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(V, emsize=16, nhid=16, nlayers=2))
+    torch._dynamo.reset()
+    kernels = rnn_kernels(model, network=torch.compile(model, backend="aot_eager"))
     assert "aten::mkldnn_rnn_layer" in kernels and "aten::mkldnn_rnn_layer_backward" in kernels, kernels
 
 
