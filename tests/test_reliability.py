@@ -145,11 +145,12 @@ def test_sigterm_behaves_like_ctrl_c_and_the_run_resumes(tmp_path, small_corpus)
 
 def test_a_second_ctrl_c_while_testing_exits_at_once(tmp_path):
     corpus = cut_corpus(tmp_path / "corpus", lines=(3000, 100, 3000))
-    process = popen(tmp_path, "with", "smoke", f"dataset={corpus}", "max_batches=None", "eval_batch_size=1", "bptt=5")
+    wide = ("emsize=400", "nhid=400")  # the test evaluation (batch 1, ~65k tokens) then lasts several seconds
+    process = popen(tmp_path, "with", "smoke", *wide, f"dataset={corpus}", "max_batches=None", "eval_batch_size=1", "bptt=5")
     seen = read_until(process, r"\| +10/")
     process.send_signal(signal.SIGINT)
     seen += read_until(process, r"No epoch finished yet")
-    time.sleep(1.0)  # the test evaluation (batch 1, ~65k tokens) is running now
+    time.sleep(1.0)  # the test evaluation is running now
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, seen + out + err
