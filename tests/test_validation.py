@@ -10,17 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wordlm.errors import UserError
-from wordlm.experiment import validate_training_config
+from wordlm.experiment import ex, validate_training_config
 from wordlm.model import ModelConfig
 
-DEFAULTS = dict(
-    batch_size=32, bptt=35, clip=0.25, dataset="./data", dropout=0.2, emsize=200, epochs=40, log_interval=200,
-    lr=20.0, model_type="LSTM", nhid=200, nlayers=2, save="model.pt", seed=257, tied=True, max_batches=None,
-    device="auto", eval_batch_size=10, save_last="model.last.pt", checkpoint_every=None, resume=None,
-    on_divergence="stop", lr_decay=None, lr_decay_start=1, init_range=None, min_freq=1, max_vocab=None,
-    locked_dropout=False, dropouti=None, dropouth=None, dropoute=0.0, wdrop=0.0, alpha=0.0, beta=0.0,
-    tied_projection=False, wdecay=0.0, optimizer="sgd", nonmono=None, variable_bptt=False, finetune=False,
-)  # fmt: skip
+DEFAULTS = dict(ex.configurations[0]())  # every key of the experiment, as Sacred builds them: never stale
 ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8), st.lists(st.integers(), max_size=2),
