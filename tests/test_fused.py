@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wordlm.fused import CHUNK, linear_cross_entropy, linear_nll_sum
+from wordlm.fused import CHUNK, EVAL_CHUNK, linear_cross_entropy, linear_nll_sum
 from wordlm.system import tune_cpu_allocator
 
 
@@ -32,19 +32,40 @@ def test_matches_cross_entropy_in_value_and_gradients(with_bias):
         assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
 
 
-def test_nll_sum_matches_cross_entropy_sum():
-    hidden, weight, bias, targets = inputs(n=50, v=CHUNK + 1)
+@pytest.mark.parametrize("vocab", [CHUNK + 1, EVAL_CHUNK * 3 + 5])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_nll_sum_matches_cross_entropy_sum(vocab, with_bias):
+    hidden, weight, bias, targets = inputs(n=50, v=vocab)
+    bias = bias if with_bias else None
     expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
     assert linear_nll_sum(hidden, weight, bias, targets).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_extreme_logits_stay_finite():
-    hidden, weight, bias, targets = inputs()
+@pytest.mark.parametrize("word", [5, CHUNK * 2 + 3, EVAL_CHUNK * 2 + 7])
+def test_a_dominant_word_in_any_chunk_keeps_the_loss_exact(word):
+    """A chunk is shifted by the log-sum-exp of the chunks before it; a word whose logits tower over
+    those (here by hundreds, far past float32's exp range) must make its chunk be redone exactly."""
+    hidden, weight, bias, targets = inputs(v=EVAL_CHUNK * 3 + 17)
     with torch.no_grad():
-        weight[5] *= 1000  # one word dominates some columns: its chunk maximum must absorb it
-    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+        weight[word] *= 1000
+    logits = F.linear(hidden, weight, bias)
+    assert (logits[:, word] - logits.logsumexp(1)).max() > -1  # it does dominate some columns
+    expected = F.cross_entropy(logits, targets)
     actual = linear_cross_entropy(hidden, weight, bias, targets)
     assert torch.isfinite(actual) and actual.item() == pytest.approx(expected.item(), rel=1e-5)
+    for a, e in zip(gradients(actual, hidden, weight, bias), gradients(expected, hidden, weight, bias)):
+        assert torch.allclose(a, e, atol=1e-5, rtol=1e-4)
+    total = linear_nll_sum(hidden.detach(), weight.detach(), bias.detach(), targets)
+    assert total.item() == pytest.approx(expected.item() * targets.numel(), rel=1e-5)
+
+
+def test_a_non_finite_logit_gives_a_non_finite_loss():
+    """Divergence must surface as a NaN/inf loss, not be absorbed by the chunked shifts."""
+    hidden, weight, bias, targets = inputs()
+    with torch.no_grad():
+        weight[CHUNK + 1, 0] = float("nan")
+    assert not torch.isfinite(linear_cross_entropy(hidden, weight, bias, targets))
+    assert not torch.isfinite(linear_nll_sum(hidden.detach(), weight.detach(), bias.detach(), targets))
 
 
 def test_two_graphs_alive_at_once_keep_their_own_buffers():

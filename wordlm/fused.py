@@ -10,13 +10,18 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 - logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which all three decoder
   products (forward, grad of h, grad of W) run at the machine's matmul speed; ``h @ Wᵀ`` with these
   shapes runs at about half of it (figures in docs/PERFORMANCE.md);
-- the softmax statistics are taken in vocabulary chunks while each chunk is in cache; each chunk keeps
-  ``exp(logit - chunk max)`` in place, so the backward pass needs one multiply, not another ``exp``;
+- the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
+  weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[hᵀ; 1; -s]``,
+  so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
+  (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` while it is in
+  cache. No bias broadcast, no max pass, no subtraction pass; a chunk whose sum shows that ``s`` was too
+  low (a new dominant word) is redone with its own maximum. Each chunk keeps its exponentials in place,
+  so the backward pass needs one multiply, not another ``exp``;
 - the backward pass scales one chunk at a time and feeds it to the two gradient products while it is
   still in cache; the one-hot part of the gradient is a sparse update of the target rows. One ``V × N``
   buffer per training step, no other;
 - evaluation never writes the logits out whole: chunks of rows are computed into a small buffer and
-  reduced in cache.
+  reduced in cache, the same way.
 
 Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabulary chunks.
 """
@@ -35,13 +40,19 @@ class _BufferPool:
     so two graphs alive at the same time never share one.
     """
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 3) -> None:
         self.free: list[torch.Tensor] = []
         self.keep = keep
 
     def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        inference = torch.is_inference_mode_enabled()  # a buffer made in inference mode cannot serve autograd
         for index, buffer in enumerate(self.free):
-            if buffer.shape == (rows, columns) and buffer.dtype == like.dtype and buffer.device == like.device:
+            if (
+                buffer.shape == (rows, columns)
+                and buffer.dtype == like.dtype
+                and buffer.device == like.device
+                and buffer.is_inference() == inference
+            ):
                 return self.free.pop(index)
         return like.new_empty(rows, columns)
 
@@ -53,50 +64,93 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
-def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``(V, N)`` logits, transposed, in a pooled buffer."""
-    out = _POOL.take(weight.size(0), hidden.size(0), hidden)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SUM_LIMIT = 2.0**64  # a chunk whose exp-sum passes this (or is not finite) is redone with its own maximum
+
+
+def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[W | b | 1] · log2(e)`` (V, H+2) in a pooled buffer (b = 0 without a bias)."""
+    vocab, size = weight.shape
+    out = _POOL.take(vocab, size + 2, weight)
+    torch.mul(weight, LOG2E, out=out[:, :size])
     if bias is None:
-        return torch.mm(weight, hidden.t(), out=out)
-    return torch.addmm(bias.unsqueeze(1), weight, hidden.t(), out=out)
+        out[:, size].zero_()
+    else:
+        torch.mul(bias, LOG2E, out=out[:, size])
+    out[:, size + 1].fill_(LOG2E)
+    return out
 
 
-def _exp_shifted_(block: torch.Tensor, maxima: torch.Tensor, sums: torch.Tensor) -> None:
-    """Turn ``block`` (rows, N) in place into ``exp(logit - column max)``; write the maxima and sums (N,)."""
-    torch.amax(block, 0, out=maxima)
-    block.sub_(maxima).exp_()
-    torch.sum(block, 0, out=sums)
+def _augmented_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """``[hᵀ; 1; 0]`` (H+2, N); its last row takes the negated shift of each chunk."""
+    out = hidden.new_empty(hidden.size(1) + 2, hidden.size(0))
+    out[:-2].copy_(hidden.t())
+    out[-2].fill_(1.0)
+    out[-1].zero_()
+    return out
+
+
+def _exp_chunks(weight_aug, hidden_aug, block_of, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``exp(logit - shift)`` of each vocabulary chunk into ``block_of(start, stop)``, chunk by chunk.
+
+    A chunk's shift is the log-sum-exp of the chunks before it (per column), so that its exponentials
+    stay in range without a max pass; the first chunk, and any chunk whose sum overflows ``SUM_LIMIT``
+    under that shift, is computed plainly and shifted by its own maximum.
+
+    Returns:
+        ``(shifts, sums)`` (C, N): each chunk's shift and its sum of shifted exponentials, so that
+        ``exp(logit) = block · exp(shift)`` and ``log Σ exp(logit) = _logsumexp(shifts, sums)``.
+    """
+    vocab, columns = weight_aug.size(0), hidden_aug.size(1)
+    count = (vocab + chunk - 1) // chunk
+    shifts = hidden_aug.new_empty(count, columns)
+    sums = hidden_aug.new_empty(count, columns)
+    running = None  # log-sum-exp of the chunks so far (N,)
+    for index, start in enumerate(range(0, vocab, chunk)):
+        stop = min(start + chunk, vocab)
+        block, rows = block_of(start, stop), weight_aug[start:stop]
+        if running is not None:
+            torch.neg(running, out=hidden_aug[-1])
+            torch.mm(rows, hidden_aug, out=block).exp2_()  # exp(logit - running)
+            torch.sum(block, 0, out=sums[index])
+            if bool((sums[index] < SUM_LIMIT).all()):
+                shifts[index].copy_(running)
+                running = running + torch.log1p(sums[index])
+                continue
+        hidden_aug[-1].zero_()
+        torch.mm(rows, hidden_aug, out=block)  # logit · log2(e)
+        torch.amax(block, 0, out=shifts[index])
+        block.sub_(shifts[index]).exp2_()
+        torch.sum(block, 0, out=sums[index])
+        shifts[index].mul_(LN2)
+        chunk_lse = shifts[index] + sums[index].log()
+        running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
+    return shifts, sums
 
 
 def _logsumexp(maxima: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """Per column ``log Σ exp(logit)`` (N,) from the chunks' maxima and shifted sums (C, N)."""
+    """Per column ``log Σ exp(logit)`` (N,) from the chunks' shifts and shifted sums (C, N)."""
     top = maxima.amax(0)
     return top + (sums * torch.exp(maxima - top)).sum(0).log()
 
 
-def _exp_and_logsumexp_(logits_t: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn ``logits_t`` (V, N) in place into ``exp(logit - max of its chunk)``.
-
-    Returns:
-        ``(logsumexp, maxima)``: per column ``log Σ exp(logit)`` (N,) and the chunk maxima (C, N).
-    """
-    vocab, columns = logits_t.shape
-    count = (vocab + chunk - 1) // chunk
-    maxima = logits_t.new_empty(count, columns)
-    sums = logits_t.new_empty(count, columns)
-    for index, start in enumerate(range(0, vocab, chunk)):
-        _exp_shifted_(logits_t[start : start + chunk], maxima[index], sums[index])
-    return _logsumexp(maxima, sums), maxima
+def _target_logits(hidden, weight, bias, targets) -> torch.Tensor:
+    """Each column's logit of its target (N,), computed directly: ``h · W[target] + b[target]``."""
+    logits = (hidden * weight[targets]).sum(1)
+    return logits if bias is None else logits + bias[targets]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        columns = torch.arange(targets.numel(), device=targets.device)
-        logits_t = _logits_t(hidden, weight, bias)  # (V, N)
-        target_logits = logits_t[targets, columns]  # (N,)
-        logsumexp, maxima = _exp_and_logsumexp_(logits_t)
-        ctx.save_for_backward(hidden, weight, targets, logits_t, maxima, logsumexp)
+        exps = _POOL.take(weight.size(0), hidden.size(0), hidden)  # (V, N)
+        weight_aug = _scaled_augmented(weight, bias)
+        maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: exps[a:b], CHUNK)
+        _POOL.give(weight_aug)
+        logsumexp = _logsumexp(maxima, sums)
+        target_logits = _target_logits(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, targets, exps, maxima, logsumexp)
         ctx.has_bias = bias is not None
         return (logsumexp - target_logits).mean()
 
@@ -163,21 +217,10 @@ def linear_nll_sum(
     also bounds evaluation's memory at ``EVAL_CHUNK × N`` floats, whatever the vocabulary.
     """
     vocab, columns = weight.size(0), hidden.size(0)
-    count = (vocab + EVAL_CHUNK - 1) // EVAL_CHUNK
-    maxima = hidden.new_empty(count, columns)
-    sums = hidden.new_empty(count, columns)
     buffer = _POOL.take(min(EVAL_CHUNK, vocab), columns, hidden)
-    hidden_t = hidden.t()
-    for index, start in enumerate(range(0, vocab, EVAL_CHUNK)):
-        rows = slice(start, start + EVAL_CHUNK)
-        block = buffer[: min(EVAL_CHUNK, vocab - start)]
-        if bias is None:
-            torch.mm(weight[rows], hidden_t, out=block)
-        else:
-            torch.addmm(bias[rows].unsqueeze(1), weight[rows], hidden_t, out=block)
-        _exp_shifted_(block, maxima[index], sums[index])
+    weight_aug = _scaled_augmented(weight, bias)
+    maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: buffer[: b - a], EVAL_CHUNK)
+    _POOL.give(weight_aug)
     _POOL.give(buffer)
-    target_logits = (hidden * weight[targets]).sum(1)  # (N,)
-    if bias is not None:
-        target_logits += bias[targets]
+    target_logits = _target_logits(hidden, weight, bias, targets)
     return (_logsumexp(maxima, sums) - target_logits).sum()
