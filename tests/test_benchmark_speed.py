@@ -1,0 +1,20 @@
+"""benchmarks/speed.py still runs end to end and its last line is the JSON the docs and the issue read."""
+
+import json
+
+from conftest import cut_corpus, run_cli
+
+
+def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
+    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
+    result = run_cli("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
+                     "--eval-tokens", "400", "--repeats", "2", "--ablations",
+                     cwd=tmp_path, script="benchmarks/speed.py", timeout=600)  # fmt: skip
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"train_ratio", "eval_ratio", "gflops_fraction", "loss_match"} <= summary.keys()
+    assert summary["loss_match"] is True  # the same weights and dropout masks give the classic loop's losses
+    row = summary["configs"]["default"]
+    assert row["train_ratio"] > 0 and row["eval_ratio"] > 0 and row["matmul_ceiling_gflops"] > 0
+    low, high = row["spread"]["classic"]["train"]
+    assert 0 < low <= high == row["classic_train_tokens_per_s"]  # the fastest of the repeated runs counts
+    assert "wordlm-unfused_train_tokens_per_s" in row and "without the fused decoder loss" in result.stdout
