@@ -34,10 +34,12 @@ CHUNK = 256  # vocabulary rows per chunk: 256 × N floats stay in L2 cache for N
 
 
 class _BufferPool:
-    """Reuse the ``V × N`` buffer across steps: a fresh 100+ MB tensor costs ~30,000 page faults each time.
+    """Reuse the large buffers across steps (the ``V × N`` exponentials, the ``V × (H+2)`` augmented
+    weight, evaluation's block): a fresh 100+ MB tensor costs ~30,000 page faults each time.
 
-    A buffer is taken by a forward pass and given back by its backward pass (or at once in evaluation),
-    so two graphs alive at the same time never share one.
+    A buffer is taken by a forward pass and given back by its backward pass (or at once when the
+    forward pass is done with it), so two graphs alive at the same time never share one; one made in
+    inference mode only serves inference mode.
     """
 
     def __init__(self, keep: int = 3) -> None:
