@@ -19,7 +19,7 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   so the backward pass needs one multiply, not another ``exp``;
 - the backward pass scales one chunk at a time and feeds it to the two gradient products while it is
   still in cache; the one-hot part of the gradient is a sparse update of the target rows. One ``V × N``
-  buffer per training step, no other;
+  buffer per training step and the ``V × (H+2)`` augmented weight, both pooled, no other;
 - evaluation never writes the logits out whole: chunks of rows are computed into a small buffer and
   reduced in cache, the same way.
 
