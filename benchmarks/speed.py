@@ -297,6 +297,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.impl:
         return worker(args)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: each side needs at least one run")
 
     corpus = load_corpus(resolve_dataset(args.dataset))
     ntoken = len(corpus.vocab)

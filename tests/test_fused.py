@@ -79,3 +79,15 @@ def test_two_graphs_alive_at_once_keep_their_own_buffers():
     for (hidden, weight, bias, targets), grads in ((first, grad_a), (second, grad_b)):
         expected = gradients(F.cross_entropy(F.linear(hidden, weight, bias), targets), hidden, weight, bias)
         assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected))
+
+
+def test_a_buffer_pooled_in_inference_mode_never_serves_training():
+    """Evaluation (inference mode) and training share the pool and the augmented weight's shape; an
+    inference tensor handed to autograd would fail its in-place writes."""
+    hidden, weight, bias, targets = inputs()
+    with torch.inference_mode():
+        linear_nll_sum(hidden.detach(), weight.detach(), bias.detach(), targets)
+    loss = linear_cross_entropy(hidden, weight, bias, targets)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    for a, e in zip(gradients(loss, hidden, weight, bias), gradients(expected, hidden, weight, bias)):
+        assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)

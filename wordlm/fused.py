@@ -9,7 +9,7 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 
 - logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which all three decoder
   products (forward, grad of h, grad of W) run at the machine's matmul speed; ``h @ Wᵀ`` with these
-  shapes runs at about half of it (figures in docs/PERFORMANCE.md);
+  shapes runs at about 60 % of it (figures in docs/PERFORMANCE.md);
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
   weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[hᵀ; 1; -s]``,
   so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
