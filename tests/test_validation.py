@@ -77,3 +77,12 @@ def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, updates, how,
     else:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, result.stderr
+
+
+@pytest.mark.parametrize("update", ["cache_lambda='abc'", "cache_lambda=1.5", "cache_window=-1", "cache_theta=[1]",
+                                    "dynamic_lr=inf", "dynamic_decay=True"])  # fmt: skip
+def test_evaluate_names_a_bad_key_in_one_line_before_loading_anything(tmp_path, update):
+    result = run_cli("evaluate", "with", "checkpoint=missing.pt", update, "-u", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {update.split('=')[0]}="), result.stderr

@@ -238,6 +238,15 @@ def _check_positive_number(key: str, value, allow_none: bool = False) -> None:
         raise UserError(f"{key}={value!r} must be a positive, finite number" + (" or None" if allow_none else ""))
 
 
+def _check_number_in(key: str, value, low: float = 0.0, high: float = float("inf"), integer: bool = False) -> None:
+    """``low <= value <= high`` (``high`` excluded when infinite), else one line saying so."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high or value == float("inf"):
+        what = "an integer" if integer else "a number"
+        bounds = f">= {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
+        raise UserError(f"{key}={value!r} must be {what} {bounds}")
+
+
 def _check_path(key: str, value) -> None:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{key}={value!r} must be a file path (a non-empty string)")
@@ -702,13 +711,10 @@ def _evaluate(
     cache_theta, cache_lambda, dynamic_lr, dynamic_decay,
 ):  # fmt: skip
     _check_positive_int("eval_batch_size", eval_batch_size)
-    if isinstance(cache_window, bool) or not isinstance(cache_window, int) or cache_window < 0:
-        raise UserError(f"cache_window={cache_window!r} must be an integer >= 0 (0 = no cache)")
-    if not 0 <= cache_lambda <= 1:
-        raise UserError(f"cache_lambda={cache_lambda!r} must be between 0 and 1")
+    _check_number_in("cache_window", cache_window, integer=True)  # 0: no cache
+    _check_number_in("cache_lambda", cache_lambda, high=1.0)
     for key, value in (("cache_theta", cache_theta), ("dynamic_lr", dynamic_lr), ("dynamic_decay", dynamic_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise UserError(f"{key}={value!r} must be a number >= 0")
+        _check_number_in(key, value)
     if cache_window and (dynamic_lr or dynamic_decay):
         raise UserError("use the cache pointer (cache_window) or dynamic evaluation (dynamic_lr), not both at once")
     _check_positive_int("bptt", bptt)
