@@ -91,3 +91,29 @@ def test_a_buffer_pooled_in_inference_mode_never_serves_training():
     expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
     for a, e in zip(gradients(loss, hidden, weight, bias), gradients(expected, hidden, weight, bias)):
         assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(monkeypatch):
+    import wordlm.fused as fused
+
+    built = []
+    original = fused._scaled_augmented
+    monkeypatch.setattr(fused, "_scaled_augmented", lambda w, b: built.append(1) or original(w, b))
+    hidden, weight, bias, targets = (t.detach() for t in inputs(v=EVAL_CHUNK * 2 + 3))
+
+    def expected():
+        return F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum").item()
+
+    with torch.inference_mode(), fused.frozen_decoder():
+        with fused.frozen_decoder():  # nested: the outer block keeps the copy
+            first = linear_nll_sum(hidden, weight, bias, targets).item()
+        second = linear_nll_sum(hidden[:20], weight, bias, targets[:20]).item()
+    assert len(built) == 1
+    assert first == pytest.approx(expected(), rel=1e-6)
+    assert second == pytest.approx(
+        F.cross_entropy(F.linear(hidden[:20], weight, bias), targets[:20], reduction="sum").item(), rel=1e-6
+    )
+    weight.mul_(0.5)  # after the block, a changed weight is seen
+    with torch.inference_mode():
+        assert linear_nll_sum(hidden, weight, bias, targets).item() == pytest.approx(expected(), rel=1e-6)
+    assert len(built) == 2

@@ -14,9 +14,10 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[hᵀ; 1; -s]``,
   so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
   (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` while it is in
-  cache. No bias broadcast, no max pass, no subtraction pass; a chunk whose sum shows that ``s`` was too
-  low (a new dominant word) is redone with its own maximum. Each chunk keeps its exponentials in place,
-  so the backward pass needs one multiply, not another ``exp``;
+  cache. No bias broadcast, no max pass, no subtraction pass, and one check per call, not per chunk: if
+  some chunk's sum shows that ``s`` was too low (a new dominant word), every chunk is computed again
+  with its own maximum. Each chunk keeps its exponentials in place, so the backward pass needs one
+  multiply, not another ``exp``;
 - the backward pass scales one chunk at a time and feeds it to the two gradient products while it is
   still in cache; the one-hot part of the gradient is a sparse update of the target rows. One ``V × N``
   buffer per training step and the ``V × (H+2)`` augmented weight, both pooled, no other;
@@ -27,6 +28,9 @@ Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabula
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -68,7 +72,7 @@ _POOL = _BufferPool()
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-SUM_LIMIT = 2.0**64  # a chunk whose exp-sum passes this (or is not finite) is redone with its own maximum
+SUM_LIMIT = 2.0**64  # a chunk exp-sum past this (or not finite): the call is redone, each chunk with its own maximum
 
 
 def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -97,37 +101,53 @@ def _exp_chunks(weight_aug, hidden_aug, block_of, chunk: int) -> tuple[torch.Ten
     """Write ``exp(logit - shift)`` of each vocabulary chunk into ``block_of(start, stop)``, chunk by chunk.
 
     A chunk's shift is the log-sum-exp of the chunks before it (per column), so that its exponentials
-    stay in range without a max pass; the first chunk, and any chunk whose sum overflows ``SUM_LIMIT``
-    under that shift, is computed plainly and shifted by its own maximum.
+    stay in range without a max pass. If some chunk's sum shows that this shift was too low (a word that
+    towers over all the words before it), every chunk is computed again, each shifted by its own maximum.
 
     Returns:
         ``(shifts, sums)`` (C, N): each chunk's shift and its sum of shifted exponentials, so that
         ``exp(logit) = block · exp(shift)`` and ``log Σ exp(logit) = _logsumexp(shifts, sums)``.
     """
+    shifts, sums = _exp_chunks_running(weight_aug, hidden_aug, block_of, chunk)
+    if bool(sums.max() < SUM_LIMIT):  # one check per call, not per chunk (NaN fails it too)
+        return shifts, sums
+    return _exp_chunks_own_max(weight_aug, hidden_aug, block_of, chunk, shifts, sums)
+
+
+def _exp_chunks_running(weight_aug, hidden_aug, block_of, chunk):
+    """The fast pass: the first chunk shifted by its own maximum, each later one by the running
+    log-sum-exp, which is kept negated in ``hidden_aug``'s last row, where the product picks it up."""
     vocab, columns = weight_aug.size(0), hidden_aug.size(1)
     count = (vocab + chunk - 1) // chunk
     shifts = hidden_aug.new_empty(count, columns)
     sums = hidden_aug.new_empty(count, columns)
-    running = None  # log-sum-exp of the chunks so far (N,)
-    for index, start in enumerate(range(0, vocab, chunk)):
+    negated = hidden_aug[-1]  # -(log-sum-exp of the chunks so far) (N,)
+    negated.zero_()
+    block = torch.mm(weight_aug[:chunk], hidden_aug, out=block_of(0, min(chunk, vocab)))  # logit · log2(e)
+    torch.amax(block, 0, out=shifts[0])
+    block.sub_(shifts[0]).exp2_()
+    torch.sum(block, 0, out=sums[0])
+    shifts[0].mul_(LN2)
+    torch.log(sums[0], out=negated).add_(shifts[0]).neg_()
+    for index, start in enumerate(range(chunk, vocab, chunk), start=1):
         stop = min(start + chunk, vocab)
-        block, rows = block_of(start, stop), weight_aug[start:stop]
-        if running is not None:
-            torch.neg(running, out=hidden_aug[-1])
-            torch.mm(rows, hidden_aug, out=block).exp2_()  # exp(logit - running)
-            torch.sum(block, 0, out=sums[index])
-            if bool((sums[index] < SUM_LIMIT).all()):
-                shifts[index].copy_(running)
-                running = running + torch.log1p(sums[index])
-                continue
-        hidden_aug[-1].zero_()
-        torch.mm(rows, hidden_aug, out=block)  # logit · log2(e)
+        torch.neg(negated, out=shifts[index])
+        torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop)).exp2_()  # exp(logit - shift)
+        torch.sum(block_of(start, stop), 0, out=sums[index])
+        negated.sub_(torch.log1p(sums[index]))
+    return shifts, sums
+
+
+def _exp_chunks_own_max(weight_aug, hidden_aug, block_of, chunk, shifts, sums):
+    """The safe pass: each chunk shifted by its own maximum (one more pass over it)."""
+    hidden_aug[-1].zero_()
+    for index, start in enumerate(range(0, weight_aug.size(0), chunk)):
+        stop = min(start + chunk, weight_aug.size(0))
+        block = torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop))  # logit · log2(e)
         torch.amax(block, 0, out=shifts[index])
         block.sub_(shifts[index]).exp2_()
         torch.sum(block, 0, out=sums[index])
         shifts[index].mul_(LN2)
-        chunk_lse = shifts[index] + sums[index].log()
-        running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
     return shifts, sums
 
 
@@ -206,6 +226,34 @@ def linear_cross_entropy(
 
 
 EVAL_CHUNK = 512  # vocabulary rows per product in evaluation: the (512, N) block stays in cache
+_frozen: dict | None = None  # inside ``frozen_decoder``: the augmented weights built so far
+
+
+@contextmanager
+def frozen_decoder() -> Iterator[None]:
+    """A block in which the decoder's weights do not change (an evaluation pass): ``linear_nll_sum``
+    builds each weight's augmented copy once for the block instead of once per call."""
+    global _frozen
+    if _frozen is not None:  # nested: the outer block owns the copies
+        yield
+        return
+    _frozen = {}
+    try:
+        yield
+    finally:
+        for weight_aug in _frozen.values():
+            _POOL.give(weight_aug)
+        _frozen = None
+
+
+def _evaluation_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _frozen is None:
+        return _scaled_augmented(weight, bias)
+    key = (weight.data_ptr(), tuple(weight.shape), None if bias is None else bias.data_ptr(),
+           torch.is_inference_mode_enabled())  # fmt: skip
+    if key not in _frozen:
+        _frozen[key] = _scaled_augmented(weight, bias)
+    return _frozen[key]
 
 
 @torch.no_grad()
@@ -220,9 +268,10 @@ def linear_nll_sum(
     """
     vocab, columns = weight.size(0), hidden.size(0)
     buffer = _POOL.take(min(EVAL_CHUNK, vocab), columns, hidden)
-    weight_aug = _scaled_augmented(weight, bias)
+    weight_aug = _evaluation_weight(weight, bias)
     maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: buffer[: b - a], EVAL_CHUNK)
-    _POOL.give(weight_aug)
+    if _frozen is None:
+        _POOL.give(weight_aug)
     _POOL.give(buffer)
     target_logits = _target_logits(hidden, weight, bias, targets)
     return (_logsumexp(maxima, sums) - target_logits).sum()

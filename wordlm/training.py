@@ -19,6 +19,7 @@ import torch
 
 from wordlm.data import batchify_eval, get_batch
 from wordlm.distributed import SINGLE, World
+from wordlm.fused import frozen_decoder
 from wordlm.model import Hidden, RNNModel, detach_hidden
 
 MetricLogger = Callable[[str, float, int], None]
@@ -367,11 +368,12 @@ def evaluate_loss(
             continue
         hidden = model.init_hidden(source.size(1))
         steps = max(1, eval_chunk_tokens(model.config.ntoken) // source.size(1))
-        for i in range(0, source.size(0) - 1, steps):
-            inputs, targets = get_batch(source, i, steps)
-            features, hidden = model.features(inputs, hidden)
-            total += model.decoder_nll_sum(features, targets)
-            count += targets.numel()
+        with frozen_decoder():  # the weights stay as they are for the whole pass
+            for i in range(0, source.size(0) - 1, steps):
+                inputs, targets = get_batch(source, i, steps)
+                features, hidden = model.features(inputs, hidden)
+                total += model.decoder_nll_sum(features, targets)
+                count += targets.numel()
     model.train(was_training)
     total, count = world.total(torch.stack([total, total.new_tensor(count)])).tolist()
     return (total / count if count else math.nan), int(count)
