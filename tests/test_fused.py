@@ -117,3 +117,44 @@ def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(
     with torch.inference_mode():
         assert linear_nll_sum(hidden, weight, bias, targets).item() == pytest.approx(expected(), rel=1e-6)
     assert len(built) == 2
+
+
+def _model_gradients(model, inputs, targets, fused: bool, monkeypatch):
+    import wordlm.model
+
+    monkeypatch.setattr(wordlm.model, "_use_fused", lambda features: fused)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same dropout masks for both paths
+    loss, _ = model(inputs, model.init_hidden(inputs.size(1)), targets)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_tied_embedding_gradient_joins_the_decoders_and_matches_plain_autograd(tied, monkeypatch):
+    """With tied weights the lookup's rows are added into the fused decoder's gradient in place
+    (wordlm.fused.TiedGradient); the weight's gradient must still be the sum of both uses."""
+    from wordlm.model import ModelConfig, RNNModel
+
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(CHUNK * 2 + 9, "LSTM", 16, 16, 2, 0.2, tied=tied))
+    inputs = torch.randint(CHUNK * 2 + 9, (7, 5))
+    inputs[0, :3] = 4  # a repeated word: its rows sum
+    targets = torch.randint(CHUNK * 2 + 9, (7, 5))
+    plain_loss, plain = _model_gradients(model, inputs, targets, False, monkeypatch)
+    fused_loss, fused = _model_gradients(model, inputs, targets, True, monkeypatch)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == fused.keys()
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], atol=1e-7, rtol=1e-5), name
+    assert model._tied_gradient_link() is not None if tied else model._tied_gradient_link() is None
+
+
+def test_a_tied_lookup_without_a_decoder_gradient_gives_the_plain_one():
+    from wordlm.fused import TiedGradient, tied_lookup
+
+    weight = torch.randn(11, 4, requires_grad=True)
+    ids = torch.tensor([[1, 3], [3, 10]])
+    (grad,) = torch.autograd.grad((tied_lookup(weight, ids, TiedGradient()) ** 2).sum(), weight)
+    (expected,) = torch.autograd.grad((F.embedding(ids, weight) ** 2).sum(), weight)
+    assert torch.equal(grad, expected)
