@@ -290,7 +290,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator", *OPTIONS],
                         dest="impl")  # fmt: skip
     parser.add_argument("--options", action="store_true", help="also time the options that change the math (default)")
-    parser.add_argument("--ablations", action="store_true", help="also run wordlm without each speed-up (default config)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run wordlm without each speed-up (default config)")  # fmt: skip
     parser.add_argument("--config", default="default")
     parser.add_argument("--weights")
     parser.add_argument("--out")
@@ -318,7 +319,8 @@ def main() -> None:
             variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})
         torch.manual_seed(0)
         weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
-        torch.save(ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"]).state_dict(), weights)
+        initial = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
+        torch.save(initial.state_dict(), weights)
         runs = {side: [] for side in ("classic", "wordlm", *variants)}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every side
             for side in runs:
@@ -328,7 +330,8 @@ def main() -> None:
         classic, ours = results["classic"], results["wordlm"]
         ceiling = matmul_ceiling(tokens, cfg["nhid"], ntoken)
         flops = flops_per_step(cfg, ntoken)
-        gflops = {side: flops * r["train_tokens_per_s"] / tokens / 1e9 for side, r in (("classic", classic), ("wordlm", ours))}
+        gflops = {side: flops * r["train_tokens_per_s"] / tokens / 1e9
+                  for side, r in (("classic", classic), ("wordlm", ours))}  # fmt: skip
         loss_gap = max(abs(a - b) for a, b in zip(classic["losses"], ours["losses"]))
         row = {
             "train_ratio": ours["train_tokens_per_s"] / classic["train_tokens_per_s"],
@@ -367,7 +370,8 @@ def main() -> None:
         print(f"{'peak RSS MB':24s}{row['classic_peak_rss_mb']:12.0f}{row['wordlm_peak_rss_mb']:12.0f}")
         for side in ("classic", "wordlm"):
             (train_low, train_high), (eval_low, eval_high) = row["spread"][side]["train"], row["spread"][side]["eval"]
-            print(f"  {side} over {args.repeats} runs: train {train_low:.0f}-{train_high:.0f}, eval {eval_low:.0f}-{eval_high:.0f} tokens/s")
+            print(f"  {side} over {args.repeats} runs: train {train_low:.0f}-{train_high:.0f}, "
+                  f"eval {eval_low:.0f}-{eval_high:.0f} tokens/s")  # fmt: skip
         print(f"per-batch losses agree: {row['loss_match']} (max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")
         if variants:
             print("variants (loss gap: the largest per-batch gap to wordlm's float32 run):")

@@ -265,7 +265,9 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     _check_path("save", cfg["save"])
     _check_path("save_last", cfg["save_last"])
     if os.path.abspath(cfg["save"]) == os.path.abspath(cfg["save_last"]):
-        raise UserError(f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart")
+        raise UserError(
+            f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart"
+        )
     if cfg["on_divergence"] not in ("stop", "reload"):
         raise UserError(f"on_divergence={cfg['on_divergence']!r} must be 'stop' or 'reload'")
     if not isinstance(cfg["dataset"], str):
@@ -414,7 +416,9 @@ def _train(_run, _log, cfg: dict):
     own_rng = False  # whether this rank goes on with the random stream it saved
     if cfg["resume"] is not None:
         if payload["vocab"] != vocab.idx2word:
-            raise UserError(f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)")
+            raise UserError(
+                f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)"
+            )
         model.load_state_dict(payload["model_state"])
         state = TrainState.from_dict(payload["training"]["state"], device)
         if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
@@ -480,7 +484,9 @@ def _train(_run, _log, cfg: dict):
 
     def on_diverged(divergence) -> None:
         if cfg["on_divergence"] == "stop" or best_weights is None or state.divergences >= MAX_RELOADS:
-            kept = f"{cfg['save']} keeps the best model (epoch {state.best_epoch})" if best_weights else "no model was saved"
+            kept = "no model was saved"
+            if best_weights:
+                kept = f"{cfg['save']} keeps the best model (epoch {state.best_epoch})"
             if cfg["on_divergence"] == "stop":
                 raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
             tried = f"still diverging after {state.divergences} reloads of the best model" if best_weights else ""
@@ -561,7 +567,8 @@ def _train(_run, _log, cfg: dict):
         _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
     if cfg["onnx_export"]:
         _log.info("wrote %s", export_onnx(model, cfg["onnx_export"], vocab))
-    title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}" + (" · interrupted" if interrupted else "")
+    title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}"
+    title += " · interrupted" if interrupted else ""
     _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
     return test_ppl
 
@@ -777,5 +784,6 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.devnull, "w") if follower else nullcontext(sys.stdout) as out, redirect_stdout(out):
             ex.run_commandline(argv)
     except KeyboardInterrupt:  # a second Ctrl-C while the interrupted run was being tested
-        print("error: interrupted again; stopped without testing (the checkpoints written are complete)", file=sys.stderr)
+        print("error: interrupted again; stopped without testing (the checkpoints written are complete)",
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)

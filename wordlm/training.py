@@ -416,8 +416,8 @@ def fit(
 
     The model is saved (``save_best``) whenever validation loss improves. The learning rate is divided
     by ``anneal`` when it does not, as in the classic example; or, with ``lr_decay``, multiplied by it
-    after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs once the epoch's
-    bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
+    after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs
+    once the epoch's bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
     with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
     lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates. In a
     ``world`` of several processes ``model`` is the DistributedDataParallel wrapper and every rank
