@@ -42,12 +42,6 @@ CONFIGS = {
     "large": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5, batch_size=32, bptt=35, lr=20.0, clip=0.25),
 }
 EVAL_BATCH = 10
-# wordlm without one of its speed-ups each, for --ablations
-ABLATIONS = {
-    "wordlm-unfused": "without the fused decoder loss",
-    "wordlm-no-tied-join": "without the tied gradient join",
-    "wordlm-no-allocator": "without the allocator setting",
-}
 # wordlm's options that change the math (off by default), for --options
 OPTIONS = {
     "wordlm-bf16": {"amp": "bf16"},
@@ -173,8 +167,6 @@ def worker(args) -> None:
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
             wordlm.model._use_fused = lambda features: False
-        if args.impl == "wordlm-no-tied-join":  # the tied lookup's gradient as autograd gives it: dense, then added
-            RNNModel._tied_gradient_link = lambda self: None
         options = OPTIONS.get(args.impl, {})
         model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"],
                                      tied="adaptive_softmax" not in options,
@@ -295,7 +287,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=30000)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each side, interleaved; the fastest of each is reported")  # fmt: skip
-    parser.add_argument("--worker", choices=["classic", "wordlm", *ABLATIONS, *OPTIONS],
+    parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator", *OPTIONS],
                         dest="impl")  # fmt: skip
     parser.add_argument("--options", action="store_true", help="also time the options that change the math (default)")
     parser.add_argument("--ablations", action="store_true",
@@ -321,7 +313,8 @@ def main() -> None:
         tokens = cfg["batch_size"] * cfg["bptt"]
         variants = {}
         if args.ablations and name == "default":
-            variants.update(ABLATIONS)
+            variants["wordlm-unfused"] = "without the fused decoder loss"
+            variants["wordlm-no-allocator"] = "without the allocator setting"
         if args.options and name == "default":
             variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})
         torch.manual_seed(0)

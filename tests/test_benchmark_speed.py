@@ -18,4 +18,3 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
     low, high = row["spread"]["classic"]["train"]
     assert 0 < low <= high == row["classic_train_tokens_per_s"]  # the fastest of the repeated runs counts
     assert "wordlm-unfused_train_tokens_per_s" in row and "without the fused decoder loss" in result.stdout
-    assert "wordlm-no-tied-join_train_tokens_per_s" in row and "without the tied gradient join" in result.stdout
