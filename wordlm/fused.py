@@ -1,7 +1,6 @@
 """The decoder and its cross-entropy as one operation, for CPUs: same math, less time and memory.
 
-Lives here: ``linear_cross_entropy`` (training, with autograd), ``linear_nll_sum`` (evaluation) and
-``tied_lookup`` (the tied embedding's lookup, whose gradient joins the decoder's).
+Lives here: ``linear_cross_entropy`` (training, with autograd) and ``linear_nll_sum`` (evaluation).
 Must not import Sacred.
 
 Why: on a CPU, the classic path (``Linear`` → ``log_softmax`` → ``nll_loss``) spends about half of a
@@ -164,52 +163,9 @@ def _target_logits(hidden, weight, bias, targets) -> torch.Tensor:
     return logits if bias is None else logits + bias[targets]
 
 
-class TiedGradient:
-    """Joins a tied embedding lookup (``tied_lookup``) to the fused decoder loss of the same forward pass.
-
-    The decoder's weight gradient is dense (V × H); the lookup's is a few rows. Autograd would give
-    the lookup a zero-filled V × H tensor of its own and then add the two, two passes over ~27 MB a
-    step for the default model. Instead the decoder's backward leaves its gradient here, still waiting
-    in autograd's buffer for the tied weight (which accumulates only after both uses are done, and
-    the decoder's backward always runs first: the lookup feeds it); the lookup's backward adds its
-    rows into that tensor in place and passes no gradient of its own.
-    """
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
-
-
-class _TiedLookup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, ids, link):
-        ctx.save_for_backward(ids)
-        ctx.link, ctx.weight_shape = link, weight.shape
-        return torch.nn.functional.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (ids,) = ctx.saved_tensors
-        pending, ctx.link.pending = ctx.link.pending, None  # (dropping the reference lets autograd keep the tensor)
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        rows = grad_output.reshape(-1, grad_output.size(-1))
-        if pending is not None:
-            pending.index_add_(0, ids.reshape(-1), rows)
-            return None, None, None
-        grad = rows.new_zeros(ctx.weight_shape)  # no decoder gradient to join: the plain dense gradient
-        return grad.index_add_(0, ids.reshape(-1), rows), None, None
-
-
-def tied_lookup(weight: torch.Tensor, ids: torch.Tensor, link: TiedGradient) -> torch.Tensor:
-    """``F.embedding(ids, weight)``, whose gradient joins the fused decoder loss's through ``link``."""
-    return _TiedLookup.apply(weight, ids, link)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, link):
+    def forward(ctx, hidden, weight, bias, targets):
         exps = _POOL.take(weight.size(0), hidden.size(0), hidden)  # (V, N)
         weight_aug = _scaled_augmented(weight, bias)
         maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: exps[a:b], CHUNK)
@@ -217,7 +173,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logsumexp = _logsumexp(maxima, sums)
         target_logits = _target_logits(hidden, weight, bias, targets)
         ctx.save_for_backward(hidden, weight, targets, exps, maxima, logsumexp)
-        ctx.has_bias, ctx.link = bias is not None, link
+        ctx.has_bias = bias is not None
         return (logsumexp - target_logits).mean()
 
     @staticmethod
@@ -250,17 +206,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden.add_(weight[targets] * minus)
         if need_bias:
             grad_bias.index_add_(0, targets, minus.expand(targets.numel()))
-        if need_weight and ctx.link is not None:
-            ctx.link.pending = grad_weight
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    link: TiedGradient | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
     """Mean cross-entropy of ``softmax(hidden @ weightᵀ + bias)`` against ``targets``.
 
@@ -271,10 +221,8 @@ def linear_cross_entropy(
         weight: (V, H) decoder weight.
         bias: (V,) decoder bias, or None.
         targets: (N,) ids.
-        link: given when ``weight`` is also the embedding looked up by ``tied_lookup(weight, ..., link)``
-            in the same forward pass.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, link)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 
 EVAL_CHUNK = 512  # vocabulary rows per product in evaluation: the (512, N) block stays in cache

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wordlm.fused import TiedGradient, linear_cross_entropy, linear_nll_sum, tied_lookup
+from wordlm.fused import linear_cross_entropy, linear_nll_sum
 from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
@@ -83,9 +83,7 @@ class ModelConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
         if self.init_range is not None and (
-            isinstance(self.init_range, bool)
-            or not isinstance(self.init_range, (int, float))
-            or not self.init_range > 0
+            isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or not self.init_range > 0
         ):
             raise ValueError(f"init_range={self.init_range!r} must be a positive number or None")
         if self.adaptive_softmax is not None:
@@ -186,11 +184,10 @@ class RNNModel(nn.Module):
             Training goes through here with targets, so that wrappers such as DistributedDataParallel
             see the whole computation.
         """
-        link = self._tied_gradient_link() if targets is not None else None
-        output, raw, hidden = self._run(inputs, hidden, link)  # (T, B, H) dropped and raw top-layer outputs
+        output, raw, hidden = self._run(inputs, hidden)  # (T, B, H) dropped and raw top-layer outputs
         if targets is None:
             return self.scores(output), hidden  # (T, B, V)
-        cross_entropy = self.decoder_loss(output, targets, link)
+        cross_entropy = self.decoder_loss(output, targets)
         self.last_cross_entropy = cross_entropy.detach()
         if self.training:
             return cross_entropy + activation_penalties(output, raw, self.config.alpha, self.config.beta), hidden
@@ -209,21 +206,8 @@ class RNNModel(nn.Module):
         output, _, hidden = self._run(inputs, hidden)
         return output, hidden
 
-    def _tied_gradient_link(self) -> TiedGradient | None:
-        """A link for this forward pass when the tied embedding's gradient can join the fused decoder's
-        (see ``wordlm.fused.TiedGradient``): tied weights, the fused path, gradients on, no word dropout."""
-        weight = self.encoder.weight
-        if self.config.adaptive_softmax is not None or self.decoder.weight is not weight or self.config.dropoute:
-            return None
-        return TiedGradient() if torch.is_grad_enabled() and weight.requires_grad and _use_fused(weight) else None
-
-    def _run(
-        self, inputs: torch.Tensor, hidden: Hidden, link: TiedGradient | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
-        if link is not None:
-            embedded = tied_lookup(self.encoder.weight, inputs, link)  # (T, B, E)
-        else:
-            embedded = embedding_dropout(self.encoder, inputs, self.config.dropoute, self.training)
+    def _run(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
+        embedded = embedding_dropout(self.encoder, inputs, self.config.dropoute, self.training)  # (T, B, E)
         layer_input = self.drop_input(embedded)
         if not self.config.layered:
             raw, hidden = self.rnn(layer_input, hidden)  # (T, B, H)
@@ -236,9 +220,7 @@ class RNNModel(nn.Module):
                 layer_input = self.drop_between(raw)
         return self.drop(raw), raw, new_hidden
 
-    def decoder_loss(
-        self, features: torch.Tensor, targets: torch.Tensor, link: TiedGradient | None = None
-    ) -> torch.Tensor:
+    def decoder_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the decoder's softmax over ``features`` (T, B, H) against ``targets`` (T, B).
 
         On the CPU this runs the fused path of ``wordlm.fused`` (same math, about half the non-matmul
@@ -248,7 +230,7 @@ class RNNModel(nn.Module):
         if self.config.adaptive_softmax is not None:
             return self.adaptive(flat, self.word_rank[targets.reshape(-1)]).loss
         if _use_fused(flat):
-            return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1), link)
+            return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1))
 
     def decoder_nll_sum(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
