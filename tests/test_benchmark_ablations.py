@@ -1,0 +1,20 @@
+"""benchmarks/ablations.py runs end to end: paired on/off steps in one process, a JSON last line."""
+
+import json
+
+from conftest import cut_corpus, run_cli
+
+
+def test_the_ablation_benchmark_pairs_each_speed_up_and_counts_page_faults(tmp_path):
+    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
+    result = run_cli("--dataset", str(corpus), "--pairs", "2", "--eval-pairs", "1", "--eval-tokens", "300",
+                     cwd=tmp_path, script="benchmarks/ablations.py", timeout=600)  # fmt: skip
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"train_fused", "train_allocator", "eval_fused"} <= summary.keys()
+    for row in summary.values():
+        assert row["pairs"] >= 1 and row["ratio_median"] > 0 and row["on_ms_median"] > 0
+        low, high = row["ratio_quartiles"]
+        assert low <= high
+    # the allocator setting is what keeps the large buffers out of fresh mmaps
+    allocator = summary["train_allocator"]
+    assert allocator["faults_per_step_on"] < allocator["faults_per_step_off"]
