@@ -132,8 +132,8 @@ def _exp_chunks_running(weight_aug, hidden_aug, block_of, chunk):
     for index, start in enumerate(range(chunk, vocab, chunk), start=1):
         stop = min(start + chunk, vocab)
         torch.neg(negated, out=shifts[index])
-        torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop)).exp2_()  # exp(logit - shift)
-        torch.sum(block_of(start, stop), 0, out=sums[index])
+        block = torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop)).exp2_()  # exp(logit - shift)
+        torch.sum(block, 0, out=sums[index])
         negated.sub_(torch.log1p(sums[index]))
     return shifts, sums
 
