@@ -11,14 +11,17 @@ quartiles) is what the speed-up buys. Switching a speed-up takes one unmeasured 
 allocator's heap, the decoder's pooled buffers), so each measured step follows one of its own kind.
 
 Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits) and
-``allocator`` (wordlm.system.tune_cpu_allocator, against glibc's default mmap threshold); evaluation
-pairs for ``fused`` too. The last line is one JSON object.
+``allocator`` (wordlm.system.tune_cpu_allocator, against a fixed 128 KiB mmap threshold: glibc's
+starting value, without the raise glibc makes after freeing a mapped block, so this is a strict
+"off"; memory the heap kept from the "on" steps is still reused, so the page faults of "off" steps
+vary from run to run); evaluation pairs for ``fused`` too. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import ctypes.util
 import json
 import resource
 import statistics
@@ -35,10 +38,9 @@ import wordlm.model  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
 from wordlm.model import ModelConfig, RNNModel, detach_hidden  # noqa: E402
-from wordlm.system import tune_cpu_allocator  # noqa: E402
+from wordlm.system import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, tune_cpu_allocator  # noqa: E402
 from wordlm.training import evaluate_loss  # noqa: E402
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 GLIBC_DEFAULT_THRESHOLD = 128 << 10  # glibc's initial mmap threshold (set explicitly, it stays fixed)
 
 
@@ -48,7 +50,7 @@ class Toggle:
     def __init__(self, name: str) -> None:
         self.name = name
         self._use_fused = wordlm.model._use_fused
-        self._libc = ctypes.CDLL("libc.so.6") if name == "allocator" else None
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if name == "allocator" else None
 
     def set(self, on: bool) -> None:
         if self.name == "fused":

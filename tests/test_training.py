@@ -114,3 +114,18 @@ def test_eval_chunks_keep_the_logits_buffer_bounded():
     assert training.eval_chunk_tokens(33_278) == training.EVAL_BUFFER_BYTES // (4 * 33_278)
     assert training.eval_chunk_tokens(267_735) * 267_735 * 4 <= training.EVAL_BUFFER_BYTES
     assert training.eval_chunk_tokens(10**9) == 64  # never fewer than 64 tokens
+
+
+def test_an_evaluation_pass_builds_the_decoders_augmented_weight_once(monkeypatch):
+    """Columns and tail, every chunk: one augmented copy of the decoder weight for the whole pass."""
+    import wordlm.fused as fused
+
+    built = []
+    original = fused._scaled_augmented
+    monkeypatch.setattr(fused, "_scaled_augmented", lambda w, b: built.append(1) or original(w, b))
+    monkeypatch.setattr(training, "EVAL_TOKENS", 7)  # many chunks
+    torch.manual_seed(3)
+    model = make_model(17).eval()
+    loss, count = evaluate_loss(model, torch.randint(17, (103,)), batch_size=4)  # 4 columns of 25 and a tail
+    assert count == 102 and math.isfinite(loss)
+    assert len(built) == 1

@@ -363,12 +363,12 @@ def evaluate_loss(
     columns, tail = batchify_eval(ids, batch_size)
     if columns is not None:
         columns = columns[:, world.share(columns.size(1))]
-    for source in (columns, tail if world.rank == world.size - 1 else None):
-        if source is None or source.size(1) == 0:
-            continue
-        hidden = model.init_hidden(source.size(1))
-        steps = max(1, eval_chunk_tokens(model.config.ntoken) // source.size(1))
-        with frozen_decoder():  # the weights stay as they are for the whole pass
+    with frozen_decoder():  # the weights stay as they are for the whole pass: columns and tail
+        for source in (columns, tail if world.rank == world.size - 1 else None):
+            if source is None or source.size(1) == 0:
+                continue
+            hidden = model.init_hidden(source.size(1))
+            steps = max(1, eval_chunk_tokens(model.config.ntoken) // source.size(1))
             for i in range(0, source.size(0) - 1, steps):
                 inputs, targets = get_batch(source, i, steps)
                 features, hidden = model.features(inputs, hidden)
@@ -417,8 +417,8 @@ def fit(
     The model is saved (``save_best``) whenever validation loss improves. The learning rate is divided
     by ``anneal`` when it does not, as in the classic example; or, with ``lr_decay``, multiplied by it
     after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs
-    once the epoch's bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt`` propagates
-    with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
+    once the epoch's bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt``
+    propagates with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
     lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates. In a
     ``world`` of several processes ``model`` is the DistributedDataParallel wrapper and every rank
     validates on its share and sees the same validation loss, so all take the same decisions.
