@@ -10,11 +10,12 @@ each pair the ratio ``off / on`` of the step times is taken; the median over the
 quartiles) is what the speed-up buys. Switching a speed-up takes one unmeasured step to settle (the
 allocator's heap, the decoder's pooled buffers), so each measured step follows one of its own kind.
 
-Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits) and
+Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits),
+``onednn`` (the fused loss's products on oneDNN, against ``torch.mm``'s BLAS; where torch has oneDNN) and
 ``allocator`` (wordlm.system.tune_cpu_allocator, against a fixed 128 KiB mmap threshold: glibc's
 starting value, without the raise glibc makes after freeing a mapped block, so this is a strict
 "off"; memory the heap kept from the "on" steps is still reused, so the page faults of "off" steps
-vary from run to run); evaluation pairs for ``fused`` too. The last line is one JSON object.
+vary from run to run); evaluation pairs for ``fused`` and ``onednn`` too. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import wordlm.model  # noqa: E402
+from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
 from wordlm.model import ModelConfig, RNNModel, detach_hidden  # noqa: E402
@@ -55,6 +57,8 @@ class Toggle:
     def set(self, on: bool) -> None:
         if self.name == "fused":
             wordlm.model._use_fused = self._use_fused if on else (lambda features: False)
+        elif self.name == "onednn":  # the fused loss's products: oneDNN's, or torch.mm's (BLAS)
+            fused.set_backend("onednn" if on else "blas")
         else:  # allocator: wordlm's threshold, or glibc's default (the big buffers come from fresh mmaps)
             threshold = 1 << 30 if on else GLIBC_DEFAULT_THRESHOLD
             self._libc.mallopt(_M_MMAP_THRESHOLD, threshold)
@@ -116,7 +120,8 @@ def main() -> None:
     for _ in range(3):
         train_step()  # warm-up
     results = {}
-    toggles = ["fused"] + (["allocator"] if sys.platform.startswith("linux") else [])
+    toggles = ["fused"] + (["onednn"] if "onednn" in fused.BACKENDS else [])
+    toggles += ["allocator"] if sys.platform.startswith("linux") else []
     for name in toggles:
         toggle = Toggle(name)
         times = {True: [], False: []}
@@ -137,9 +142,9 @@ def main() -> None:
               f"{row['on_ms_median']:.0f} ms; page faults per step {row['faults_per_step_off']:.0f} against "
               f"{row['faults_per_step_on']:.0f}; {row['pairs']} pairs)")  # fmt: skip
 
-    if args.eval_pairs:
-        toggle = Toggle("fused")
-        ids = corpus.valid[: args.eval_tokens + 1]
+    ids = corpus.valid[: args.eval_tokens + 1]
+    for name in [toggle for toggle in toggles if toggle != "allocator"] if args.eval_pairs else []:
+        toggle = Toggle(name)
         times = {True: [], False: []}
         for on in (True, False):  # warm-up of each kind
             toggle.set(on)
@@ -152,8 +157,8 @@ def main() -> None:
             times[on].append(time.perf_counter() - start)
         toggle.set(True)
         row = summary(times[False], times[True])
-        results["eval_fused"] = row
-        print(f"eval (batch 10), without fused: {row['ratio_median']:.3f}x slower (quartiles "
+        results[f"eval_{name}"] = row
+        print(f"eval (batch 10), without {name}: {row['ratio_median']:.3f}x slower (quartiles "
               f"{row['ratio_quartiles'][0]:.3f}-{row['ratio_quartiles'][1]:.3f}; median "
               f"{row['off_ms_median']:.0f} against {row['on_ms_median']:.0f} ms "
               f"per {ids.numel() - 1} tokens)")  # fmt: skip

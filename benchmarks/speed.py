@@ -34,6 +34,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
 
@@ -167,6 +168,8 @@ def worker(args) -> None:
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
             wordlm.model._use_fused = lambda features: False
+        if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products instead of oneDNN's
+            fused.set_backend("blas")
         options = OPTIONS.get(args.impl, {})
         model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"],
                                      tied="adaptive_softmax" not in options,
@@ -230,27 +233,42 @@ def best_gflops(product, flops, repeats) -> float:
     return best
 
 
+def onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with fused.matmul_backend("onednn"):
+        return fused.matmul_nt(a, b)
+
+
 def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
-    """GFLOP/s of the decoder's three products at their shapes, each in its faster layout, timed in
-    steady state (outputs allocated once, as a training loop reuses its buffers): the time-weighted
-    rate of forward, grad-of-input and grad-of-weight together."""
+    """GFLOP/s of the decoder's three products at their shapes, each in its faster layout and with the
+    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), timed in
+    steady state: the time-weighted rate of forward, grad-of-input and grad-of-weight together."""
     h = torch.randn(tokens, hidden)
     w = torch.randn(ntoken, hidden)
     g = torch.randn(ntoken, tokens)
     flops = 2 * tokens * hidden * ntoken
     out_vn, out_nv = torch.empty(ntoken, tokens), torch.empty(tokens, ntoken)
     out_nh, out_vh = torch.empty(tokens, hidden), torch.empty(ntoken, hidden)
-    forward = max(best_gflops(lambda: torch.mm(w, h.t(), out=out_vn), flops, repeats),
-                  best_gflops(lambda: torch.mm(h, w.t(), out=out_nv), flops, repeats))  # fmt: skip
-    grad_input = best_gflops(lambda: torch.mm(g.t(), w, out=out_nh), flops, repeats)
-    grad_weight = best_gflops(lambda: torch.mm(g, h, out=out_vh), flops, repeats)
-    return 3 / (1 / forward + 1 / grad_input + 1 / grad_weight)
+    forward = [lambda: torch.mm(w, h.t(), out=out_vn), lambda: torch.mm(h, w.t(), out=out_nv)]
+    grad_input = [lambda: torch.mm(g.t(), w, out=out_nh)]
+    grad_weight = [lambda: torch.mm(g, h, out=out_vh)]
+    if "onednn" in fused.BACKENDS:  # a @ bᵀ with both operands' rows contiguous
+        h_t, g_t, w_t = h.t().contiguous(), g.t().contiguous(), w.t().contiguous()
+        forward += [lambda: onednn_nt(w, h), lambda: onednn_nt(h, w)]
+        grad_input.append(lambda: onednn_nt(g_t, w_t))
+        grad_weight.append(lambda: onednn_nt(g, h_t))
+    rates = [max(best_gflops(product, flops, repeats) for product in products)
+             for products in (forward, grad_input, grad_weight)]  # fmt: skip
+    return 3 / sum(1 / rate for rate in rates)
 
 
 def square_matmul_gflops(size=4096, repeats=5) -> float:
-    """A large square float32 matmul: the machine's matmul speed at its easiest shape."""
+    """A large square float32 matmul, with the faster library: the machine's matmul speed at its easiest shape."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return best_gflops(lambda: a @ b, 2 * size**3, repeats)
+    products = [lambda: a @ b]
+    if "onednn" in fused.BACKENDS:
+        b_t = b.t().contiguous()
+        products.append(lambda: onednn_nt(a, b_t))
+    return max(best_gflops(product, 2 * size**3, repeats) for product in products)
 
 
 def run_side(impl, config, args, weights) -> dict:
@@ -287,8 +305,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=30000)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each side, interleaved; the fastest of each is reported")  # fmt: skip
-    parser.add_argument("--worker", choices=["classic", "wordlm", "wordlm-unfused", "wordlm-no-allocator", *OPTIONS],
-                        dest="impl")  # fmt: skip
+    sides = ["classic", "wordlm", "wordlm-unfused", "wordlm-blas", "wordlm-no-allocator", *OPTIONS]
+    parser.add_argument("--worker", choices=sides, dest="impl")
     parser.add_argument("--options", action="store_true", help="also time the options that change the math (default)")
     parser.add_argument("--ablations", action="store_true",
                         help="also run wordlm without each speed-up (default config)")  # fmt: skip
@@ -314,6 +332,8 @@ def main() -> None:
         variants = {}
         if args.ablations and name == "default":
             variants["wordlm-unfused"] = "without the fused decoder loss"
+            if "onednn" in fused.BACKENDS:
+                variants["wordlm-blas"] = "the fused loss on torch.mm's products, not oneDNN's"
             variants["wordlm-no-allocator"] = "without the allocator setting"
         if args.options and name == "default":
             variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})
@@ -372,7 +392,8 @@ def main() -> None:
             (train_low, train_high), (eval_low, eval_high) = row["spread"][side]["train"], row["spread"][side]["eval"]
             print(f"  {side} over {args.repeats} runs: train {train_low:.0f}-{train_high:.0f}, "
                   f"eval {eval_low:.0f}-{eval_high:.0f} tokens/s")  # fmt: skip
-        print(f"per-batch losses agree: {row['loss_match']} (max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")
+        print(f"per-batch losses agree: {row['loss_match']} "
+              f"(max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")  # fmt: skip
         if variants:
             print("variants (loss gap: the largest per-batch gap to wordlm's float32 run):")
         for side, what in variants.items():

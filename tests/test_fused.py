@@ -4,8 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wordlm.fused import CHUNK, EVAL_CHUNK, linear_cross_entropy, linear_nll_sum
+from wordlm import fused
+from wordlm.fused import BACKENDS, CHUNK, EVAL_CHUNK, linear_cross_entropy, linear_nll_sum, matmul_backend
 from wordlm.system import tune_cpu_allocator
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each test that takes it runs once per matrix-product backend this torch has (oneDNN, BLAS)."""
+    with matmul_backend(request.param):
+        yield request.param
 
 
 def inputs(n=37, h=8, v=CHUNK * 3 + 17, seed=0):
@@ -22,7 +30,7 @@ def gradients(loss, *tensors):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_cross_entropy_in_value_and_gradients(with_bias):
+def test_matches_cross_entropy_in_value_and_gradients(with_bias, backend):
     hidden, weight, bias, targets = inputs()
     bias = bias if with_bias else None
     expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
@@ -34,7 +42,7 @@ def test_matches_cross_entropy_in_value_and_gradients(with_bias):
 
 @pytest.mark.parametrize("vocab", [CHUNK + 1, EVAL_CHUNK * 3 + 5])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_nll_sum_matches_cross_entropy_sum(vocab, with_bias):
+def test_nll_sum_matches_cross_entropy_sum(vocab, with_bias, backend):
     hidden, weight, bias, targets = inputs(n=50, v=vocab)
     bias = bias if with_bias else None
     expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
@@ -42,10 +50,10 @@ def test_nll_sum_matches_cross_entropy_sum(vocab, with_bias):
 
 
 @pytest.mark.parametrize("word", [5, CHUNK * 2 + 3, EVAL_CHUNK * 2 + 7])
-def test_a_dominant_word_in_any_chunk_keeps_the_loss_exact(word):
+def test_a_dominant_word_in_any_chunk_keeps_the_loss_exact(word, backend):
     """A chunk is shifted by the log-sum-exp of the chunks before it; a word whose logits tower over
     those (here by hundreds, far past float32's exp range) must make its chunk be redone exactly."""
-    hidden, weight, bias, targets = inputs(v=EVAL_CHUNK * 3 + 17)
+    hidden, weight, bias, targets = inputs(v=max(CHUNK, EVAL_CHUNK) * 3 + 17)
     with torch.no_grad():
         weight[word] *= 1000
     logits = F.linear(hidden, weight, bias)
@@ -59,7 +67,7 @@ def test_a_dominant_word_in_any_chunk_keeps_the_loss_exact(word):
     assert total.item() == pytest.approx(expected.item() * targets.numel(), rel=1e-5)
 
 
-def test_a_non_finite_logit_gives_a_non_finite_loss():
+def test_a_non_finite_logit_gives_a_non_finite_loss(backend):
     """Divergence must surface as a NaN/inf loss, not be absorbed by the chunked shifts."""
     hidden, weight, bias, targets = inputs()
     with torch.no_grad():
@@ -117,3 +125,42 @@ def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(
     with torch.inference_mode():
         assert linear_nll_sum(hidden, weight, bias, targets).item() == pytest.approx(expected(), rel=1e-6)
     assert len(built) == 2
+
+
+def test_onednn_serves_the_products_by_default_where_torch_has_it(monkeypatch):
+    if "onednn" not in BACKENDS:
+        pytest.skip("this torch build has no oneDNN")
+    calls = []
+    onednn = fused._ONEDNN
+    monkeypatch.setattr(fused, "_ONEDNN", lambda *args: calls.append(1) or onednn(*args))
+    hidden, weight, bias, targets = inputs()
+    linear_cross_entropy(hidden, weight, bias, targets).backward()
+    chunks = -(-weight.size(0) // CHUNK)
+    assert len(calls) == 2 * chunks  # the forward product and the weight gradient's, per chunk
+
+
+def test_both_backends_give_the_same_loss_and_gradients():
+    results = []
+    for name in BACKENDS:
+        hidden, weight, bias, targets = inputs(seed=4)
+        with matmul_backend(name):
+            loss = linear_cross_entropy(hidden, weight, bias, targets)
+            results.append((loss.item(), gradients(loss, hidden, weight, bias)))
+    for value, grads in results[1:]:
+        assert value == pytest.approx(results[0][0], rel=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads, results[0][1]))
+
+
+def test_an_unknown_backend_is_refused_by_name():
+    with pytest.raises(ValueError, match="'cublas' is not available here; choose one of"):
+        fused.set_backend("cublas")
+    assert fused._backend == BACKENDS[0]
+
+
+def test_a_second_backward_pass_is_refused_plainly():
+    """The backward pass scales the kept exponentials in place: running it again would be silently wrong."""
+    hidden, weight, bias, targets = inputs()
+    loss = linear_cross_entropy(hidden, weight, bias, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice: retain_graph is not supported"):
+        loss.backward()

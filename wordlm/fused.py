@@ -7,22 +7,29 @@ Why: on a CPU, the classic path (``Linear`` → ``log_softmax`` → ``nll_loss``
 training step outside the decoder's matrix products: it materialises log-probabilities, zero-fills a
 fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buffers every step. Here:
 
-- logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which all three decoder
-  products (forward, grad of h, grad of W) run at the machine's matmul speed; ``h @ Wᵀ`` with these
-  shapes runs at about 60 % of it (figures in docs/PERFORMANCE.md);
+- logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which the decoder's products
+  run at the machine's matmul speed; ``h @ Wᵀ`` with these shapes runs at about 60 % of it;
+- the forward product and the weight gradient's run on oneDNN where torch has it (``matmul_nt``):
+  the same float32 arithmetic as ``torch.mm``'s BLAS (MKL), with faster kernels on the AMD CPU this
+  project is measured on (MKL_VERBOSE names no AVX-512 path for it); the grad of h stays with
+  ``torch.mm``, which is as fast at its shape and accumulates in place;
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
-  weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[hᵀ; 1; -s]``,
+  weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[h | 1 | -s]``,
   so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
-  (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` while it is in
-  cache. No bias broadcast, no max pass, no subtraction pass, and one check per call, not per chunk: if
-  some chunk's sum shows that ``s`` was too low (a new dominant word), every chunk is computed again
-  with its own maximum. Each chunk keeps its exponentials in place, so the backward pass needs one
-  multiply, not another ``exp``;
-- the backward pass scales one chunk at a time and feeds it to the two gradient products while it is
-  still in cache; the one-hot part of the gradient is a sparse update of the target rows. One ``V × N``
-  buffer per training step and the ``V × (H+2)`` augmented weight, both pooled, no other;
-- evaluation never writes the logits out whole: chunks of rows are computed into a small buffer and
-  reduced in cache, the same way.
+  (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` in place. No
+  bias broadcast, no max pass, no subtraction pass, and one check per call, not per chunk: if some
+  chunk's sum shows that ``s`` was too low (a new dominant word), every chunk is computed again with
+  its own maximum. Each chunk keeps its exponentials, so the backward pass needs one multiply, not
+  another ``exp``;
+- the backward pass scales one chunk at a time and feeds it to the products, then frees it; the
+  weight gradient's product runs against ``[hᵀ; 1]``, so that its last column is the bias gradient
+  (no separate sum); the one-hot part of the gradient is a sparse update of the target rows. The
+  chunks' blocks (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented weight are the only
+  large buffers; with the allocator setting of ``wordlm.system`` the blocks reuse the same heap
+  memory every step;
+- evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped.
+
+All figures (chunk sizes, backends) are in docs/PERFORMANCE.md with the commands that measured them.
 
 Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabulary chunks.
 """
@@ -34,12 +41,12 @@ from contextlib import contextmanager
 
 import torch
 
-CHUNK = 256  # vocabulary rows per chunk: 256 × N floats stay in L2 cache for N up to ~1,000
+CHUNK = 2048  # vocabulary rows per chunk in training (timed against 256-4096 in docs/PERFORMANCE.md)
 
 
 class _BufferPool:
-    """Reuse the large buffers across steps (the ``V × N`` exponentials, the ``V × (H+2)`` augmented
-    weight, evaluation's block): a fresh 100+ MB tensor costs ~30,000 page faults each time.
+    """Reuse the ``V × (H+2)`` augmented weight across steps: a fresh large tensor costs thousands of
+    page faults each time.
 
     A buffer is taken by a forward pass and given back by its backward pass (or at once when the
     forward pass is done with it), so two graphs alive at the same time never share one; one made in
@@ -75,6 +82,49 @@ LN2 = 0.6931471805599453
 SUM_LIMIT = 2.0**64  # a chunk exp-sum past this (or not finite): the call is redone, each chunk with its own maximum
 
 
+def _onednn_product():
+    """oneDNN's float32 matrix product on plain tensors (``x @ wᵀ``), where this torch build has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+_ONEDNN = _onednn_product()
+BACKENDS = ("onednn", "blas") if _ONEDNN is not None else ("blas",)
+_backend = BACKENDS[0]
+
+
+def set_backend(name: str) -> str:
+    """Run the decoder's products with ``name`` (one of ``BACKENDS``) from now on; returns the one before."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"matmul backend {name!r} is not available here; choose one of {', '.join(BACKENDS)}")
+    previous, _backend = _backend, name
+    return previous
+
+
+@contextmanager
+def matmul_backend(name: str) -> Iterator[None]:
+    """A block whose decoder products run with ``name`` (see ``set_backend``): for benchmarks and tests."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ bᵀ`` (a fresh tensor) for float32 CPU tensors ``a`` (M, K) and ``b`` (N, K), rows contiguous.
+
+    Where torch has oneDNN this runs oneDNN's product, not the BLAS (MKL) one that ``torch.mm`` calls:
+    the same float32 arithmetic, faster at the forward and weight-gradient shapes on the AMD EPYC
+    (Zen 4) CPU this project is measured on (figures in docs/PERFORMANCE.md).
+    """
+    if _backend == "onednn":
+        return _ONEDNN(a, b, None, "none", [], "")
+    return torch.mm(a, b.t())
+
+
 def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``[W | b | 1] · log2(e)`` (V, H+2) in a pooled buffer (b = 0 without a bias)."""
     vocab, size = weight.shape
@@ -89,66 +139,71 @@ def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 
 def _augmented_hidden(hidden: torch.Tensor) -> torch.Tensor:
-    """``[hᵀ; 1; 0]`` (H+2, N); its last row takes the negated shift of each chunk."""
-    out = hidden.new_empty(hidden.size(1) + 2, hidden.size(0))
-    out[:-2].copy_(hidden.t())
-    out[-2].fill_(1.0)
-    out[-1].zero_()
+    """``[h | 1 | 0]`` (N, H+2); its last column takes the negated shift of each chunk."""
+    out = hidden.new_empty(hidden.size(0), hidden.size(1) + 2)
+    out[:, :-2].copy_(hidden)
+    out[:, -2].fill_(1.0)
+    out[:, -1].zero_()
     return out
 
 
-def _exp_chunks(weight_aug, hidden_aug, block_of, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``exp(logit - shift)`` of each vocabulary chunk into ``block_of(start, stop)``, chunk by chunk.
+def _exp_chunks(weight_aug, hidden_aug, chunk: int, keep: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """``exp(logit - shift)`` of each vocabulary chunk, computed chunk by chunk.
 
     A chunk's shift is the log-sum-exp of the chunks before it (per column), so that its exponentials
     stay in range without a max pass. If some chunk's sum shows that this shift was too low (a word that
     towers over all the words before it), every chunk is computed again, each shifted by its own maximum.
 
     Returns:
-        ``(shifts, sums)`` (C, N): each chunk's shift and its sum of shifted exponentials, so that
-        ``exp(logit) = block · exp(shift)`` and ``log Σ exp(logit) = _logsumexp(shifts, sums)``.
+        ``(shifts, sums, blocks)``: each chunk's shift and its sum of shifted exponentials (C, N), so
+        that ``exp(logit) = block · exp(shift)`` and ``log Σ exp(logit) = _logsumexp(shifts, sums)``;
+        with ``keep`` the chunks' blocks of exponentials (each ``(≤chunk, N)``), else an empty list.
     """
-    shifts, sums = _exp_chunks_running(weight_aug, hidden_aug, block_of, chunk)
+    shifts, sums, blocks = _exp_chunks_running(weight_aug, hidden_aug, chunk, keep)
     if bool(sums.max() < SUM_LIMIT):  # one check per call, not per chunk (NaN fails it too)
-        return shifts, sums
-    return _exp_chunks_own_max(weight_aug, hidden_aug, block_of, chunk, shifts, sums)
+        return shifts, sums, blocks
+    return _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums)
 
 
-def _exp_chunks_running(weight_aug, hidden_aug, block_of, chunk):
+def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     """The fast pass: the first chunk shifted by its own maximum, each later one by the running
-    log-sum-exp, which is kept negated in ``hidden_aug``'s last row, where the product picks it up."""
-    vocab, columns = weight_aug.size(0), hidden_aug.size(1)
+    log-sum-exp, which is kept negated in ``hidden_aug``'s last column, where the product picks it up."""
+    vocab, columns = weight_aug.size(0), hidden_aug.size(0)
     count = (vocab + chunk - 1) // chunk
     shifts = hidden_aug.new_empty(count, columns)
     sums = hidden_aug.new_empty(count, columns)
-    negated = hidden_aug[-1]  # -(log-sum-exp of the chunks so far) (N,)
+    negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) (N,)
     negated.zero_()
-    block = torch.mm(weight_aug[:chunk], hidden_aug, out=block_of(0, min(chunk, vocab)))  # logit · log2(e)
+    block = matmul_nt(weight_aug[:chunk], hidden_aug)  # logit · log2(e)
     torch.amax(block, 0, out=shifts[0])
     block.sub_(shifts[0]).exp2_()
     torch.sum(block, 0, out=sums[0])
     shifts[0].mul_(LN2)
-    torch.log(sums[0], out=negated).add_(shifts[0]).neg_()
+    negated.copy_(torch.log(sums[0]).add_(shifts[0]).neg_())
+    blocks = [block] if keep else []
     for index, start in enumerate(range(chunk, vocab, chunk), start=1):
-        stop = min(start + chunk, vocab)
         torch.neg(negated, out=shifts[index])
-        block = torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop)).exp2_()  # exp(logit - shift)
+        block = matmul_nt(weight_aug[start : start + chunk], hidden_aug).exp2_()  # exp(logit - shift)
         torch.sum(block, 0, out=sums[index])
         negated.sub_(torch.log1p(sums[index]))
-    return shifts, sums
+        if keep:
+            blocks.append(block)
+    return shifts, sums, blocks
 
 
-def _exp_chunks_own_max(weight_aug, hidden_aug, block_of, chunk, shifts, sums):
+def _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums):
     """The safe pass: each chunk shifted by its own maximum (one more pass over it)."""
-    hidden_aug[-1].zero_()
+    hidden_aug[:, -1].zero_()
+    blocks = []
     for index, start in enumerate(range(0, weight_aug.size(0), chunk)):
-        stop = min(start + chunk, weight_aug.size(0))
-        block = torch.mm(weight_aug[start:stop], hidden_aug, out=block_of(start, stop))  # logit · log2(e)
+        block = matmul_nt(weight_aug[start : start + chunk], hidden_aug)  # logit · log2(e)
         torch.amax(block, 0, out=shifts[index])
         block.sub_(shifts[index]).exp2_()
         torch.sum(block, 0, out=sums[index])
         shifts[index].mul_(LN2)
-    return shifts, sums
+        if keep:
+            blocks.append(block)
+    return shifts, sums, blocks
 
 
 def _logsumexp(maxima: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -166,39 +221,51 @@ def _target_logits(hidden, weight, bias, targets) -> torch.Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        exps = _POOL.take(weight.size(0), hidden.size(0), hidden)  # (V, N)
         weight_aug = _scaled_augmented(weight, bias)
-        maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: exps[a:b], CHUNK)
+        maxima, sums, blocks = _exp_chunks(weight_aug, _augmented_hidden(hidden), CHUNK, keep=True)
         _POOL.give(weight_aug)
         logsumexp = _logsumexp(maxima, sums)
         target_logits = _target_logits(hidden, weight, bias, targets)
-        ctx.save_for_backward(hidden, weight, targets, exps, maxima, logsumexp)
+        ctx.save_for_backward(hidden, weight, targets, maxima, logsumexp)
+        ctx.blocks = blocks  # (≤CHUNK, N) each; the backward pass scales them in place, so it runs once
         ctx.has_bias = bias is not None
         return (logsumexp - target_logits).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
         """d loss / d logits = (softmax - one-hot) · scale. The softmax part is formed chunk by chunk and
-        used at once, while the chunk is in cache, by the three products; the one-hot part touches only
-        the target rows, so it is added as a sparse update instead of being written into the buffer."""
-        hidden, weight, targets, exps, maxima, logsumexp = ctx.saved_tensors
+        used at once by the products (weight and bias gradients together, then h's); the one-hot part touches only
+        the target rows, so it is added as a sparse update instead of being written into the blocks."""
+        hidden, weight, targets, maxima, logsumexp = ctx.saved_tensors
+        blocks, ctx.blocks = ctx.blocks, None
+        if blocks is None:
+            raise RuntimeError("linear_cross_entropy's backward pass ran twice: retain_graph is not supported")
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
         scale = grad_loss / targets.numel()
-        factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = exps · factor of the chunk
+        factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = block · factor of the chunk
         grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else None  # (N, H)
         grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
         grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
-        for index, start in enumerate(range(0, exps.size(0), CHUNK)):
-            rows = slice(start, start + CHUNK)
-            block = exps[rows].mul_(factors[index])  # (≤CHUNK, N): this chunk's softmax·scale
-            if need_weight:
-                torch.mm(block, hidden, out=grad_weight[rows])
+        size = hidden.size(1)
+        if need_weight or need_bias:  # [hᵀ; 1] (H+1, N): the product's last column is the bias gradient
+            hidden_t = hidden.new_empty(size + 1, hidden.size(0))
+            hidden_t[:size].copy_(hidden.t())
+            hidden_t[size].fill_(1.0)
+            if not need_bias:
+                hidden_t = hidden_t[:size]
+        for index, block in enumerate(blocks):
+            rows = slice(index * CHUNK, index * CHUNK + block.size(0))
+            block.mul_(factors[index])  # (≤CHUNK, N): this chunk's softmax·scale
+            if need_weight or need_bias:
+                product = matmul_nt(block, hidden_t)  # (≤CHUNK, H or H+1)
+                if need_weight:
+                    grad_weight[rows] = product[:, :size]
+                if need_bias:
+                    grad_bias[rows] = product[:, size]
             if need_hidden:
                 grad_hidden.addmm_(block.t(), weight[rows])
-            if need_bias:
-                torch.sum(block, 1, out=grad_bias[rows])
-        _POOL.give(exps)
+            blocks[index] = None  # its memory is free for the next chunk's products
         minus = -scale  # the one-hot part: -scale at (target, column)
         if need_weight:
             grad_weight.index_add_(0, targets, hidden * minus)
@@ -225,7 +292,7 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 
-EVAL_CHUNK = 512  # vocabulary rows per product in evaluation: the (512, N) block stays in cache
+EVAL_CHUNK = 1024  # vocabulary rows per product in evaluation: one (1024, N) block at a time
 _frozen: dict | None = None  # inside ``frozen_decoder``: the augmented weights built so far
 
 
@@ -263,15 +330,12 @@ def linear_nll_sum(
     """Summed negative log-likelihood of ``targets`` (N,) under the decoder, without autograd.
 
     Nothing is kept for a backward pass, so the logits are never written out whole: each chunk of
-    ``EVAL_CHUNK`` vocabulary rows is computed into one small buffer and reduced while in cache. This
-    also bounds evaluation's memory at ``EVAL_CHUNK × N`` floats, whatever the vocabulary.
+    ``EVAL_CHUNK`` vocabulary rows is computed, reduced and dropped. This also bounds evaluation's
+    memory at ``EVAL_CHUNK × N`` floats, whatever the vocabulary.
     """
-    vocab, columns = weight.size(0), hidden.size(0)
-    buffer = _POOL.take(min(EVAL_CHUNK, vocab), columns, hidden)
     weight_aug = _evaluation_weight(weight, bias)
-    maxima, sums = _exp_chunks(weight_aug, _augmented_hidden(hidden), lambda a, b: buffer[: b - a], EVAL_CHUNK)
+    maxima, sums, _ = _exp_chunks(weight_aug, _augmented_hidden(hidden), EVAL_CHUNK, keep=False)
     if _frozen is None:
         _POOL.give(weight_aug)
-    _POOL.give(buffer)
     target_logits = _target_logits(hidden, weight, bias, targets)
     return (_logsumexp(maxima, sums) - target_logits).sum()
