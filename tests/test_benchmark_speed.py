@@ -4,6 +4,8 @@ import json
 
 from conftest import cut_corpus, run_cli
 
+from wordlm.fused import BACKENDS
+
 
 def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
     corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
@@ -18,3 +20,5 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
     low, high = row["spread"]["classic"]["train"]
     assert 0 < low <= high == row["classic_train_tokens_per_s"]  # the fastest of the repeated runs counts
     assert "wordlm-unfused_train_tokens_per_s" in row and "without the fused decoder loss" in result.stdout
+    if "onednn" in BACKENDS:  # the fused loss on torch.mm's products, the ablation of oneDNN's
+        assert row["wordlm-blas_train_tokens_per_s"] > 0 and "not oneDNN's" in result.stdout
