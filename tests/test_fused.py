@@ -1,5 +1,7 @@
 """The fused CPU decoder loss is the plain one: same values and gradients, safe buffer reuse."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,6 +130,8 @@ def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(
 
 
 def test_onednn_serves_the_products_by_default_where_torch_has_it(monkeypatch):
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert BACKENDS[0] == "onednn"  # the pinned x86 CPU wheel has it: its probe must pass
     if "onednn" not in BACKENDS:
         pytest.skip("this torch build has no oneDNN")
     calls = []
@@ -164,3 +168,16 @@ def test_a_second_backward_pass_is_refused_plainly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice: retain_graph is not supported"):
         loss.backward()
+
+
+def test_a_broken_onednn_entry_point_falls_back_to_torch_mm(monkeypatch):
+    """The oneDNN product is an internal torch op: if it is missing, fails or is wrong, torch.mm serves."""
+    import types
+
+    def failing(*args):
+        raise RuntimeError("no such kernel")
+
+    for replacement in (None, failing, lambda a, b, *rest: torch.zeros(a.size(0), b.size(0))):
+        entry = {} if replacement is None else {"_linear_pointwise": replacement}
+        monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace(**entry))
+        assert fused._onednn_product() is None

@@ -83,10 +83,22 @@ SUM_LIMIT = 2.0**64  # a chunk exp-sum past this (or not finite): the call is re
 
 
 def _onednn_product():
-    """oneDNN's float32 matrix product on plain tensors (``x @ wᵀ``), where this torch build has it."""
-    if not torch.backends.mkldnn.is_available():
+    """oneDNN's float32 matrix product on plain tensors (``x @ wᵀ``), where this torch build has it.
+
+    ``torch.ops.mkldnn._linear_pointwise`` is the entry point torch's compiler uses, not a public API:
+    it is tried once on a small product and left unused (``torch.mm`` serves) if it is missing, fails,
+    or disagrees with ``torch.mm``.
+    """
+    product = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if product is None or not torch.backends.mkldnn.is_available():
         return None
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    b = torch.arange(8, dtype=torch.float32).reshape(2, 4) / 5 - 0.5
+    try:
+        agrees = torch.allclose(product(a, b, None, "none", [], ""), a @ b.t(), rtol=1e-5, atol=1e-6)
+    except (RuntimeError, TypeError):  # an op whose signature changed, or a build without the kernel
+        return None
+    return product if agrees else None
 
 
 _ONEDNN = _onednn_product()
