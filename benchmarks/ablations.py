@@ -8,7 +8,7 @@ Here one model trains the default config, and each speed-up is switched off and 
 steps: every "off" step is paired with the "on" step next to it, so both see the same machine. For
 each pair the ratio ``off / on`` of the step times is taken; the median over the pairs (with its
 quartiles) is what the speed-up buys. Switching a speed-up takes one unmeasured step to settle (the
-allocator's heap, the decoder's pooled buffers), so each measured step follows one of its own kind.
+allocator's heap, the decoder's pooled weight, oneDNN's kernels), so each measured step follows one of its own kind.
 
 Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits),
 ``onednn`` (the fused loss's products on oneDNN, against ``torch.mm``'s BLAS; where torch has oneDNN) and

@@ -129,6 +129,18 @@ def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(
     assert len(built) == 2
 
 
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "bias"])
+def test_gradients_of_a_subset_of_the_inputs_match(frozen, backend):
+    """Only the gradients asked for are formed (the bias one can come without the weight's)."""
+    hidden, weight, bias, targets = inputs()
+    {"weight": weight, "hidden": hidden, "bias": bias}[frozen].requires_grad_(False)
+    wanted = [t for t in (hidden, weight, bias) if t.requires_grad]
+    actual = torch.autograd.grad(linear_cross_entropy(hidden, weight, bias, targets), wanted)
+    expected = torch.autograd.grad(F.cross_entropy(F.linear(hidden, weight, bias), targets), wanted)
+    for a, e in zip(actual, expected):
+        assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
 def test_onednn_serves_the_products_by_default_where_torch_has_it(monkeypatch):
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
         assert BACKENDS[0] == "onednn"  # the pinned x86 CPU wheel has it: its probe must pass

@@ -48,9 +48,9 @@ class _BufferPool:
     """Reuse the ``V × (H+2)`` augmented weight across steps: a fresh large tensor costs thousands of
     page faults each time.
 
-    A buffer is taken by a forward pass and given back by its backward pass (or at once when the
-    forward pass is done with it), so two graphs alive at the same time never share one; one made in
-    inference mode only serves inference mode.
+    A buffer is taken by a forward pass and given back when that pass is done with it (in evaluation,
+    at the end of a ``frozen_decoder`` block), so two passes at the same time never share one; one made
+    in inference mode only serves inference mode.
     """
 
     def __init__(self, keep: int = 3) -> None:
@@ -260,12 +260,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
         grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
         size = hidden.size(1)
-        if need_weight or need_bias:  # [hᵀ; 1] (H+1, N): the product's last column is the bias gradient
-            hidden_t = hidden.new_empty(size + 1, hidden.size(0))
+        if need_weight or need_bias:  # [hᵀ; 1] (H+1, N) with a bias: the product's last column is its gradient
+            hidden_t = hidden.new_empty(size + need_bias, hidden.size(0))
             hidden_t[:size].copy_(hidden.t())
-            hidden_t[size].fill_(1.0)
-            if not need_bias:
-                hidden_t = hidden_t[:size]
+            hidden_t[size:].fill_(1.0)
         for index, block in enumerate(blocks):
             rows = slice(index * CHUNK, index * CHUNK + block.size(0))
             block.mul_(factors[index])  # (≤CHUNK, N): this chunk's softmax·scale
