@@ -10,8 +10,11 @@ default environment, as users run the classic example; (b) wordlm's own training
 ``train_epoch`` and allocator setting the CLI uses). Each then evaluates the same validation tokens
 at batch 10. Printed: tokens/s and ratios, GFLOP/s from an explicit FLOP count against the measured
 matmul ceiling at the decoder's shapes, evaluation tokens/s, peak memory, and whether the per-batch
-losses agree. Each side runs ``--repeats`` times, interleaved with the others, and its fastest run
-counts (with the spread printed): a shared VM's speed moves by tens of percent from minute to minute.
+losses agree; and a bound, the speed of the same math if a step were nothing but the decoder's products
+at that ceiling plus the LSTM kernels (timed alone), as a ratio to the classic loop: an optimistic
+limit for any implementation of this math here. Each side runs ``--repeats`` times, interleaved with
+the others, and its fastest run counts (with the spread printed): a shared VM's speed moves by tens
+of percent from minute to minute.
 The last line is one JSON object.
 """
 
@@ -271,6 +274,38 @@ def square_matmul_gflops(size=4096, repeats=5) -> float:
     return max(best_gflops(product, 2 * size**3, repeats) for product in products)
 
 
+def lstm_seconds(cfg, eval_tokens, repeats=5) -> tuple[float, float]:
+    """Seconds of the config's ``nn.LSTM`` alone, the kernel both sides run unchanged: one training step's
+    forward and backward (batch × bptt tokens), and an evaluation of ``eval_tokens`` at batch 10."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(cfg["emsize"], cfg["nhid"], cfg["nlayers"], dropout=cfg["dropout"])
+    inputs = torch.randn(cfg["bptt"], cfg["batch_size"], cfg["emsize"], requires_grad=True)
+    steps = max(1, eval_tokens // EVAL_BATCH)
+    eval_inputs = torch.randn(steps, EVAL_BATCH, cfg["emsize"])
+
+    def train_step():
+        lstm.train()
+        lstm(inputs)[0].sum().backward()
+
+    def evaluate():
+        lstm.eval()
+        with torch.inference_mode():
+            for start in range(0, steps, 1024 // EVAL_BATCH):  # chunks as wordlm's evaluation cuts them
+                lstm(eval_inputs[start : start + 1024 // EVAL_BATCH])
+
+    def best(run, count):
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(count):
+                run()
+            times.append((time.perf_counter() - start) / count)
+        return min(times)
+
+    return best(train_step, 5), best(evaluate, 1)
+
+
 def run_side(impl, config, args, weights) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
@@ -353,6 +388,12 @@ def main() -> None:
         gflops = {side: flops * r["train_tokens_per_s"] / tokens / 1e9
                   for side, r in (("classic", classic), ("wordlm", ours))}  # fmt: skip
         loss_gap = max(abs(a - b) for a, b in zip(classic["losses"], ours["losses"]))
+        # An optimistic bound: the step as nothing but the decoder's products at the ceiling plus the LSTM
+        # kernels (no softmax exponentials, dropout, clipping or update), for the same math on this machine.
+        lstm_train, lstm_eval = lstm_seconds(cfg, args.eval_tokens)
+        decoder_flops = 2 * cfg["nhid"] * ntoken  # per token, forward; training runs three such products
+        bound_train = tokens / (3 * decoder_flops * tokens / (ceiling * 1e9) + lstm_train)
+        bound_eval = args.eval_tokens / (decoder_flops * args.eval_tokens / (ceiling * 1e9) + lstm_eval)
         row = {
             "train_ratio": ours["train_tokens_per_s"] / classic["train_tokens_per_s"],
             "eval_ratio": ours["eval_tokens_per_s"] / classic["eval_tokens_per_s"],
@@ -365,6 +406,15 @@ def main() -> None:
             "wordlm_eval_tokens_per_s": ours["eval_tokens_per_s"],
             "spread": {side: {"train": r["train_tokens_per_s_spread"], "eval": r["eval_tokens_per_s_spread"]}
                        for side, r in results.items()},  # fmt: skip
+            "bound_train_ratio": bound_train / classic["train_tokens_per_s"],
+            "bound_eval_ratio": bound_eval / classic["eval_tokens_per_s"],
+            "train_fraction_of_bound": ours["train_tokens_per_s"] / bound_train,
+            "eval_fraction_of_bound": ours["eval_tokens_per_s"] / bound_eval,
+            "bound_train_tokens_per_s": bound_train,
+            "ntoken": ntoken,
+            "bound_eval_tokens_per_s": bound_eval,
+            "lstm_train_step_ms": 1000 * lstm_train,
+            "lstm_eval_ms": 1000 * lstm_eval,
             "classic_gflops": gflops["classic"],
             "wordlm_gflops": gflops["wordlm"],
             "matmul_ceiling_gflops": ceiling,
@@ -386,6 +436,12 @@ def main() -> None:
               f"{row['gflops_fraction_of_square']:.0%} of the square matmul)")  # fmt: skip
         print(f"{'eval tokens/s (batch 10)':24s}{row['classic_eval_tokens_per_s']:12.0f}"
               f"{row['wordlm_eval_tokens_per_s']:12.0f}{row['eval_ratio']:9.2f}")  # fmt: skip
+        print(f"{'bound tokens/s':24s}{'train':>12s}{bound_train:12.0f}{row['bound_train_ratio']:9.2f}"
+              f"   wordlm at {row['train_fraction_of_bound']:.0%} of it "
+              f"(LSTM {1000 * lstm_train:.1f} ms a step)")  # fmt: skip
+        print(f"{'':24s}{'eval':>12s}{bound_eval:12.0f}{row['bound_eval_ratio']:9.2f}"
+              f"   wordlm at {row['eval_fraction_of_bound']:.0%} of it (LSTM {1000 * lstm_eval:.0f} ms)")  # fmt: skip
+        print("  (bound: the decoder's products at the ceiling plus the LSTM kernels alone, the same math)")
         print(f"{'eval ppl':24s}{row['classic_eval_ppl']:12.3f}{row['wordlm_eval_ppl']:12.3f}")
         print(f"{'peak RSS MB':24s}{row['classic_peak_rss_mb']:12.0f}{row['wordlm_peak_rss_mb']:12.0f}")
         for side in ("classic", "wordlm"):

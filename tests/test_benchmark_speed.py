@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import cut_corpus, run_cli
 
 from wordlm.fused import BACKENDS
@@ -22,3 +23,13 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
     assert "wordlm-unfused_train_tokens_per_s" in row and "without the fused decoder loss" in result.stdout
     if "onednn" in BACKENDS:  # the fused loss on torch.mm's products, the ablation of oneDNN's
         assert row["wordlm-blas_train_tokens_per_s"] > 0 and "not oneDNN's" in result.stdout
+    # the bound: the decoder's products at the measured ceiling plus the LSTM kernels timed alone
+    assert row["lstm_train_step_ms"] > 0 and row["lstm_eval_ms"] > 0
+    tokens = 32 * 35  # the default config's batch × bptt
+    decoder_ms = 1000 * 3 * 2 * 200 * row["ntoken"] * tokens / (row["matmul_ceiling_gflops"] * 1e9)
+    assert row["bound_train_tokens_per_s"] == pytest.approx(1000 * tokens / (decoder_ms + row["lstm_train_step_ms"]))
+    bound, classic = row["bound_train_tokens_per_s"], row["classic_train_tokens_per_s"]
+    assert row["bound_train_ratio"] == pytest.approx(bound / classic)
+    ours_eval, bound_eval = row["wordlm_eval_tokens_per_s"], row["bound_eval_tokens_per_s"]
+    assert row["eval_fraction_of_bound"] == pytest.approx(ours_eval / bound_eval)
+    assert "bound tokens/s" in result.stdout
