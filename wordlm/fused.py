@@ -9,24 +9,26 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 
 - logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which the decoder's products
   run at the machine's matmul speed; ``h @ Wᵀ`` with these shapes runs at about 60 % of it;
-- the forward product and the weight gradient's run on oneDNN where torch has it (``matmul_nt``):
-  the same float32 arithmetic as ``torch.mm``'s BLAS (MKL), with faster kernels on the AMD CPU this
-  project is measured on (MKL_VERBOSE names no AVX-512 path for it); the grad of h stays with
-  ``torch.mm``, which is as fast at its shape and accumulates in place;
+- the three products run on oneDNN where torch has it (``matmul_nt``): the same float32 arithmetic
+  as ``torch.mm``'s BLAS (MKL), with faster kernels on the AMD CPU this project is measured on
+  (MKL_VERBOSE names no AVX-512 path for it);
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
   weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[h | 1 | -s]``,
   so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
   (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` in place. No
   bias broadcast, no max pass, no subtraction pass, and one check per call, not per chunk: if some
   chunk's sum shows that ``s`` was too low (a new dominant word), every chunk is computed again with
-  its own maximum. Each chunk keeps its exponentials, so the backward pass needs one multiply, not
-  another ``exp``;
-- the backward pass scales one chunk at a time and feeds it to the products, then frees it; the
-  weight gradient's product runs against ``[hᵀ; 1]``, so that its last column is the bias gradient
-  (no separate sum); the one-hot part of the gradient is a sparse update of the target rows. The
-  chunks' blocks (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented weight are the only
-  large buffers; with the allocator setting of ``wordlm.system`` the blocks reuse the same heap
-  memory every step;
+  its own maximum. Each chunk keeps its exponentials, so the backward pass needs no other ``exp``;
+- the backward pass feeds one chunk at a time to the products, then frees it. The softmax is
+  ``block · factor``, with one factor per chunk and column, and a per-column factor commutes with the
+  products: it scales their small sides (``[hᵀ; 1]``, and each chunk's ``N × H`` share of the grad of
+  h), never a block, so there is no pass over the blocks to scale them. The weight gradient's product
+  runs against ``[hᵀ; 1]``, so that its last column is the bias gradient (no separate sum); with
+  oneDNN the grad of h is summed transposed, as ``Wᵀ · block``, oneDNN's fast form of that product.
+  The one-hot part of the gradient is a sparse update of the target rows. The chunks' blocks
+  (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented weight are the only large
+  buffers; with the allocator setting of ``wordlm.system`` the blocks reuse the same heap memory
+  every step;
 - evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped.
 
 All figures (chunk sizes, backends) are in docs/PERFORMANCE.md with the commands that measured them.
@@ -126,7 +128,8 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ bᵀ`` (a fresh tensor) for float32 CPU tensors ``a`` (M, K) and ``b`` (N, K), rows contiguous.
+    """``a @ bᵀ`` (a fresh tensor) for float32 CPU tensors ``a`` (M, K) and ``b`` (N, K), ``a``'s rows
+    contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
 
     Where torch has oneDNN this runs oneDNN's product, not the BLAS (MKL) one that ``torch.mm`` calls:
     the same float32 arithmetic, faster at the forward and weight-gradient shapes on the AMD EPYC
@@ -177,6 +180,17 @@ def _exp_chunks(weight_aug, hidden_aug, chunk: int, keep: bool) -> tuple[torch.T
     return _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums)
 
 
+def _own_max_chunk(weight_rows, hidden_aug, shift, total) -> torch.Tensor:
+    """One chunk's ``exp(logit - max)``, its maximum per column into ``shift`` and its sum into ``total``;
+    ``hidden_aug``'s last column must be zero."""
+    block = matmul_nt(weight_rows, hidden_aug)  # logit · log2(e)
+    torch.amax(block, 0, out=shift)
+    block.sub_(shift).exp2_()
+    torch.sum(block, 0, out=total)
+    shift.mul_(LN2)
+    return block
+
+
 def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     """The fast pass: the first chunk shifted by its own maximum, each later one by the running
     log-sum-exp, which is kept negated in ``hidden_aug``'s last column, where the product picks it up."""
@@ -186,11 +200,7 @@ def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     sums = hidden_aug.new_empty(count, columns)
     negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) (N,)
     negated.zero_()
-    block = matmul_nt(weight_aug[:chunk], hidden_aug)  # logit · log2(e)
-    torch.amax(block, 0, out=shifts[0])
-    block.sub_(shifts[0]).exp2_()
-    torch.sum(block, 0, out=sums[0])
-    shifts[0].mul_(LN2)
+    block = _own_max_chunk(weight_aug[:chunk], hidden_aug, shifts[0], sums[0])
     negated.copy_(torch.log(sums[0]).add_(shifts[0]).neg_())
     blocks = [block] if keep else []
     for index, start in enumerate(range(chunk, vocab, chunk), start=1):
@@ -208,11 +218,7 @@ def _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums):
     hidden_aug[:, -1].zero_()
     blocks = []
     for index, start in enumerate(range(0, weight_aug.size(0), chunk)):
-        block = matmul_nt(weight_aug[start : start + chunk], hidden_aug)  # logit · log2(e)
-        torch.amax(block, 0, out=shifts[index])
-        block.sub_(shifts[index]).exp2_()
-        torch.sum(block, 0, out=sums[index])
-        shifts[index].mul_(LN2)
+        block = _own_max_chunk(weight_aug[start : start + chunk], hidden_aug, shifts[index], sums[index])
         if keep:
             blocks.append(block)
     return shifts, sums, blocks
@@ -245,9 +251,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        """d loss / d logits = (softmax - one-hot) · scale. The softmax part is formed chunk by chunk and
-        used at once by the products (weight and bias gradients together, then h's); the one-hot part touches only
-        the target rows, so it is added as a sparse update instead of being written into the blocks."""
+        """d loss / d logits = (softmax - one-hot) · scale, with softmax·scale = block · factor (one factor
+        per chunk and column). Each chunk feeds the products unscaled: the factor scales ``[hᵀ; 1]`` for
+        the weight and bias gradients, and the chunk's product for the grad of h. The one-hot part
+        touches only the target rows, so it is added as a sparse update instead of being written into
+        the blocks."""
         hidden, weight, targets, maxima, logsumexp = ctx.saved_tensors
         blocks, ctx.blocks = ctx.blocks, None
         if blocks is None:
@@ -256,7 +264,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_bias = need_bias and ctx.has_bias
         scale = grad_loss / targets.numel()
         factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = block · factor of the chunk
-        grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else None  # (N, H)
+        # grad of h = Σ factor · blockᵀ W over the chunks; oneDNN's fast form is Wᵀ · block, so with it the
+        # sum is kept transposed (H, N)
+        transposed = _backend == "onednn"
+        grad_sum = hidden.new_zeros(hidden.shape[::-1] if transposed else hidden.shape) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
         grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
         size = hidden.size(1)
@@ -264,18 +275,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden_t = hidden.new_empty(size + need_bias, hidden.size(0))
             hidden_t[:size].copy_(hidden.t())
             hidden_t[size:].fill_(1.0)
+            scaled = torch.empty_like(hidden_t)
         for index, block in enumerate(blocks):
             rows = slice(index * CHUNK, index * CHUNK + block.size(0))
-            block.mul_(factors[index])  # (≤CHUNK, N): this chunk's softmax·scale
             if need_weight or need_bias:
-                product = matmul_nt(block, hidden_t)  # (≤CHUNK, H or H+1)
+                product = matmul_nt(block, torch.mul(hidden_t, factors[index], out=scaled))  # (≤CHUNK, H or H+1)
                 if need_weight:
                     grad_weight[rows] = product[:, :size]
                 if need_bias:
                     grad_bias[rows] = product[:, size]
-            if need_hidden:
-                grad_hidden.addmm_(block.t(), weight[rows])
+            if need_hidden and transposed:
+                grad_sum.addcmul_(matmul_nt(weight[rows].t(), block.t()), factors[index])
+            elif need_hidden:
+                grad_sum.addcmul_(torch.mm(block.t(), weight[rows]), factors[index].unsqueeze(1))
             blocks[index] = None  # its memory is free for the next chunk's products
+        grad_hidden = None if grad_sum is None else grad_sum.t() if transposed else grad_sum  # (N, H)
         minus = -scale  # the one-hot part: -scale at (target, column)
         if need_weight:
             grad_weight.index_add_(0, targets, hidden * minus)
