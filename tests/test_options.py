@@ -21,7 +21,8 @@ V = 60
 
 def adaptive_model(seed=0, **options) -> RNNModel:
     torch.manual_seed(seed)
-    config = ModelConfig(V, emsize=16, nhid=16, nlayers=1, dropout=0.0, tied=False, adaptive_softmax=(10, 30), **options)
+    sizes = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0)
+    config = ModelConfig(V, **sizes, tied=False, adaptive_softmax=(10, 30), **options)
     return RNNModel(config).eval()
 
 
@@ -118,8 +119,8 @@ def train_losses(model, precision=None, compiled=None, batches=4):
             pass
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_epoch(model if compiled is None else compiled, data, optimizer, TrainState(lr=1.0), bptt=5, clip=0.25, log_interval=1,
-                max_batches=batches, reporter=Keep(), precision=precision or Precision())  # fmt: skip
+    train_epoch(model if compiled is None else compiled, data, optimizer, TrainState(lr=1.0), bptt=5, clip=0.25,
+                log_interval=1, max_batches=batches, reporter=Keep(), precision=precision or Precision())  # fmt: skip
     return losses
 
 

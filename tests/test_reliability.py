@@ -146,7 +146,8 @@ def test_sigterm_behaves_like_ctrl_c_and_the_run_resumes(tmp_path, small_corpus)
 def test_a_second_ctrl_c_while_testing_exits_at_once(tmp_path):
     corpus = cut_corpus(tmp_path / "corpus", lines=(3000, 100, 3000))
     wide = ("emsize=400", "nhid=400")  # the test evaluation (batch 1, ~65k tokens) then lasts several seconds
-    process = popen(tmp_path, "with", "smoke", *wide, f"dataset={corpus}", "max_batches=None", "eval_batch_size=1", "bptt=5")
+    process = popen(tmp_path, "with", "smoke", *wide, f"dataset={corpus}", "max_batches=None", "eval_batch_size=1",
+                    "bptt=5")  # fmt: skip
     seen = read_until(process, r"\| +10/")
     process.send_signal(signal.SIGINT)
     seen += read_until(process, r"No epoch finished yet")

@@ -64,7 +64,11 @@ def corrupt(folder, how: str) -> None:
 
 @pytest.mark.filterwarnings("ignore")
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(updates=st.lists(UPDATES, max_size=3, unique=True), how=CORRUPTIONS, tag=st.text(string.ascii_lowercase, min_size=6, max_size=6))
+@given(
+    updates=st.lists(UPDATES, max_size=3, unique=True),
+    how=CORRUPTIONS,
+    tag=st.text(string.ascii_lowercase, min_size=6, max_size=6),
+)
 def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, updates, how, tag):
     folder = tmp_path_factory.mktemp(tag)
     corpus = cut_corpus(folder / "corpus", lines=(300, 40, 40))

@@ -82,8 +82,9 @@ class ModelConfig:
         for key in ("locked_dropout", "tied_projection"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
-        if self.init_range is not None and (
-            isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or not self.init_range > 0
+        init_range = self.init_range
+        if init_range is not None and (
+            isinstance(init_range, bool) or not isinstance(init_range, (int, float)) or not init_range > 0
         ):
             raise ValueError(f"init_range={self.init_range!r} must be a positive number or None")
         if self.adaptive_softmax is not None:
