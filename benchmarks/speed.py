@@ -404,8 +404,10 @@ def main() -> None:
             "wordlm_train_tokens_per_s": ours["train_tokens_per_s"],
             "classic_eval_tokens_per_s": classic["eval_tokens_per_s"],
             "wordlm_eval_tokens_per_s": ours["eval_tokens_per_s"],
-            "spread": {side: {"train": r["train_tokens_per_s_spread"], "eval": r["eval_tokens_per_s_spread"]}
-                       for side, r in results.items()},  # fmt: skip
+            "spread": {
+                side: {"train": r["train_tokens_per_s_spread"], "eval": r["eval_tokens_per_s_spread"]}
+                for side, r in results.items()
+            },  # fmt: skip
             "bound_train_ratio": bound_train / classic["train_tokens_per_s"],
             "bound_eval_ratio": bound_eval / classic["eval_tokens_per_s"],
             "train_fraction_of_bound": ours["train_tokens_per_s"] / bound_train,

@@ -56,9 +56,7 @@ def weight_dropped_call(rnn: nn.RNNBase, inputs: torch.Tensor, hidden, p: float,
     return functional_call(rnn, {"weight_hh_l0": dropped}, (inputs, hidden))
 
 
-def activation_penalties(
-    dropped: torch.Tensor, raw: torch.Tensor, alpha: float, beta: float
-) -> torch.Tensor | float:
+def activation_penalties(dropped: torch.Tensor, raw: torch.Tensor, alpha: float, beta: float) -> torch.Tensor | float:
     """AR + TAR (Merity et al. 2017) of the last layer's outputs (T, B, H).
 
     AR = alpha · mean(dropped²) keeps activations small; TAR = beta · mean((raw_t - raw_{t-1})²) keeps
