@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.training import eval_chunk_tokens  # noqa: E402
 
 CONFIGS = {
     "default": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2, batch_size=32, bptt=35, lr=20.0, clip=0.25),
@@ -274,13 +275,14 @@ def square_matmul_gflops(size=4096, repeats=5) -> float:
     return max(best_gflops(product, 2 * size**3, repeats) for product in products)
 
 
-def lstm_seconds(cfg, eval_tokens, repeats=5) -> tuple[float, float]:
+def lstm_seconds(cfg, ntoken, eval_tokens, repeats=5) -> tuple[float, float]:
     """Seconds of the config's ``nn.LSTM`` alone, the kernel both sides run unchanged: one training step's
     forward and backward (batch × bptt tokens), and an evaluation of ``eval_tokens`` at batch 10."""
     torch.manual_seed(0)
     lstm = nn.LSTM(cfg["emsize"], cfg["nhid"], cfg["nlayers"], dropout=cfg["dropout"])
     inputs = torch.randn(cfg["bptt"], cfg["batch_size"], cfg["emsize"], requires_grad=True)
     steps = max(1, eval_tokens // EVAL_BATCH)
+    per_call = max(1, eval_chunk_tokens(ntoken) // EVAL_BATCH)  # steps per call, as wordlm's evaluation cuts them
     eval_inputs = torch.randn(steps, EVAL_BATCH, cfg["emsize"])
 
     def train_step():
@@ -290,8 +292,8 @@ def lstm_seconds(cfg, eval_tokens, repeats=5) -> tuple[float, float]:
     def evaluate():
         lstm.eval()
         with torch.inference_mode():
-            for start in range(0, steps, 1024 // EVAL_BATCH):  # chunks as wordlm's evaluation cuts them
-                lstm(eval_inputs[start : start + 1024 // EVAL_BATCH])
+            for start in range(0, steps, per_call):
+                lstm(eval_inputs[start : start + per_call])
 
     def best(run, count):
         run()
@@ -390,7 +392,7 @@ def main() -> None:
         loss_gap = max(abs(a - b) for a, b in zip(classic["losses"], ours["losses"]))
         # An optimistic bound: the step as nothing but the decoder's products at the ceiling plus the LSTM
         # kernels (no softmax exponentials, dropout, clipping or update), for the same math on this machine.
-        lstm_train, lstm_eval = lstm_seconds(cfg, args.eval_tokens)
+        lstm_train, lstm_eval = lstm_seconds(cfg, ntoken, args.eval_tokens)
         decoder_flops = 2 * cfg["nhid"] * ntoken  # per token, forward; training runs three such products
         bound_train = tokens / (3 * decoder_flops * tokens / (ceiling * 1e9) + lstm_train)
         bound_eval = args.eval_tokens / (decoder_flops * args.eval_tokens / (ceiling * 1e9) + lstm_eval)
@@ -407,14 +409,14 @@ def main() -> None:
             "spread": {
                 side: {"train": r["train_tokens_per_s_spread"], "eval": r["eval_tokens_per_s_spread"]}
                 for side, r in results.items()
-            },  # fmt: skip
+            },
             "bound_train_ratio": bound_train / classic["train_tokens_per_s"],
             "bound_eval_ratio": bound_eval / classic["eval_tokens_per_s"],
             "train_fraction_of_bound": ours["train_tokens_per_s"] / bound_train,
             "eval_fraction_of_bound": ours["eval_tokens_per_s"] / bound_eval,
             "bound_train_tokens_per_s": bound_train,
-            "ntoken": ntoken,
             "bound_eval_tokens_per_s": bound_eval,
+            "ntoken": ntoken,
             "lstm_train_step_ms": 1000 * lstm_train,
             "lstm_eval_ms": 1000 * lstm_eval,
             "classic_gflops": gflops["classic"],

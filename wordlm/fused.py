@@ -132,8 +132,8 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
 
     Where torch has oneDNN this runs oneDNN's product, not the BLAS (MKL) one that ``torch.mm`` calls:
-    the same float32 arithmetic, faster at the forward and weight-gradient shapes on the AMD EPYC
-    (Zen 4) CPU this project is measured on (figures in docs/PERFORMANCE.md).
+    the same float32 arithmetic, faster at the decoder's three shapes on the AMD EPYC (Zen 4) CPU this
+    project is measured on (figures in docs/PERFORMANCE.md).
     """
     if _backend == "onednn":
         return _ONEDNN(a, b, None, "none", [], "")
