@@ -77,7 +77,10 @@ def main() -> None:
         torch.autograd.grad(loss, [hidden, weight, bias])
         return time.perf_counter() - start, loss.item()
 
-    losses = {name: [step(module)[1] for _ in range(2)][-1] for name, module in versions.items()}  # warm-up
+    losses = {}
+    for name, module in versions.items():  # warm-up: two steps of each; the second's loss is compared
+        step(module)
+        losses[name] = step(module)[1]
     times = {name: [] for name in versions}
     for pair in range(args.pairs):  # which version goes first alternates, so neither gets the warmer cache
         for name in list(versions)[:: 1 if pair % 2 == 0 else -1]:
