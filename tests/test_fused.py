@@ -42,6 +42,17 @@ def test_matches_cross_entropy_in_value_and_gradients(with_bias, backend):
         assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [CHUNK - 5, CHUNK * 2])
+def test_gradients_match_when_the_vocabulary_is_one_chunk_or_whole_chunks(vocab, backend):
+    """The grad of h runs over the weight's chunks transposed (oneDNN): a vocabulary smaller than a
+    chunk, or with no partial last chunk, must be covered as exactly as the usual partial one."""
+    hidden, weight, bias, targets = inputs(v=vocab)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    actual = linear_cross_entropy(hidden, weight, bias, targets)
+    for a, e in zip(gradients(actual, hidden, weight, bias), gradients(expected, hidden, weight, bias)):
+        assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("vocab", [CHUNK + 1, EVAL_CHUNK * 3 + 5])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_nll_sum_matches_cross_entropy_sum(vocab, with_bias, backend):

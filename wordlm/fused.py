@@ -24,11 +24,12 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   products: it scales their small sides (``[hᵀ; 1]``, and each chunk's ``N × H`` share of the grad of
   h), never a block, so there is no pass over the blocks to scale them. The weight gradient's product
   runs against ``[hᵀ; 1]``, so that its last column is the bias gradient (no separate sum); with
-  oneDNN the grad of h is summed transposed, as ``Wᵀ · block``, oneDNN's fast form of that product.
-  The one-hot part of the gradient is a sparse update of the target rows. The chunks' blocks
-  (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented weight are the only large
-  buffers; with the allocator setting of ``wordlm.system`` the blocks reuse the same heap memory
-  every step;
+  oneDNN the grad of h is summed transposed, as ``Wᵀ · block``, oneDNN's fast form of that product,
+  over the weight's chunks transposed in one pass per step (oneDNN would otherwise copy each
+  transposed chunk itself, more slowly). The one-hot part of the gradient is a sparse update of the
+  target rows. The chunks' blocks (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented
+  and ``H × V`` transposed weights are the only large buffers; with the allocator setting of
+  ``wordlm.system`` the blocks reuse the same heap memory every step;
 - evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped.
 
 All figures (chunk sizes, backends) are in docs/PERFORMANCE.md with the commands that measured them.
@@ -47,29 +48,29 @@ CHUNK = 2048  # vocabulary rows per chunk in training (timed against 256-4096 in
 
 
 class _BufferPool:
-    """Reuse the ``V × (H+2)`` augmented weight across steps: a fresh large tensor costs thousands of
-    page faults each time.
+    """Reuse the weight-sized buffers (the ``V × (H+2)`` augmented weight, the transposed chunks)
+    across steps: a fresh large tensor costs thousands of page faults each time.
 
     A buffer is taken by a forward pass and given back when that pass is done with it (in evaluation,
     at the end of a ``frozen_decoder`` block), so two passes at the same time never share one; one made
     in inference mode only serves inference mode.
     """
 
-    def __init__(self, keep: int = 3) -> None:
+    def __init__(self, keep: int = 4) -> None:
         self.free: list[torch.Tensor] = []
         self.keep = keep
 
-    def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         inference = torch.is_inference_mode_enabled()  # a buffer made in inference mode cannot serve autograd
         for index, buffer in enumerate(self.free):
             if (
-                buffer.shape == (rows, columns)
+                buffer.shape == shape
                 and buffer.dtype == like.dtype
                 and buffer.device == like.device
                 and buffer.is_inference() == inference
             ):
                 return self.free.pop(index)
-        return like.new_empty(rows, columns)
+        return like.new_empty(shape)
 
     def give(self, buffer: torch.Tensor) -> None:
         self.free.insert(0, buffer)
@@ -143,7 +144,7 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``[W | b | 1] · log2(e)`` (V, H+2) in a pooled buffer (b = 0 without a bias)."""
     vocab, size = weight.shape
-    out = _POOL.take(vocab, size + 2, weight)
+    out = _POOL.take((vocab, size + 2), weight)
     torch.mul(weight, LOG2E, out=out[:, :size])
     if bias is None:
         out[:, size].zero_()
@@ -151,6 +152,22 @@ def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.
         torch.mul(bias, LOG2E, out=out[:, size])
     out[:, size + 1].fill_(LOG2E)
     return out
+
+
+def _transposed_chunks(weight: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each vocabulary chunk of ``weight`` transposed, ``W[rows]ᵀ`` (H, ≤CHUNK) with its rows contiguous:
+    oneDNN's first operand must be so, and copies a transposed view on every call, one chunk at a time
+    (slower than this single pass over the weight). Returns the pooled buffer (give it back when done)
+    and the chunks, views into it."""
+    vocab, size = weight.shape
+    full, last = divmod(vocab, CHUNK)
+    out = _POOL.take((full + (last > 0), size, CHUNK), weight)
+    out[:full].copy_(weight[: full * CHUNK].view(full, CHUNK, size).transpose(1, 2))
+    chunks = list(out[:full])
+    if last:
+        out[full, :, :last].copy_(weight[full * CHUNK :].t())
+        chunks.append(out[full, :, :last])
+    return out, chunks
 
 
 def _augmented_hidden(hidden: torch.Tensor) -> torch.Tensor:
@@ -268,6 +285,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # sum is kept transposed (H, N)
         transposed = _backend == "onednn"
         grad_sum = hidden.new_zeros(hidden.shape[::-1] if transposed else hidden.shape) if need_hidden else None
+        if need_hidden and transposed:
+            weight_t, weight_chunks = _transposed_chunks(weight)
         grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
         grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
         size = hidden.size(1)
@@ -285,10 +304,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_bias:
                     grad_bias[rows] = product[:, size]
             if need_hidden and transposed:
-                grad_sum.addcmul_(matmul_nt(weight[rows].t(), block.t()), factors[index])
+                grad_sum.addcmul_(matmul_nt(weight_chunks[index], block.t()), factors[index])
             elif need_hidden:
                 grad_sum.addcmul_(torch.mm(block.t(), weight[rows]), factors[index].unsqueeze(1))
             blocks[index] = None  # its memory is free for the next chunk's products
+        if need_hidden and transposed:
+            _POOL.give(weight_t)
         grad_hidden = None if grad_sum is None else grad_sum.t() if transposed else grad_sum  # (N, H)
         minus = -scale  # the one-hot part: -scale at (target, column)
         if need_weight:
