@@ -94,6 +94,9 @@ def worker(args) -> None:
                 "vocabulary": len(corpus.vocab),
             }
             Path(args.out).write_text(json.dumps(result))
+        # Leave together: a rank that tears its gloo group down while the other is still writing its
+        # result has (rarely) ended in an abort at exit ("terminate called without an active exception").
+        world.barrier()
     finally:
         stop_world()
 

@@ -142,12 +142,13 @@ class World:
         What the block writes on the first pass (a download, a cache entry) the others then read.
         """
         if self.local_rank != 0:
-            self._barrier()
+            self.barrier()
         yield
         if self.local_rank == 0:
-            self._barrier()
+            self.barrier()
 
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
+        """Wait until every rank is here (nothing to wait for in a world of one)."""
         if self.size > 1:
             dist.barrier()
 
