@@ -28,7 +28,7 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   over the weight's chunks transposed in one pass per step (oneDNN would otherwise copy each
   transposed chunk itself, more slowly). The one-hot part of the gradient is a sparse update of the
   target rows. The chunks' blocks (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented
-  and ``H × V`` transposed weights are the only large buffers; with the allocator setting of
+  weight and ``H × V`` transposed one (in chunks) are the only large buffers; with the allocator setting of
   ``wordlm.system`` the blocks reuse the same heap memory every step;
 - evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped.
 
@@ -51,9 +51,9 @@ class _BufferPool:
     """Reuse the weight-sized buffers (the ``V × (H+2)`` augmented weight, the transposed chunks)
     across steps: a fresh large tensor costs thousands of page faults each time.
 
-    A buffer is taken by a forward pass and given back when that pass is done with it (in evaluation,
-    at the end of a ``frozen_decoder`` block), so two passes at the same time never share one; one made
-    in inference mode only serves inference mode.
+    A buffer is taken by a forward or backward pass and given back when that pass is done with it (in
+    evaluation, at the end of a ``frozen_decoder`` block), so two passes at the same time never share
+    one; one made in inference mode only serves inference mode.
     """
 
     def __init__(self, keep: int = 4) -> None:
