@@ -14,7 +14,8 @@ losses agree; and a bound, the speed of the same math if a step were nothing but
 at that ceiling plus the LSTM kernels (timed alone), as a ratio to the classic loop: an optimistic
 limit for any implementation of this math here. Each side runs ``--repeats`` times, interleaved with
 the others, and its fastest run counts (with the spread printed): a shared VM's speed moves by tens
-of percent from minute to minute.
+of percent from minute to minute. The ratios run by run are printed too (run i of the classic loop
+and of wordlm ran back to back), with their median, a figure less moved by a lucky spell of either.
 The last line is one JSON object.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -384,6 +386,11 @@ def main() -> None:
                 runs[side].append(run_side(side, name, args, weights))
         os.unlink(weights)
         results = {side: best_of(side_runs) for side, side_runs in runs.items()}
+        phases = ("train", "eval")
+        rates = {side: {phase: [r[f"{phase}_tokens_per_s"] for r in runs[side]] for phase in phases}
+                 for side in ("classic", "wordlm")}  # fmt: skip
+        # Run i of each side ran back to back with the other's, so their ratio saw the same spell of the VM.
+        paired = {phase: [w / c for c, w in zip(rates["classic"][phase], rates["wordlm"][phase])] for phase in phases}
         classic, ours = results["classic"], results["wordlm"]
         ceiling = matmul_ceiling(tokens, cfg["nhid"], ntoken)
         flops = flops_per_step(cfg, ntoken)
@@ -406,6 +413,10 @@ def main() -> None:
             "wordlm_train_tokens_per_s": ours["train_tokens_per_s"],
             "classic_eval_tokens_per_s": classic["eval_tokens_per_s"],
             "wordlm_eval_tokens_per_s": ours["eval_tokens_per_s"],
+            "run_rates": rates,
+            "paired_ratios": paired,
+            "paired_train_ratio_median": statistics.median(paired["train"]),
+            "paired_eval_ratio_median": statistics.median(paired["eval"]),
             "spread": {
                 side: {"train": r["train_tokens_per_s_spread"], "eval": r["eval_tokens_per_s_spread"]}
                 for side, r in results.items()
@@ -452,6 +463,9 @@ def main() -> None:
             (train_low, train_high), (eval_low, eval_high) = row["spread"][side]["train"], row["spread"][side]["eval"]
             print(f"  {side} over {args.repeats} runs: train {train_low:.0f}-{train_high:.0f}, "
                   f"eval {eval_low:.0f}-{eval_high:.0f} tokens/s")  # fmt: skip
+        for phase in phases:
+            print(f"  wordlm / classic, run by run ({phase}): {', '.join(f'{r:.2f}' for r in paired[phase])} "
+                  f"(median {statistics.median(paired[phase]):.2f})")  # fmt: skip
         print(f"per-batch losses agree: {row['loss_match']} "
               f"(max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")  # fmt: skip
         if variants:

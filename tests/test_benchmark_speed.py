@@ -43,3 +43,11 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
     ours_eval, bound_eval = row["wordlm_eval_tokens_per_s"], row["bound_eval_tokens_per_s"]
     assert row["eval_fraction_of_bound"] == pytest.approx(ours_eval / bound_eval)
     assert "bound tokens/s" in result.stdout
+    # run by run: run i of each side ran back to back, and their ratio is the paired one
+    rates = row["run_rates"]
+    for phase in ("train", "eval"):
+        expected = [ours / theirs for ours, theirs in zip(rates["wordlm"][phase], rates["classic"][phase])]
+        assert len(expected) == 2 and row["paired_ratios"][phase] == pytest.approx(expected)
+        assert row[f"paired_{phase}_ratio_median"] == pytest.approx(sum(expected) / 2)
+        assert max(rates["classic"][phase]) == row[f"classic_{phase}_tokens_per_s"]  # the best run is the headline
+    assert "run by run (train)" in result.stdout
