@@ -246,8 +246,10 @@ def onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     """GFLOP/s of the decoder's three products at their shapes, each in its faster layout and with the
-    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), timed in
-    steady state: the time-weighted rate of forward, grad-of-input and grad-of-weight together."""
+    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), whole or
+    split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a vocabulary-sized
+    output, whose speed moves with the memory; a chunk's stays in cache), timed in steady state: the
+    time-weighted rate of forward, grad-of-input and grad-of-weight together."""
     h = torch.randn(tokens, hidden)
     w = torch.randn(ntoken, hidden)
     g = torch.randn(ntoken, tokens)
@@ -262,6 +264,11 @@ def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
         forward += [lambda: onednn_nt(w, h), lambda: onednn_nt(h, w)]
         grad_input.append(lambda: onednn_nt(g_t, w_t))
         grad_weight.append(lambda: onednn_nt(g, h_t))
+        rows = [slice(start, start + fused.CHUNK) for start in range(0, ntoken, fused.CHUNK)]
+        w_chunks = [w[r].t().contiguous() for r in rows]  # (H, ≤CHUNK) each, as the grad of h takes them
+        forward.append(lambda: [onednn_nt(w[r], h) for r in rows])
+        grad_input.append(lambda: [onednn_nt(w_chunk, g[r].t()) for w_chunk, r in zip(w_chunks, rows)])
+        grad_weight.append(lambda: [onednn_nt(g[r], h_t) for r in rows])
     rates = [max(best_gflops(product, flops, repeats) for product in products)
              for products in (forward, grad_input, grad_weight)]  # fmt: skip
     return 3 / sum(1 / rate for rate in rates)
