@@ -246,10 +246,10 @@ def onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     """GFLOP/s of the decoder's three products at their shapes, each in its faster layout and with the
-    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), whole or
-    split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a vocabulary-sized
-    output, whose speed moves with the memory; a chunk's stays in cache), timed in steady state: the
-    time-weighted rate of forward, grad-of-input and grad-of-weight together."""
+    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), and with
+    oneDNN also split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a
+    vocabulary-sized output, whose speed moves with the memory; a chunk's stays in cache), timed in
+    steady state: the time-weighted rate of forward, grad-of-input and grad-of-weight together."""
     h = torch.randn(tokens, hidden)
     w = torch.randn(ntoken, hidden)
     g = torch.randn(ntoken, tokens)
