@@ -11,7 +11,8 @@ quartiles) is what the speed-up buys. Switching a speed-up takes one unmeasured 
 allocator's heap, the decoder's pooled weight, oneDNN's kernels), so each measured step follows one of its own kind.
 
 Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits),
-``onednn`` (the fused loss's products on oneDNN, against ``torch.mm``'s BLAS; where torch has oneDNN) and
+``onednn`` (the fused loss's products on oneDNN where it is the faster library on this CPU, against
+``torch.mm``'s BLAS for all of them; where torch has oneDNN) and
 ``allocator`` (wordlm.system.tune_cpu_allocator, against a fixed 128 KiB mmap threshold: glibc's
 starting value, without the raise glibc makes after freeing a mapped block, so this is a strict
 "off"; memory the heap kept from the "on" steps is still reused, so the page faults of "off" steps
@@ -57,8 +58,8 @@ class Toggle:
     def set(self, on: bool) -> None:
         if self.name == "fused":
             wordlm.model._use_fused = self._use_fused if on else (lambda features: False)
-        elif self.name == "onednn":  # the fused loss's products: oneDNN's, or torch.mm's (BLAS)
-            fused.set_backend("onednn" if on else "blas")
+        elif self.name == "onednn":  # the fused loss's products: each on its faster library, or all on torch.mm's
+            fused.set_backend(fused.BACKENDS[0] if on else "blas")
         else:  # allocator: wordlm's threshold, or glibc's default (the big buffers come from fresh mmaps)
             threshold = 1 << 30 if on else GLIBC_DEFAULT_THRESHOLD
             self._libc.mallopt(_M_MMAP_THRESHOLD, threshold)

@@ -61,9 +61,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_revision(args.revision, folder)
     versions = {"revision": baseline, "working tree": fused}
-    for module in versions.values():
+    used = {}
+    for name, module in versions.items():
         if hasattr(module, "set_backend"):  # (revisions before the backends existed have only BLAS)
-            module.set_backend(args.backend)
+            known = module.BACKENDS  # (revisions before 'auto' existed default to oneDNN)
+            module.set_backend(args.backend if args.backend in known else known[0])
+        used[name] = getattr(module, "_backend", "blas")
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.tokens, args.hidden, generator=generator).requires_grad_()
@@ -90,6 +93,7 @@ def main() -> None:
     result = {
         "revision": args.revision,
         "backend": args.backend,
+        "backends_used": used,
         "ratio_median": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],
         "revision_ms_median": 1000 * statistics.median(times["revision"]),
@@ -98,7 +102,8 @@ def main() -> None:
         "loss_gap": abs(losses["revision"] - losses["working tree"]),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decoder {args.tokens} x {args.hidden} x "
-          f"{args.vocab}, {args.backend} products, {args.pairs} pairs")  # fmt: skip
+          f"{args.vocab}, products: {used['revision']} (revision), {used['working tree']} (working tree), "
+          f"{args.pairs} pairs")  # fmt: skip
     print(f"{args.revision}: {result['revision_ms_median']:.1f} ms a step; working tree: "
           f"{result['working_tree_ms_median']:.1f} ms; the working tree is {result['ratio_median']:.3f}x as fast "
           f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}); loss gap {result['loss_gap']:.2e}")  # fmt: skip

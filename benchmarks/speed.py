@@ -174,7 +174,7 @@ def worker(args) -> None:
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
             wordlm.model._use_fused = lambda features: False
-        if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products instead of oneDNN's
+        if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products throughout
             fused.set_backend("blas")
         options = OPTIONS.get(args.impl, {})
         model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"],
@@ -244,12 +244,16 @@ def onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return fused.matmul_nt(a, b)
 
 
+def blas_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b.t())
+
+
 def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     """GFLOP/s of the decoder's three products at their shapes, each in its faster layout and with the
-    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), and with
-    oneDNN also split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a
-    vocabulary-sized output, whose speed moves with the memory; a chunk's stays in cache), timed in
-    steady state: the time-weighted rate of forward, grad-of-input and grad-of-weight together."""
+    faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), whole and
+    split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a vocabulary-sized
+    output, whose speed moves with the memory; a chunk's stays in cache), timed in steady state: the
+    time-weighted rate of forward, grad-of-input and grad-of-weight together."""
     h = torch.randn(tokens, hidden)
     w = torch.randn(ntoken, hidden)
     g = torch.randn(ntoken, tokens)
@@ -259,16 +263,18 @@ def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     forward = [lambda: torch.mm(w, h.t(), out=out_vn), lambda: torch.mm(h, w.t(), out=out_nv)]
     grad_input = [lambda: torch.mm(g.t(), w, out=out_nh)]
     grad_weight = [lambda: torch.mm(g, h, out=out_vh)]
+    h_t = h.t().contiguous()
     if "onednn" in fused.BACKENDS:  # a @ bᵀ with both operands' rows contiguous
-        h_t, g_t, w_t = h.t().contiguous(), g.t().contiguous(), w.t().contiguous()
+        g_t, w_t = g.t().contiguous(), w.t().contiguous()
         forward += [lambda: onednn_nt(w, h), lambda: onednn_nt(h, w)]
         grad_input.append(lambda: onednn_nt(g_t, w_t))
         grad_weight.append(lambda: onednn_nt(g, h_t))
-        rows = [slice(start, start + fused.CHUNK) for start in range(0, ntoken, fused.CHUNK)]
-        w_chunks = [w[r].t().contiguous() for r in rows]  # (H, ≤CHUNK) each, as the grad of h takes them
-        forward.append(lambda: [onednn_nt(w[r], h) for r in rows])
-        grad_input.append(lambda: [onednn_nt(w_chunk, g[r].t()) for w_chunk, r in zip(w_chunks, rows)])
-        grad_weight.append(lambda: [onednn_nt(g[r], h_t) for r in rows])
+    rows = [slice(start, start + fused.CHUNK) for start in range(0, ntoken, fused.CHUNK)]
+    w_chunks = [w[r].t().contiguous() for r in rows]  # (H, ≤CHUNK) each, as the grad of h takes them
+    for nt in [blas_nt] + ([onednn_nt] if "onednn" in fused.BACKENDS else []):  # chunk by chunk, as wordlm.fused
+        forward.append(lambda nt=nt: [nt(w[r], h) for r in rows])
+        grad_input.append(lambda nt=nt: [nt(w_chunk, g[r].t()) for w_chunk, r in zip(w_chunks, rows)])
+        grad_weight.append(lambda nt=nt: [nt(g[r], h_t) for r in rows])
     rates = [max(best_gflops(product, flops, repeats) for product in products)
              for products in (forward, grad_input, grad_weight)]  # fmt: skip
     return 3 / sum(1 / rate for rate in rates)
@@ -379,7 +385,7 @@ def main() -> None:
         if args.ablations and name == "default":
             variants["wordlm-unfused"] = "without the fused decoder loss"
             if "onednn" in fused.BACKENDS:
-                variants["wordlm-blas"] = "the fused loss on torch.mm's products, not oneDNN's"
+                variants["wordlm-blas"] = "the fused loss on torch.mm's products only"
             variants["wordlm-no-allocator"] = "without the allocator setting"
         if args.options and name == "default":
             variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})

@@ -10,12 +10,20 @@ from wordlm import fused
 from wordlm.fused import BACKENDS, CHUNK, EVAL_CHUNK, linear_cross_entropy, linear_nll_sum, matmul_backend
 from wordlm.system import tune_cpu_allocator
 
+# Each library alone, and 'auto' with the choices it makes on an Intel CPU (MKL for the grad of h over the
+# transposed chunks and for evaluation's logits) on whatever CPU runs the tests; elsewhere 'auto' is oneDNN.
+CASES = [name for name in BACKENDS if name != "auto"] + (["auto as on GenuineIntel"] if "auto" in BACKENDS else [])
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    """Each test that takes it runs once per matrix-product backend this torch has (oneDNN, BLAS)."""
-    with matmul_backend(request.param):
-        yield request.param
+
+@pytest.fixture(params=CASES)
+def backend(request, monkeypatch):
+    """Each test that takes it runs once per matrix-product library this torch has (oneDNN, BLAS) and
+    once with 'auto' mixing them."""
+    name, _, vendor = request.param.partition(" as on ")
+    if vendor:
+        monkeypatch.setattr(fused, "cpu_vendor", lambda: vendor)
+    with matmul_backend(name):
+        yield name
 
 
 def inputs(n=37, h=8, v=CHUNK * 3 + 17, seed=0):
@@ -152,21 +160,56 @@ def test_gradients_of_a_subset_of_the_inputs_match(frozen, backend):
         assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
 
 
-def test_onednn_serves_the_products_by_default_where_torch_has_it(monkeypatch):
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
-        assert BACKENDS[0] == "onednn"  # the pinned x86 CPU wheel has it: its probe must pass
-    if "onednn" not in BACKENDS:
-        pytest.skip("this torch build has no oneDNN")
+def _count_onednn_calls(monkeypatch) -> list:
     calls = []
     onednn = fused._ONEDNN
     monkeypatch.setattr(fused, "_ONEDNN", lambda *args: calls.append(1) or onednn(*args))
+    return calls
+
+
+def test_onednn_serves_every_product_when_chosen_and_auto_is_the_default(monkeypatch):
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert BACKENDS[0] == "auto"  # the pinned x86 CPU wheel has oneDNN: its probe must pass
+    if "onednn" not in BACKENDS:
+        pytest.skip("this torch build has no oneDNN")
+    calls = _count_onednn_calls(monkeypatch)
     hidden, weight, bias, targets = inputs()
-    linear_cross_entropy(hidden, weight, bias, targets).backward()
+    with matmul_backend("onednn"):
+        linear_cross_entropy(hidden, weight, bias, targets).backward()
     chunks = -(-weight.size(0) // CHUNK)
     assert len(calls) == 3 * chunks  # the forward product, the weight gradient's and the grad of h's, per chunk
 
 
-def test_both_backends_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", ""])
+def test_auto_runs_each_product_with_the_library_measured_faster_on_the_cpu(vendor, monkeypatch):
+    """On an Intel CPU MKL runs the grad of h and evaluation's logits; on others oneDNN runs all four."""
+    if "auto" not in BACKENDS:
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(fused, "cpu_vendor", lambda: vendor)
+    with matmul_backend("auto"):
+        choices = fused.backend_choices()
+        calls = _count_onednn_calls(monkeypatch)
+        hidden, weight, bias, targets = inputs()
+        linear_cross_entropy(hidden, weight, bias, targets).backward()
+        training_calls = len(calls)
+        linear_nll_sum(hidden, weight, bias, targets)
+    chunks, eval_chunks = -(-weight.size(0) // CHUNK), -(-weight.size(0) // EVAL_CHUNK)
+    if vendor == "GenuineIntel":
+        assert choices == {"logits": "onednn", "eval_logits": "blas", "weight_grad": "onednn", "hidden_grad": "blas-t"}
+        assert (training_calls, len(calls)) == (2 * chunks, 2 * chunks)
+    else:
+        assert choices == dict.fromkeys(fused.ROLES, "onednn")
+        assert (training_calls, len(calls)) == (3 * chunks, 3 * chunks + eval_chunks)
+
+
+def test_the_cpu_vendor_is_read_from_proc_cpuinfo():
+    vendor = fused.cpu_vendor()
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls", "Shanghai")
+    assert vendor == vendor.strip()
+
+
+def test_all_backends_give_the_same_loss_and_gradients():
     results = []
     for name in BACKENDS:
         hidden, weight, bias, targets = inputs(seed=4)

@@ -9,9 +9,10 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 
 - logits are computed transposed, ``(V, N) = W @ hᵀ``, the layout in which the decoder's products
   run at the machine's matmul speed; ``h @ Wᵀ`` with these shapes runs at about 60 % of it;
-- the three products run on oneDNN where torch has it (``matmul_nt``): the same float32 arithmetic
-  as ``torch.mm``'s BLAS (MKL), with faster kernels on the AMD CPU this project is measured on
-  (MKL_VERBOSE names no AVX-512 path for it);
+- each product runs on whichever of torch's two float32 libraries is the faster for it on this CPU
+  (``matmul_nt``, backend 'auto'): oneDNN, where torch has it, or ``torch.mm``'s BLAS (MKL), the same
+  arithmetic. On an AMD EPYC oneDNN is faster throughout (MKL_VERBOSE names no AVX-512 path for MKL
+  there); on an Intel Xeon MKL is faster for the grad of h and for evaluation's logits;
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
   weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[h | 1 | -s]``,
   so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
@@ -105,17 +106,59 @@ def _onednn_product():
 
 
 _ONEDNN = _onednn_product()
-BACKENDS = ("onednn", "blas") if _ONEDNN is not None else ("blas",)
+
+# The decoder's products, by role: the training forward product ``W·hᵀ`` (kept blocks), the same product
+# in evaluation (each block reduced and dropped), the weight gradient's ``block·hᵀ`` and the grad of h's
+# ``Wᵀ·block``. Which library runs each one faster depends on the CPU (figures in docs/PERFORMANCE.md).
+ROLES = ("logits", "eval_logits", "weight_grad", "hidden_grad")
+# Measured on the project's VMs: an AMD EPYC (Zen 4), where oneDNN was the faster at every role, and an
+# Intel Xeon (AVX-512, AMX), where MKL was the faster for the grad of h (over the weight's transposed
+# chunks) and for evaluation's logits. Other CPUs get oneDNN throughout, as on the AMD one.
+_FASTER_BY_VENDOR = {
+    "GenuineIntel": {"logits": "onednn", "eval_logits": "blas", "weight_grad": "onednn", "hidden_grad": "blas-t"},
+}
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or '' where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _choices(name: str) -> dict[str, str]:
+    """Each role's library under backend ``name``: 'blas' runs ``torch.mm`` (MKL on x86), 'onednn' oneDNN
+    and, for the grad of h, 'blas-t' ``torch.mm`` over the weight's transposed chunks (the form in which
+    oneDNN, and MKL on the Intel CPU, are faster; plain 'blas' there is ``blockᵀ·W``)."""
+    if name == "auto":
+        return dict(_FASTER_BY_VENDOR.get(cpu_vendor(), dict.fromkeys(ROLES, "onednn")))
+    return dict.fromkeys(ROLES, name)
+
+
+# 'auto': each product with the library that is faster for it on this CPU (oneDNN and MKL compute the same
+# float32 arithmetic); 'onednn' or 'blas': every product with that one (for tests and benchmarks).
+BACKENDS = ("auto", "onednn", "blas") if _ONEDNN is not None else ("blas",)
 _backend = BACKENDS[0]
+_choice = _choices(_backend)
 
 
 def set_backend(name: str) -> str:
     """Run the decoder's products with ``name`` (one of ``BACKENDS``) from now on; returns the one before."""
-    global _backend
+    global _backend, _choice
     if name not in BACKENDS:
         raise ValueError(f"matmul backend {name!r} is not available here; choose one of {', '.join(BACKENDS)}")
-    previous, _backend = _backend, name
+    previous, _backend, _choice = _backend, name, _choices(name)
     return previous
+
+
+def backend_choices() -> dict[str, str]:
+    """Each product role's library under the current backend (see ``ROLES``)."""
+    return dict(_choice)
 
 
 @contextmanager
@@ -128,15 +171,15 @@ def matmul_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, role: str = "logits") -> torch.Tensor:
     """``a @ bᵀ`` (a fresh tensor) for float32 CPU tensors ``a`` (M, K) and ``b`` (N, K), ``a``'s rows
     contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
 
-    Where torch has oneDNN this runs oneDNN's product, not the BLAS (MKL) one that ``torch.mm`` calls:
-    the same float32 arithmetic, faster at the decoder's three shapes on the AMD EPYC (Zen 4) CPU this
-    project is measured on (figures in docs/PERFORMANCE.md).
+    Runs the library chosen for ``role`` (one of ``ROLES``): oneDNN's product or the BLAS (MKL) one that
+    ``torch.mm`` calls, the same float32 arithmetic; which is faster at the decoder's shapes depends on
+    the CPU (figures in docs/PERFORMANCE.md).
     """
-    if _backend == "onednn":
+    if _choice[role] == "onednn":
         return _ONEDNN(a, b, None, "none", [], "")
     return torch.mm(a, b.t())
 
@@ -197,10 +240,10 @@ def _exp_chunks(weight_aug, hidden_aug, chunk: int, keep: bool) -> tuple[torch.T
     return _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums)
 
 
-def _own_max_chunk(weight_rows, hidden_aug, shift, total) -> torch.Tensor:
+def _own_max_chunk(weight_rows, hidden_aug, shift, total, role) -> torch.Tensor:
     """One chunk's ``exp(logit - max)``, its maximum per column into ``shift`` and its sum into ``total``;
     ``hidden_aug``'s last column must be zero."""
-    block = matmul_nt(weight_rows, hidden_aug)  # logit · log2(e)
+    block = matmul_nt(weight_rows, hidden_aug, role)  # logit · log2(e)
     torch.amax(block, 0, out=shift)
     block.sub_(shift).exp2_()
     torch.sum(block, 0, out=total)
@@ -217,12 +260,13 @@ def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     sums = hidden_aug.new_empty(count, columns)
     negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) (N,)
     negated.zero_()
-    block = _own_max_chunk(weight_aug[:chunk], hidden_aug, shifts[0], sums[0])
+    role = "logits" if keep else "eval_logits"
+    block = _own_max_chunk(weight_aug[:chunk], hidden_aug, shifts[0], sums[0], role)
     negated.copy_(torch.log(sums[0]).add_(shifts[0]).neg_())
     blocks = [block] if keep else []
     for index, start in enumerate(range(chunk, vocab, chunk), start=1):
         torch.neg(negated, out=shifts[index])
-        block = matmul_nt(weight_aug[start : start + chunk], hidden_aug).exp2_()  # exp(logit - shift)
+        block = matmul_nt(weight_aug[start : start + chunk], hidden_aug, role).exp2_()  # exp(logit - shift)
         torch.sum(block, 0, out=sums[index])
         negated.sub_(torch.log1p(sums[index]))
         if keep:
@@ -233,9 +277,10 @@ def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
 def _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums):
     """The safe pass: each chunk shifted by its own maximum (one more pass over it)."""
     hidden_aug[:, -1].zero_()
+    role = "logits" if keep else "eval_logits"
     blocks = []
     for index, start in enumerate(range(0, weight_aug.size(0), chunk)):
-        block = _own_max_chunk(weight_aug[start : start + chunk], hidden_aug, shifts[index], sums[index])
+        block = _own_max_chunk(weight_aug[start : start + chunk], hidden_aug, shifts[index], sums[index], role)
         if keep:
             blocks.append(block)
     return shifts, sums, blocks
@@ -281,9 +326,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_bias = need_bias and ctx.has_bias
         scale = grad_loss / targets.numel()
         factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = block · factor of the chunk
-        # grad of h = Σ factor · blockᵀ W over the chunks; oneDNN's fast form is Wᵀ · block, so with it the
-        # sum is kept transposed (H, N)
-        transposed = _backend == "onednn"
+        # grad of h = Σ factor · blockᵀ W over the chunks; its fast form with oneDNN (and with MKL on some
+        # CPUs, 'blas-t') is Wᵀ · block, over the weight's transposed chunks: the sum is then kept (H, N)
+        transposed = _choice["hidden_grad"] != "blas"
         grad_sum = hidden.new_zeros(hidden.shape[::-1] if transposed else hidden.shape) if need_hidden else None
         if need_hidden and transposed:
             weight_t, weight_chunks = _transposed_chunks(weight)
@@ -298,13 +343,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for index, block in enumerate(blocks):
             rows = slice(index * CHUNK, index * CHUNK + block.size(0))
             if need_weight or need_bias:
-                product = matmul_nt(block, torch.mul(hidden_t, factors[index], out=scaled))  # (≤CHUNK, H or H+1)
+                scaled_t = torch.mul(hidden_t, factors[index], out=scaled)
+                product = matmul_nt(block, scaled_t, "weight_grad")  # (≤CHUNK, H or H+1)
                 if need_weight:
                     grad_weight[rows] = product[:, :size]
                 if need_bias:
                     grad_bias[rows] = product[:, size]
             if need_hidden and transposed:
-                grad_sum.addcmul_(matmul_nt(weight_chunks[index], block.t()), factors[index])
+                grad_sum.addcmul_(matmul_nt(weight_chunks[index], block.t(), "hidden_grad"), factors[index])
             elif need_hidden:
                 grad_sum.addcmul_(torch.mm(block.t(), weight[rows]), factors[index].unsqueeze(1))
             blocks[index] = None  # its memory is free for the next chunk's products
