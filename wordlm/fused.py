@@ -40,6 +40,7 @@ Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabula
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -119,6 +120,7 @@ _FASTER_BY_VENDOR = {
 }
 
 
+@functools.cache  # read once: set_backend('auto') asks again on every switch
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or '' where it cannot be read."""
     try:
