@@ -9,12 +9,32 @@ from conftest import ROOT, cut_corpus, run_cli
 from wordlm.fused import BACKENDS
 
 
-def default_config() -> dict:
-    """The benchmark's own default config (its sizes are what the bound's arithmetic must use)."""
+def speed_module():
     spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CONFIGS["default"]
+    return module
+
+
+def default_config() -> dict:
+    """The benchmark's own default config (its sizes are what the bound's arithmetic must use)."""
+    return speed_module().CONFIGS["default"]
+
+
+def test_the_matmul_ceiling_counts_the_products_split_into_wordlms_chunks(monkeypatch):
+    """The whole vocabulary-sized product slows with the memory; wordlm.fused runs chunks. The ceiling
+    must take each of the three products' chunked form as a candidate, or the bound is too low."""
+    speed = speed_module()
+    seen = []
+
+    def fake_rate(product, flops, repeats):  # a chunked candidate returns one output per chunk
+        chunked = isinstance(product(), list)
+        seen.append(chunked)
+        return 100.0 if chunked else 1.0
+
+    monkeypatch.setattr(speed, "best_gflops", fake_rate)
+    assert speed.matmul_ceiling(tokens=6, hidden=4, ntoken=5000, repeats=1) == pytest.approx(100.0)
+    assert seen.count(True) == 3 * len([name for name in BACKENDS if name != "auto"])  # each library, each product
 
 
 def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
