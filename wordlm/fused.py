@@ -242,6 +242,11 @@ def _exp_chunks(weight_aug, hidden_aug, chunk: int, keep: bool) -> tuple[torch.T
     return _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums)
 
 
+def _logits_role(keep: bool) -> str:
+    """The forward product's role (see ``ROLES``): training keeps its blocks, evaluation drops them."""
+    return "logits" if keep else "eval_logits"
+
+
 def _own_max_chunk(weight_rows, hidden_aug, shift, total, role) -> torch.Tensor:
     """One chunk's ``exp(logit - max)``, its maximum per column into ``shift`` and its sum into ``total``;
     ``hidden_aug``'s last column must be zero."""
@@ -262,7 +267,7 @@ def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     sums = hidden_aug.new_empty(count, columns)
     negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) (N,)
     negated.zero_()
-    role = "logits" if keep else "eval_logits"
+    role = _logits_role(keep)
     block = _own_max_chunk(weight_aug[:chunk], hidden_aug, shifts[0], sums[0], role)
     negated.copy_(torch.log(sums[0]).add_(shifts[0]).neg_())
     blocks = [block] if keep else []
@@ -279,7 +284,7 @@ def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
 def _exp_chunks_own_max(weight_aug, hidden_aug, chunk, keep, shifts, sums):
     """The safe pass: each chunk shifted by its own maximum (one more pass over it)."""
     hidden_aug[:, -1].zero_()
-    role = "logits" if keep else "eval_logits"
+    role = _logits_role(keep)
     blocks = []
     for index, start in enumerate(range(0, weight_aug.size(0), chunk)):
         block = _own_max_chunk(weight_aug[start : start + chunk], hidden_aug, shifts[index], sums[index], role)
