@@ -52,12 +52,12 @@ class Toggle:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._use_fused = wordlm.model._use_fused
+        self._fused_dtype = wordlm.model._fused_dtype
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if name == "allocator" else None
 
     def set(self, on: bool) -> None:
         if self.name == "fused":
-            wordlm.model._use_fused = self._use_fused if on else (lambda features: False)
+            wordlm.model._fused_dtype = self._fused_dtype if on else (lambda features: None)
         elif self.name == "onednn":  # the fused loss's products: each on its faster library, or all on torch.mm's
             fused.set_backend(fused.BACKENDS[0] if on else "blas")
         else:  # allocator: wordlm's threshold, or glibc's default (the big buffers come from fresh mmaps)

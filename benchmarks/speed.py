@@ -173,7 +173,7 @@ def worker(args) -> None:
         if args.impl != "wordlm-no-allocator":
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
-            wordlm.model._use_fused = lambda features: False
+            wordlm.model._fused_dtype = lambda features: None
         if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products throughout
             fused.set_backend("blas")
         options = OPTIONS.get(args.impl, {})

@@ -97,6 +97,72 @@ def test_a_non_finite_logit_gives_a_non_finite_loss(backend):
     assert not torch.isfinite(linear_nll_sum(hidden.detach(), weight.detach(), bias.detach(), targets))
 
 
+def exact(hidden, weight, bias, targets):
+    """The loss and its gradients in float64: what both precisions are measured against."""
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    doubles = [t.detach().double().requires_grad_() for t in tensors]
+    loss = F.cross_entropy(F.linear(doubles[0], doubles[1], doubles[2] if bias is not None else None), targets)
+    return loss.item(), torch.autograd.grad(loss, doubles)
+
+
+def relative_errors(loss, grads, reference):
+    value, expected = reference
+    return abs(loss - value) / value, [((g.double() - e).norm() / e.norm()).item() for g, e in zip(grads, expected)]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bfloat16_products_keep_autocasts_precision(with_bias, backend):
+    """``amp='bf16'``: bfloat16 products, float32 sums and gradients. It must compute in bfloat16 (not
+    equal to float32), and be no less accurate than the plain path under autocast, which rounds the
+    same operands and logits to bfloat16."""
+    hidden, weight, bias, targets = inputs(n=200)
+    bias = bias if with_bias else None
+    reference = exact(hidden, weight, bias, targets)
+    loss = linear_cross_entropy(hidden, weight, bias, targets, torch.bfloat16)
+    grads = gradients(loss, hidden, weight, bias)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert loss.item() != linear_cross_entropy(hidden, weight, bias, targets).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    plain_errors = relative_errors(plain.item(), gradients(plain, hidden, weight, bias), reference)
+    loss_error, grad_errors = relative_errors(loss.item(), grads, reference)
+    assert loss_error < 2e-3 and max(grad_errors) < 1e-2, (loss_error, grad_errors)
+    assert max(grad_errors) <= 1.5 * max(plain_errors[1]), (grad_errors, plain_errors)
+
+
+def test_bfloat16_features_get_a_bfloat16_gradient():
+    """Under autocast the recurrent layers hand the decoder bfloat16 features: their gradient comes back
+    in bfloat16, the weight's and the bias's in float32 (the parameters' dtype)."""
+    hidden, weight, bias, targets = inputs()
+    features = hidden.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(features, weight, bias, targets, torch.bfloat16)
+    grad_features, grad_weight, grad_bias = gradients(loss, features, weight, bias)
+    assert (grad_features.dtype, grad_weight.dtype, grad_bias.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    _, expected = exact(hidden, weight, bias, targets)
+    assert ((grad_weight.double() - expected[1]).norm() / expected[1].norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("word", [5, CHUNK * 2 + 3])
+def test_a_dominant_word_keeps_the_bfloat16_loss_finite_and_close(word, backend):
+    """The redone pass (each chunk shifted by its own maximum) in bfloat16."""
+    hidden, weight, bias, targets = inputs(v=CHUNK * 3 + 17)
+    with torch.no_grad():
+        weight[word] *= 1000
+    value, expected = exact(hidden, weight, bias, targets)
+    loss = linear_cross_entropy(hidden, weight, bias, targets, torch.bfloat16)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(value, rel=1e-2)
+    grad_weight = gradients(loss, weight)[0]
+    assert ((grad_weight.double() - expected[1]).norm() / expected[1].norm()).item() < 2e-2
+
+
+def test_a_non_finite_logit_gives_a_non_finite_bfloat16_loss():
+    hidden, weight, bias, targets = inputs()
+    with torch.no_grad():
+        weight[CHUNK + 1, 0] = float("inf")
+    assert not torch.isfinite(linear_cross_entropy(hidden, weight, bias, targets, torch.bfloat16))
+
+
 def test_two_graphs_alive_at_once_keep_their_own_buffers():
     tune_cpu_allocator()
     first = inputs(seed=1)

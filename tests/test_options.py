@@ -136,6 +136,27 @@ def test_bf16_autocast_trains_close_to_float32_and_keeps_float32_weights():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "dtype, products", [(None, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, None)]
+)
+def test_the_decoder_is_fused_in_float32_and_under_bf16_autocast(dtype, products, monkeypatch):
+    """On the CPU the fused decoder serves float32 and ``amp='bf16'`` (in bfloat16); any other autocast
+    (float16) takes the plain path."""
+    import wordlm.model
+
+    seen = []
+    fused_loss = wordlm.model.linear_cross_entropy
+    monkeypatch.setattr(wordlm.model, "linear_cross_entropy", lambda *args: seen.append(args[-1]) or fused_loss(*args))
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(V, emsize=16, nhid=16))
+    features, targets = torch.randn(6, 3, 16, requires_grad=True), torch.randint(0, V, (6, 3))
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = model.decoder_loss(features if dtype is None else features.to(dtype), targets)
+    loss.backward()
+    assert seen == ([] if products is None else [products])
+    assert torch.isfinite(loss) and features.grad is not None
+
+
 def test_fp16_needs_loss_scaling_and_amp_must_be_known():
     assert Precision("fp16", "cpu").scaler is not None and Precision("bf16", "cpu").scaler is None
     with pytest.raises(ValueError, match="amp='fp8'"):

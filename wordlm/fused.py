@@ -14,12 +14,13 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   arithmetic. On an AMD EPYC oneDNN is faster throughout (MKL_VERBOSE names no AVX-512 path for MKL
   there); on an Intel Xeon MKL is faster for the grad of h and for evaluation's logits;
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
-  weight with the bias and a column of ones appended, ``[W | b | 1] · log2(e)``, against ``[h | 1 | -s]``,
-  so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the chunks before, and ``exp2``
-  (about three times cheaper than ``exp`` here) turns the chunk into ``exp(logit - s)`` in place. No
-  bias broadcast, no max pass, no subtraction pass, and one check per call, not per chunk: if some
-  chunk's sum shows that ``s`` was too low (a new dominant word), every chunk is computed again with
-  its own maximum. Each chunk keeps its exponentials, so the backward pass needs no other ``exp``;
+  weight with the bias and a column of ones appended, ``[W·log2(e) | b·log2(e) | 1]``, against
+  ``[h | 1 | -s·log2(e)]``, so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the
+  chunks before, and ``exp2`` (about three times cheaper than ``exp`` here) turns the chunk into
+  ``exp(logit - s)`` in place. No bias broadcast, no max pass, no subtraction pass, and one check per
+  call, not per chunk: if some chunk's sum shows that ``s`` was too low (a new dominant word), every
+  chunk is computed again with its own maximum. Each chunk keeps its exponentials, so the backward
+  pass needs no other ``exp``;
 - the backward pass feeds one chunk at a time to the products, then frees it. The softmax is
   ``block · factor``, with one factor per chunk and column, and a per-column factor commutes with the
   products: it scales their small sides (``[hᵀ; 1]``, and each chunk's ``N × H`` share of the grad of
@@ -31,7 +32,12 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   target rows. The chunks' blocks (``V × N`` floats in all) and the pooled ``V × (H+2)`` augmented
   weight and ``H × V`` transposed one (in chunks) are the only large buffers; with the allocator setting of
   ``wordlm.system`` the blocks reuse the same heap memory every step;
-- evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped.
+- evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped;
+- under ``amp='bf16'`` (CPU autocast to bfloat16) the same path runs its products in bfloat16, whose
+  operands autocast would round alike, and keeps its blocks of exponentials in bfloat16, while the
+  shifts, log-sum-exp, softmax factors and gradients stay float32. On a CPU with AMX the bfloat16
+  products run about five times faster than float32 ones, and none of autocast's plain path's
+  vocabulary-sized float32 log-softmax, its gradient and their casts are made.
 
 All figures (chunk sizes, backends) are in docs/PERFORMANCE.md with the commands that measured them.
 
@@ -62,17 +68,19 @@ class _BufferPool:
         self.free: list[torch.Tensor] = []
         self.keep = keep
 
-    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A buffer of ``shape`` on ``like``'s device, of ``dtype`` (default ``like``'s)."""
+        dtype = dtype or like.dtype
         inference = torch.is_inference_mode_enabled()  # a buffer made in inference mode cannot serve autograd
         for index, buffer in enumerate(self.free):
             if (
                 buffer.shape == shape
-                and buffer.dtype == like.dtype
+                and buffer.dtype == dtype
                 and buffer.device == like.device
                 and buffer.is_inference() == inference
             ):
                 return self.free.pop(index)
-        return like.new_empty(shape)
+        return like.new_empty(shape, dtype=dtype)
 
     def give(self, buffer: torch.Tensor) -> None:
         self.free.insert(0, buffer)
@@ -174,28 +182,32 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, role: str = "logits") -> torch.Tensor:
-    """``a @ bᵀ`` (a fresh tensor) for float32 CPU tensors ``a`` (M, K) and ``b`` (N, K), ``a``'s rows
-    contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
+    """``a @ bᵀ`` (a fresh tensor) for CPU tensors ``a`` (M, K) and ``b`` (N, K) of one dtype, ``a``'s
+    rows contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
 
-    Runs the library chosen for ``role`` (one of ``ROLES``): oneDNN's product or the BLAS (MKL) one that
-    ``torch.mm`` calls, the same float32 arithmetic; which is faster at the decoder's shapes depends on
-    the CPU (figures in docs/PERFORMANCE.md).
+    In float32 runs the library chosen for ``role`` (one of ``ROLES``): oneDNN's product or the BLAS (MKL)
+    one that ``torch.mm`` calls, the same arithmetic; which is faster at the decoder's shapes depends on
+    the CPU (figures in docs/PERFORMANCE.md). In bfloat16 always ``torch.mm``, which hands the product
+    to oneDNN where the CPU supports it (as fast as calling oneDNN directly) and computes it anyway
+    where it does not.
     """
-    if _choice[role] == "onednn":
+    if _choice[role] == "onednn" and a.dtype == torch.float32:
         return _ONEDNN(a, b, None, "none", [], "")
     return torch.mm(a, b.t())
 
 
-def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``[W | b | 1] · log2(e)`` (V, H+2) in a pooled buffer (b = 0 without a bias)."""
+def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    """``[W·log2(e) | b·log2(e) | 1]`` (V, H+2) of ``dtype`` in a pooled buffer (b = 0 without a bias).
+    The last column is exactly 1 in any dtype, so the shift in ``hidden_aug`` enters the product as it
+    is stored (``log2(e)`` would round to 1.445 in bfloat16)."""
     vocab, size = weight.shape
-    out = _POOL.take((vocab, size + 2), weight)
+    out = _POOL.take((vocab, size + 2), weight, dtype)
     torch.mul(weight, LOG2E, out=out[:, :size])
     if bias is None:
         out[:, size].zero_()
     else:
         torch.mul(bias, LOG2E, out=out[:, size])
-    out[:, size + 1].fill_(LOG2E)
+    out[:, size + 1].fill_(1.0)
     return out
 
 
@@ -215,9 +227,9 @@ def _transposed_chunks(weight: torch.Tensor) -> tuple[torch.Tensor, list[torch.T
     return out, chunks
 
 
-def _augmented_hidden(hidden: torch.Tensor) -> torch.Tensor:
-    """``[h | 1 | 0]`` (N, H+2); its last column takes the negated shift of each chunk."""
-    out = hidden.new_empty(hidden.size(0), hidden.size(1) + 2)
+def _augmented_hidden(hidden: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """``[h | 1 | 0]`` (N, H+2) of ``dtype``; its last column takes the negated shift of each chunk."""
+    out = hidden.new_empty(hidden.size(0), hidden.size(1) + 2, dtype=dtype)
     out[:, :-2].copy_(hidden)
     out[:, -2].fill_(1.0)
     out[:, -1].zero_()
@@ -247,35 +259,46 @@ def _logits_role(keep: bool) -> str:
     return "logits" if keep else "eval_logits"
 
 
+def _column_sums(block: torch.Tensor, out: torch.Tensor) -> None:
+    """Each column's sum of ``block`` into ``out`` (float32). A bfloat16 block is summed in bfloat16
+    (float accumulation, the sum rounded to bfloat16: relative error 2⁻⁹ at most, unbiased), which runs
+    four times faster here than asking torch for a float32 sum of it."""
+    if block.dtype == torch.float32:
+        torch.sum(block, 0, out=out)
+    else:
+        out.copy_(torch.sum(block, 0))
+
+
 def _own_max_chunk(weight_rows, hidden_aug, shift, total, role) -> torch.Tensor:
     """One chunk's ``exp(logit - max)``, its maximum per column into ``shift`` and its sum into ``total``;
     ``hidden_aug``'s last column must be zero."""
     block = matmul_nt(weight_rows, hidden_aug, role)  # logit · log2(e)
-    torch.amax(block, 0, out=shift)
+    shift.copy_(block.amax(0))  # exact: a maximum is one of the block's values
     block.sub_(shift).exp2_()
-    torch.sum(block, 0, out=total)
+    _column_sums(block, total)
     shift.mul_(LN2)
     return block
 
 
 def _exp_chunks_running(weight_aug, hidden_aug, chunk, keep):
     """The fast pass: the first chunk shifted by its own maximum, each later one by the running
-    log-sum-exp, which is kept negated in ``hidden_aug``'s last column, where the product picks it up."""
+    log-sum-exp, which is kept negated (in log2 units) in ``hidden_aug``'s last column, where the product
+    picks it up; each chunk's recorded shift is the stored value, rounded as the product sees it."""
     vocab, columns = weight_aug.size(0), hidden_aug.size(0)
     count = (vocab + chunk - 1) // chunk
-    shifts = hidden_aug.new_empty(count, columns)
-    sums = hidden_aug.new_empty(count, columns)
-    negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) (N,)
+    shifts = hidden_aug.new_empty(count, columns, dtype=torch.float32)
+    sums = hidden_aug.new_empty(count, columns, dtype=torch.float32)
+    negated = hidden_aug[:, -1]  # -(log-sum-exp of the chunks so far) · log2(e) (N,)
     negated.zero_()
     role = _logits_role(keep)
     block = _own_max_chunk(weight_aug[:chunk], hidden_aug, shifts[0], sums[0], role)
-    negated.copy_(torch.log(sums[0]).add_(shifts[0]).neg_())
+    negated.copy_(torch.log(sums[0]).add_(shifts[0]).mul_(-LOG2E))
     blocks = [block] if keep else []
     for index, start in enumerate(range(chunk, vocab, chunk), start=1):
-        torch.neg(negated, out=shifts[index])
+        shifts[index].copy_(negated).mul_(-LN2)  # the shift as the product sees it (in its dtype)
         block = matmul_nt(weight_aug[start : start + chunk], hidden_aug, role).exp2_()  # exp(logit - shift)
-        torch.sum(block, 0, out=sums[index])
-        negated.sub_(torch.log1p(sums[index]))
+        _column_sums(block, sums[index])
+        negated.sub_(torch.log1p(sums[index]).mul_(LOG2E))
         if keep:
             blocks.append(block)
     return shifts, sums, blocks
@@ -307,14 +330,18 @@ def _target_logits(hidden, weight, bias, targets) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        weight_aug = _scaled_augmented(weight, bias)
-        maxima, sums, blocks = _exp_chunks(weight_aug, _augmented_hidden(hidden), CHUNK, keep=True)
-        _POOL.give(weight_aug)
-        logsumexp = _logsumexp(maxima, sums)
-        target_logits = _target_logits(hidden, weight, bias, targets)
+    def forward(ctx, hidden, weight, bias, targets, dtype):
+        with torch.autocast("cpu", enabled=False):  # every dtype here is explicit
+            weight_aug = _scaled_augmented(weight, bias, dtype)
+            maxima, sums, blocks = _exp_chunks(weight_aug, _augmented_hidden(hidden, dtype), CHUNK, keep=True)
+            logsumexp = _logsumexp(maxima, sums)
+            target_logits = _target_logits(hidden.float(), weight, bias, targets)
+        if dtype == torch.float32:
+            _POOL.give(weight_aug)
+            weight_aug = None
+        ctx.weight_aug = weight_aug  # bfloat16: the backward pass's grad of h runs over it, then gives it back
         ctx.save_for_backward(hidden, weight, targets, maxima, logsumexp)
-        ctx.blocks = blocks  # (≤CHUNK, N) each; the backward pass scales them in place, so it runs once
+        ctx.blocks = blocks  # (≤CHUNK, N) each, of ``dtype``; the backward pass frees them, so it runs once
         ctx.has_bias = bias is not None
         return (logsumexp - target_logits).mean()
 
@@ -329,21 +356,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         blocks, ctx.blocks = ctx.blocks, None
         if blocks is None:
             raise RuntimeError("linear_cross_entropy's backward pass ran twice: retain_graph is not supported")
+        dtype = blocks[0].dtype  # the products' (float32, or bfloat16 under autocast); the sums are float32
+        weight_aug, ctx.weight_aug = ctx.weight_aug, None  # bfloat16's [W·log2(e) | b·log2(e) | 1]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
         scale = grad_loss / targets.numel()
         factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = block · factor of the chunk
-        # grad of h = Σ factor · blockᵀ W over the chunks; its fast form with oneDNN (and with MKL on some
-        # CPUs, 'blas-t') is Wᵀ · block, over the weight's transposed chunks: the sum is then kept (H, N)
-        transposed = _choice["hidden_grad"] != "blas"
-        grad_sum = hidden.new_zeros(hidden.shape[::-1] if transposed else hidden.shape) if need_hidden else None
+        # grad of h = Σ factor · blockᵀ W over the chunks; its fast form in float32 with oneDNN (and with MKL
+        # on some CPUs, 'blas-t') is Wᵀ · block, over the weight's transposed chunks: the sum is then kept
+        # (H, N). In bfloat16 blockᵀ · [W·log2(e) | ...] over the forward pass's weight is as fast, with no copy
+        transposed = weight_aug is None and _choice["hidden_grad"] != "blas"
+        grad_sum = None
+        if need_hidden:
+            grad_sum = weight.new_zeros(hidden.shape[::-1] if transposed else hidden.shape)  # float32
         if need_hidden and transposed:
-            weight_t, weight_chunks = _transposed_chunks(weight)
+            weight_t, weight_chunks = _transposed_chunks(weight)  # float32 (bfloat16 runs over weight_aug)
         grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
         grad_bias = weight.new_empty(weight.size(0)) if need_bias else None  # (V,)
         size = hidden.size(1)
         if need_weight or need_bias:  # [hᵀ; 1] (H+1, N) with a bias: the product's last column is its gradient
-            hidden_t = hidden.new_empty(size + need_bias, hidden.size(0))
+            hidden_t = hidden.new_empty(size + need_bias, hidden.size(0), dtype=dtype)
             hidden_t[:size].copy_(hidden.t())
             hidden_t[size:].fill_(1.0)
             scaled = torch.empty_like(hidden_t)
@@ -358,36 +390,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias[rows] = product[:, size]
             if need_hidden and transposed:
                 grad_sum.addcmul_(matmul_nt(weight_chunks[index], block.t(), "hidden_grad"), factors[index])
+            elif need_hidden and weight_aug is not None:  # ln 2 undoes the weight's log2(e)
+                product = torch.mm(block.t(), weight_aug[rows])[:, :size]  # (N, H)
+                grad_sum.addcmul_(product, factors[index].unsqueeze(1), value=LN2)
             elif need_hidden:
                 grad_sum.addcmul_(torch.mm(block.t(), weight[rows]), factors[index].unsqueeze(1))
             blocks[index] = None  # its memory is free for the next chunk's products
         if need_hidden and transposed:
             _POOL.give(weight_t)
+        if weight_aug is not None:
+            _POOL.give(weight_aug)
         grad_hidden = None if grad_sum is None else grad_sum.t() if transposed else grad_sum  # (N, H)
         minus = -scale  # the one-hot part: -scale at (target, column)
         if need_weight:
-            grad_weight.index_add_(0, targets, hidden * minus)
+            grad_weight.index_add_(0, targets, hidden.float() * minus)
         if need_hidden:
-            grad_hidden.add_(weight[targets] * minus)
+            grad_hidden = grad_hidden.add_(weight[targets] * minus).to(hidden.dtype)
         if need_bias:
             grad_bias.index_add_(0, targets, minus.expand(targets.numel()))
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``softmax(hidden @ weightᵀ + bias)`` against ``targets``.
 
-    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` to float tolerance.
+    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` to float tolerance. With
+    ``dtype`` bfloat16 (``amp='bf16'``) the products take bfloat16 operands and give bfloat16 blocks,
+    as under autocast, while the sums, the log-sum-exp and the gradients stay float32.
 
     Args:
-        hidden: (N, H) features.
-        weight: (V, H) decoder weight.
+        hidden: (N, H) features (float32, or bfloat16 from an autocast forward pass).
+        weight: (V, H) decoder weight (float32).
         bias: (V,) decoder bias, or None.
         targets: (N,) ids.
+        dtype: the products' operand type, float32 or bfloat16.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype)
 
 
 EVAL_CHUNK = 1024  # vocabulary rows per product in evaluation: one (1024, N) block at a time

@@ -225,13 +225,15 @@ class RNNModel(nn.Module):
         """Mean cross-entropy of the decoder's softmax over ``features`` (T, B, H) against ``targets`` (T, B).
 
         On the CPU this runs the fused path of ``wordlm.fused`` (same math, about half the non-matmul
-        time); elsewhere the plain ``cross_entropy`` of the logits, which cuDNN/cuBLAS already serve well.
+        time; in bfloat16 under ``amp='bf16'``); elsewhere the plain ``cross_entropy`` of the logits,
+        which cuDNN/cuBLAS already serve well.
         """
         flat = features.reshape(-1, features.size(-1))  # (T·B, H)
         if self.config.adaptive_softmax is not None:
             return self.adaptive(flat, self.word_rank[targets.reshape(-1)]).loss
-        if _use_fused(flat):
-            return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
+        dtype = _fused_dtype(flat)
+        if dtype is not None:
+            return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1), dtype)
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1))
 
     def decoder_nll_sum(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -239,7 +241,7 @@ class RNNModel(nn.Module):
         flat = features.reshape(-1, features.size(-1))
         if self.config.adaptive_softmax is not None:
             return -self.adaptive(flat, self.word_rank[targets.reshape(-1)]).output.sum()
-        if _use_fused(flat):
+        if _fused_dtype(flat) == torch.float32:
             return linear_nll_sum(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
         return F.cross_entropy(self.decoder(flat), targets.reshape(-1), reduction="sum")
 
@@ -266,12 +268,20 @@ def _make_rnn(model_type: str, inputs: int, hidden: int, layers: int, dropout: f
     return nn.RNN(inputs, hidden, layers, nonlinearity=nonlinearity, dropout=dropout)
 
 
-def _use_fused(features: torch.Tensor) -> bool:
-    """The fused CPU path computes in float32 with buffers of its own: under autocast the plain path takes
-    the lower precision, and under torch.compile the plain path is what the compiler fuses."""
-    if features.device.type != "cpu" or features.dtype != torch.float32 or torch.compiler.is_compiling():
-        return False
-    return not torch.is_autocast_enabled("cpu")
+def _fused_dtype(features: torch.Tensor) -> torch.dtype | None:
+    """The dtype of the fused CPU path's products for ``features``, or None for the plain path.
+
+    float32 outside autocast; bfloat16 under CPU autocast to bfloat16, where the fused path keeps
+    autocast's precision (bfloat16 operands and logits, float32 sums and log-softmax) in its own
+    buffers. The plain path under any other autocast, and under torch.compile, which fuses it itself.
+    """
+    if features.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if features.dtype == torch.float32 else None
+    if torch.get_autocast_dtype("cpu") == torch.bfloat16 and features.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16
+    return None
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:
