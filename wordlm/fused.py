@@ -34,8 +34,8 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   ``wordlm.system`` the blocks reuse the same heap memory every step;
 - evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped;
 - under ``amp='bf16'`` (CPU autocast to bfloat16) the same path runs its products in bfloat16, whose
-  operands autocast would round alike, and keeps its blocks of exponentials in bfloat16, while the
-  shifts, log-sum-exp, softmax factors and gradients stay float32. On a CPU with AMX the bfloat16
+  operands autocast would round alike, and keeps its blocks of exponentials and its chunk sums in
+  bfloat16, while the shifts, log-sum-exp, softmax factors and gradients stay float32. On a CPU with AMX the bfloat16
   products run about five times faster than float32 ones, and none of autocast's plain path's
   vocabulary-sized float32 log-softmax, its gradient and their casts are made.
 
@@ -422,7 +422,7 @@ def linear_cross_entropy(
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` to float tolerance. With
     ``dtype`` bfloat16 (``amp='bf16'``) the products take bfloat16 operands and give bfloat16 blocks,
-    as under autocast, while the sums, the log-sum-exp and the gradients stay float32.
+    as under autocast, while the log-sum-exp and the gradients stay float32.
 
     Args:
         hidden: (N, H) features (float32, or bfloat16 from an autocast forward pass).

@@ -271,9 +271,10 @@ def _make_rnn(model_type: str, inputs: int, hidden: int, layers: int, dropout: f
 def _fused_dtype(features: torch.Tensor) -> torch.dtype | None:
     """The dtype of the fused CPU path's products for ``features``, or None for the plain path.
 
-    float32 outside autocast; bfloat16 under CPU autocast to bfloat16, where the fused path keeps
-    autocast's precision (bfloat16 operands and logits, float32 sums and log-softmax) in its own
-    buffers. The plain path under any other autocast, and under torch.compile, which fuses it itself.
+    float32 outside autocast; bfloat16 under CPU autocast to bfloat16, where the fused path rounds the
+    operands and logits as autocast does and keeps the log-sum-exp and the gradients float32 (details
+    in ``wordlm.fused``). The plain path under any other autocast, and under torch.compile, which
+    fuses it itself.
     """
     if features.device.type != "cpu" or torch.compiler.is_compiling():
         return None
