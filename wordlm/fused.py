@@ -35,9 +35,9 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
 - evaluation never keeps the logits whole: each chunk of rows is computed, reduced and dropped;
 - under ``amp='bf16'`` (CPU autocast to bfloat16) the same path runs its products in bfloat16, whose
   operands autocast would round alike, and keeps its blocks of exponentials and its chunk sums in
-  bfloat16, while the shifts, log-sum-exp, softmax factors and gradients stay float32. On a CPU with AMX the bfloat16
-  products run about five times faster than float32 ones, and none of autocast's plain path's
-  vocabulary-sized float32 log-softmax, its gradient and their casts are made.
+  bfloat16, while the shifts, log-sum-exp, softmax factors and gradients stay float32. On a CPU with
+  AMX the bfloat16 products run about five times faster than float32 ones, and none of autocast's
+  plain path's vocabulary-sized float32 log-softmax, its gradient and their casts are made.
 
 All figures (chunk sizes, backends) are in docs/PERFORMANCE.md with the commands that measured them.
 
@@ -356,7 +356,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         blocks, ctx.blocks = ctx.blocks, None
         if blocks is None:
             raise RuntimeError("linear_cross_entropy's backward pass ran twice: retain_graph is not supported")
-        dtype = blocks[0].dtype  # the products' (float32, or bfloat16 under autocast); the sums are float32
+        dtype = blocks[0].dtype  # the products' (float32, or bfloat16 under autocast); factors and grads float32
         weight_aug, ctx.weight_aug = ctx.weight_aug, None  # bfloat16's [W·log2(e) | b·log2(e) | 1]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
