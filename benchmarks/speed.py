@@ -359,7 +359,8 @@ def main() -> None:
                         help="runs of each side, interleaved; the fastest of each is reported")  # fmt: skip
     sides = ["classic", "wordlm", "wordlm-unfused", "wordlm-blas", "wordlm-no-allocator", *OPTIONS]
     parser.add_argument("--worker", choices=sides, dest="impl")
-    parser.add_argument("--options", action="store_true", help="also time the options that change the math (default)")
+    parser.add_argument("--options", action="store_true",
+                        help="also time the options that change the math (each config)")  # fmt: skip
     parser.add_argument("--ablations", action="store_true",
                         help="also run wordlm without each speed-up (default config)")  # fmt: skip
     parser.add_argument("--config", default="default")
@@ -387,7 +388,7 @@ def main() -> None:
             if "onednn" in fused.BACKENDS:
                 variants["wordlm-blas"] = "the fused loss on torch.mm's products only"
             variants["wordlm-no-allocator"] = "without the allocator setting"
-        if args.options and name == "default":
+        if args.options:
             variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})
         torch.manual_seed(0)
         weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
