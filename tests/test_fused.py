@@ -163,6 +163,15 @@ def test_a_non_finite_logit_gives_a_non_finite_bfloat16_loss():
     assert not torch.isfinite(linear_cross_entropy(hidden, weight, bias, targets, torch.bfloat16))
 
 
+def test_bfloat16_products_are_fast_on_avx512_and_the_check_survives_a_missing_op(monkeypatch):
+    import types
+
+    if torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert fused.bfloat16_products_fast()  # oneDNN serves bfloat16 products with AVX-512 or AMX
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # a build without the internal op
+    assert fused.bfloat16_products_fast() is False
+
+
 def test_two_graphs_alive_at_once_keep_their_own_buffers():
     tune_cpu_allocator()
     first = inputs(seed=1)

@@ -396,6 +396,11 @@ def _train(_run, _log, cfg: dict):
     world, device = start_world(device)  # several processes under torchrun; else World() and device as is
     if cfg["amp"] == "fp16" and device.type != "cuda":
         raise UserError("amp='fp16' needs a CUDA device (half precision with loss scaling); on a CPU use amp='bf16'")
+    if cfg["amp"] == "bf16" and device.type == "cpu" and not fused.bfloat16_products_fast():
+        _log.warning(
+            "amp='bf16': torch has no fast bfloat16 matrix products on this CPU (oneDNN's need AVX-512 or AMX), "
+            "so they run several times slower than float32 ones here; leave amp unset to train in float32"
+        )
     if device.type == "cpu":
         tune_cpu_allocator()
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
