@@ -4,6 +4,7 @@ Each is off by default; these tests pin what each computes and that the fused re
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -167,7 +168,9 @@ def test_bf16_on_a_cpu_without_fast_bfloat16_products_says_so(fast, tiny_corpus,
     monkeypatch.setattr(fused, "bfloat16_products_fast", lambda: fast)
     config = {"dataset": str(tiny_corpus), "save": str(tmp_path / "model.pt"), "amp": "bf16", "max_batches": 2,
               "epochs": 1}  # fmt: skip
-    run = experiment.ex.run(config_updates=config, named_configs=["smoke"], options={"--unobserved": True})
+    with caplog.at_level(logging.WARNING):  # whatever level an earlier in-process run left the root logger at
+        run = experiment.ex.run(config_updates=config, named_configs=["smoke"],
+                                options={"--unobserved": True, "--loglevel": "WARNING"})  # fmt: skip
     assert run.status == "COMPLETED"
     warned = "amp='bf16': torch has no fast bfloat16 matrix products on this CPU" in caplog.text
     assert warned is not fast, caplog.text
