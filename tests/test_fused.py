@@ -126,7 +126,8 @@ def test_bfloat16_products_keep_autocasts_precision(with_bias, backend):
         plain = F.cross_entropy(F.linear(hidden, weight, bias), targets)
     plain_errors = relative_errors(plain.item(), gradients(plain, hidden, weight, bias), reference)
     loss_error, grad_errors = relative_errors(loss.item(), grads, reference)
-    assert loss_error < 2e-3 and max(grad_errors) < 1e-2, (loss_error, grad_errors)
+    # The loss within 3e-4 (9e-5 here): a shift column that rounds (log2(e) → 1.445) biased it by 1e-3
+    assert loss_error < 3e-4 and max(grad_errors) < 2e-2, (loss_error, grad_errors)
     assert max(grad_errors) <= 1.5 * max(plain_errors[1]), (grad_errors, plain_errors)
 
 
