@@ -1,7 +1,7 @@
 """Training and evaluation speed of wordlm against the classic word_language_model loop, in one run.
 
     python benchmarks/speed.py [--dataset PATH_OR_NAME] [--batches 12] [--warmup 3] [--configs default,large]
-                               [--repeats 3] [--ablations] [--options]
+                               [--repeats 3] [--ablations] [--options [bf16,adaptive,compile]]
 
 For each config, two subprocesses train from the same initial weights with the same dropout RNG:
 (a) a faithful plain copy of the classic loop (embedding → LSTM → Linear → log_softmax → NLLLoss,
@@ -52,9 +52,18 @@ EVAL_BATCH = 10
 # wordlm's options that change the math (off by default), for --options
 OPTIONS = {
     "wordlm-bf16": {"amp": "bf16"},
-    "wordlm-adaptive": {"adaptive_softmax": (2000, 10000)},
+    "wordlm-adaptive": {"adaptive_softmax": [2000, 10000]},
     "wordlm-compile": {"compile": True},
 }
+
+
+def option_setting(side: str, ntoken: int) -> dict:
+    """What ``side`` changes (nothing for the float32 sides). Adaptive softmax keeps the cutoffs that
+    fall inside the vocabulary (a small corpus's has fewer than 10,000 words), at least one."""
+    setting = dict(OPTIONS.get(side, {}))
+    if "adaptive_softmax" in setting:
+        setting["adaptive_softmax"] = [c for c in setting["adaptive_softmax"] if c < ntoken] or [ntoken // 2]
+    return setting
 
 
 # ----------------------------------------------------------------------------- the classic loop
@@ -176,7 +185,7 @@ def worker(args) -> None:
             wordlm.model._fused_dtype = lambda features: None
         if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products throughout
             fused.set_backend("blas")
-        options = OPTIONS.get(args.impl, {})
+        options = option_setting(args.impl, ntoken)
         model = RNNModel(ModelConfig(ntoken, "LSTM", cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"],
                                      tied="adaptive_softmax" not in options,
                                      adaptive_softmax=options.get("adaptive_softmax")))  # fmt: skip
@@ -191,7 +200,7 @@ def worker(args) -> None:
         def evaluate(model, ids, bptt):
             return evaluate_loss(model, ids, EVAL_BATCH, bptt)[0]
 
-    if args.impl not in OPTIONS or "adaptive_softmax" not in OPTIONS[args.impl]:  # (its own output layer)
+    if "adaptive_softmax" not in option_setting(args.impl, ntoken):  # (it has its own output layer)
         model.load_state_dict(torch.load(args.weights, weights_only=True), strict=False)
     started = time.perf_counter()
     data = batchify(corpus.train, cfg["batch_size"])
@@ -359,8 +368,10 @@ def main() -> None:
                         help="runs of each side, interleaved; the fastest of each is reported")  # fmt: skip
     sides = ["classic", "wordlm", "wordlm-unfused", "wordlm-blas", "wordlm-no-allocator", *OPTIONS]
     parser.add_argument("--worker", choices=sides, dest="impl")
-    parser.add_argument("--options", action="store_true",
-                        help="also time the options that change the math (each config)")  # fmt: skip
+    names = [option.removeprefix("wordlm-") for option in OPTIONS]
+    parser.add_argument("--options", nargs="?", const=",".join(names), default="", metavar="NAMES",
+                        help=f"also time these options that change the math, at each config (comma-separated; "
+                             f"all of {', '.join(names)} if none are named)")  # fmt: skip
     parser.add_argument("--ablations", action="store_true",
                         help="also run wordlm without each speed-up (default config)")  # fmt: skip
     parser.add_argument("--config", default="default")
@@ -371,6 +382,10 @@ def main() -> None:
         return worker(args)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: each side needs at least one run")
+    options = [f"wordlm-{name.strip()}" for name in args.options.split(",") if name.strip()]
+    unknown = [option.removeprefix("wordlm-") for option in options if option not in OPTIONS]
+    if unknown:
+        parser.error(f"--options {args.options}: no option {', '.join(unknown)}; choose from {', '.join(names)}")
 
     corpus = load_corpus(resolve_dataset(args.dataset))
     ntoken = len(corpus.vocab)
@@ -388,8 +403,7 @@ def main() -> None:
             if "onednn" in fused.BACKENDS:
                 variants["wordlm-blas"] = "the fused loss on torch.mm's products only"
             variants["wordlm-no-allocator"] = "without the allocator setting"
-        if args.options:
-            variants.update({option: json.dumps(setting) for option, setting in OPTIONS.items()})
+        variants.update({option: json.dumps(option_setting(option, ntoken)) for option in options})
         torch.manual_seed(0)
         weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
         initial = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
@@ -489,6 +503,9 @@ def main() -> None:
             row[f"{side}_train_tokens_per_s"] = result["train_tokens_per_s"]
             row[f"{side}_eval_tokens_per_s"] = result["eval_tokens_per_s"]
             gap = max(abs(a - b) for a, b in zip(result["losses"], ours["losses"]))
+            row[f"{side}_loss_gap"] = gap
+            if side in OPTIONS:
+                row[f"{side}_setting"] = option_setting(side, ntoken)
             print(f"  {what:40s} train {result['train_tokens_per_s']:7.0f} tokens/s "
                   f"({result['train_tokens_per_s'] / ours['train_tokens_per_s']:.2f}x wordlm, "
                   f"{result['train_tokens_per_s'] / classic['train_tokens_per_s']:.2f}x classic), eval "

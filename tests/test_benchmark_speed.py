@@ -71,3 +71,31 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
         assert row[f"paired_{phase}_ratio_median"] == pytest.approx(sum(expected) / 2)
         assert max(rates["classic"][phase]) == row[f"classic_{phase}_tokens_per_s"]  # the best run is the headline
     assert "run by run (train)" in result.stdout
+
+
+def test_the_speed_benchmark_times_the_options_it_is_given(tmp_path):
+    """--options NAMES times those options at each config, beside float32 wordlm; an unknown name is one line."""
+    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
+    common = ("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
+              "--eval-tokens", "400", "--repeats", "1")  # fmt: skip
+    result = run_cli(*common, "--options", "bf16,adaptive", cwd=tmp_path, script="benchmarks/speed.py", timeout=600)
+    row = json.loads(result.stdout.strip().splitlines()[-1])["configs"]["default"]
+    for option in ("wordlm-bf16", "wordlm-adaptive"):
+        assert row[f"{option}_train_tokens_per_s"] > 0 and row[f"{option}_eval_tokens_per_s"] > 0
+    assert "wordlm-compile_train_tokens_per_s" not in row  # only the options named run
+    ntoken = row["ntoken"]  # a small corpus: adaptive softmax keeps the cutoffs inside its vocabulary
+    assert row["wordlm-bf16_setting"] == {"amp": "bf16"} and '{"amp": "bf16"}' in result.stdout
+    assert ntoken < 2000 and row["wordlm-adaptive_setting"] == {"adaptive_softmax": [ntoken // 2]}
+    # bfloat16 rounds the same model's math (a small gap); adaptive softmax is another output layer
+    assert 0 < row["wordlm-bf16_loss_gap"] < 0.1 < row["wordlm-adaptive_loss_gap"]
+    failed = run_cli(*common, "--options", "bf16,fp8", cwd=tmp_path, script="benchmarks/speed.py", check=False)
+    assert failed.returncode == 2 and "no option fp8; choose from bf16, adaptive, compile" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_adaptive_softmax_keeps_the_cutoffs_inside_the_vocabulary():
+    setting = speed_module().option_setting
+    assert setting("wordlm-adaptive", 33278) == {"adaptive_softmax": [2000, 10000]}  # WikiText-2's: as documented
+    assert setting("wordlm-adaptive", 5000) == {"adaptive_softmax": [2000]}
+    assert setting("wordlm-adaptive", 1954) == {"adaptive_softmax": [977]}
+    assert setting("wordlm-bf16", 33278) == {"amp": "bf16"} and setting("wordlm", 33278) == {}
