@@ -1,12 +1,13 @@
 """The fused decoder loss of a git revision against the working tree's, as paired steps in one process.
 
     python benchmarks/fused_ab.py REV [--pairs 60] [--backend onednn|blas] [--tokens 1120] [--hidden 200]
-                                      [--vocab 33278]
+                                      [--vocab 33278] [--dtype float32|bfloat16]
 
 A change to ``wordlm/fused.py`` that buys a few percent cannot be seen in separate runs on a VM whose
 speed drifts by tens of percent; here both versions run in one process, on the same tensors, one step
 of each in turn (forward and backward of ``linear_cross_entropy``, at the default config's decoder
-shapes unless told otherwise). For each pair the ratio ``REV's time / the working tree's`` is taken; the
+shapes unless told otherwise; with ``--dtype bfloat16`` the path ``amp='bf16'`` takes, from bfloat16
+features). For each pair the ratio ``REV's time / the working tree's`` is taken; the
 median over the pairs (with its quartiles) is what the change buys. Both versions must give the same
 loss. The last line is one JSON object.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import subprocess
@@ -56,10 +58,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32 * 35, help="rows of h: batch × bptt")
     parser.add_argument("--hidden", type=int, default=200)
     parser.add_argument("--vocab", type=int, default=33278, help="WikiText-2's vocabulary by default")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the products' dtype: bfloat16 is amp='bf16''s path")  # fmt: skip
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     tune_cpu_allocator()  # what `python main.py` does on a CPU
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_revision(args.revision, folder)
+    if dtype != torch.float32 and "dtype" not in inspect.signature(baseline.linear_cross_entropy).parameters:
+        sys.exit(f"error: wordlm/fused.py at {args.revision!r} has no bfloat16 path (it came with commit "
+                 "9e7071a); give a later revision or leave --dtype at float32")  # fmt: skip
     versions = {"revision": baseline, "working tree": fused}
     used = {}
     for name, module in versions.items():
@@ -69,14 +77,15 @@ def main() -> None:
         used[name] = getattr(module, "_backend", "blas")
 
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(args.tokens, args.hidden, generator=generator).requires_grad_()
+    hidden = torch.randn(args.tokens, args.hidden, generator=generator).to(dtype).requires_grad_()
     weight = (torch.rand(args.vocab, args.hidden, generator=generator) * 0.2 - 0.1).requires_grad_()
     bias = torch.zeros(args.vocab, requires_grad=True)
     targets = torch.randint(args.vocab, (args.tokens,), generator=generator)
 
     def step(module) -> tuple[float, float]:
         start = time.perf_counter()
-        loss = module.linear_cross_entropy(hidden, weight, bias, targets)
+        extra = () if dtype == torch.float32 else (dtype,)  # (revisions before 9e7071a take no dtype)
+        loss = module.linear_cross_entropy(hidden, weight, bias, targets, *extra)
         torch.autograd.grad(loss, [hidden, weight, bias])
         return time.perf_counter() - start, loss.item()
 
@@ -93,6 +102,7 @@ def main() -> None:
     result = {
         "revision": args.revision,
         "backend": args.backend,
+        "dtype": args.dtype,
         "backends_used": used,
         "ratio_median": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],
@@ -102,8 +112,8 @@ def main() -> None:
         "loss_gap": abs(losses["revision"] - losses["working tree"]),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decoder {args.tokens} x {args.hidden} x "
-          f"{args.vocab}, products: {used['revision']} (revision), {used['working tree']} (working tree), "
-          f"{args.pairs} pairs")  # fmt: skip
+          f"{args.vocab} in {args.dtype}, products: {used['revision']} (revision), {used['working tree']} "
+          f"(working tree), {args.pairs} pairs")  # fmt: skip
     print(f"{args.revision}: {result['revision_ms_median']:.1f} ms a step; working tree: "
           f"{result['working_tree_ms_median']:.1f} ms; the working tree is {result['ratio_median']:.3f}x as fast "
           f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}); loss gap {result['loss_gap']:.2e}")  # fmt: skip
