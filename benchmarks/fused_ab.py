@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=200)
     parser.add_argument("--vocab", type=int, default=33278, help="WikiText-2's vocabulary by default")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="the products' dtype: bfloat16 is amp='bf16''s path")  # fmt: skip
+                        help="the products' dtype (bfloat16: the path amp='bf16' takes)")  # fmt: skip
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     tune_cpu_allocator()  # what `python main.py` does on a CPU
