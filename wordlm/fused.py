@@ -411,7 +411,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             blocks[index] = None  # its memory is free for the next chunk's products
         if need_hidden and transposed and not bfloat16:
             _POOL.give(weight_t)
-        if weight_aug is not None:
+        if bfloat16:
             _POOL.give(weight_aug)
         grad_hidden = None if grad_sum is None else grad_sum.t() if transposed else grad_sum  # (N, H)
         minus = -scale  # the one-hot part: -scale at (target, column)
