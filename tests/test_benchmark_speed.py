@@ -37,10 +37,13 @@ def test_the_matmul_ceiling_counts_the_products_split_into_wordlms_chunks(monkey
     assert seen.count(True) == 3 * len([name for name in BACKENDS if name != "auto"])  # each library, each product
 
 
-def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
+def test_the_speed_benchmark_reports_its_ratios_the_loss_check_and_the_options_it_is_given(tmp_path):
+    """One run (the suite's slowest test, so the checks share it): the ratios, the bound, the ablations,
+    and ``--options NAMES`` timing just those options beside float32 wordlm."""
     corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
-    result = run_cli("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
-                     "--eval-tokens", "400", "--repeats", "2", "--ablations",
+    common = ("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
+              "--eval-tokens", "400")  # fmt: skip
+    result = run_cli(*common, "--repeats", "2", "--ablations", "--options", "bf16,adaptive",
                      cwd=tmp_path, script="benchmarks/speed.py", timeout=600)  # fmt: skip
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"train_ratio", "eval_ratio", "gflops_fraction", "loss_match"} <= summary.keys()
@@ -71,15 +74,7 @@ def test_the_speed_benchmark_reports_its_ratios_and_the_loss_check(tmp_path):
         assert row[f"paired_{phase}_ratio_median"] == pytest.approx(sum(expected) / 2)
         assert max(rates["classic"][phase]) == row[f"classic_{phase}_tokens_per_s"]  # the best run is the headline
     assert "run by run (train)" in result.stdout
-
-
-def test_the_speed_benchmark_times_the_options_it_is_given(tmp_path):
-    """--options NAMES times those options at each config, beside float32 wordlm; an unknown name is one line."""
-    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
-    common = ("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
-              "--eval-tokens", "400", "--repeats", "1")  # fmt: skip
-    result = run_cli(*common, "--options", "bf16,adaptive", cwd=tmp_path, script="benchmarks/speed.py", timeout=600)
-    row = json.loads(result.stdout.strip().splitlines()[-1])["configs"]["default"]
+    # the options named, and only those
     for option in ("wordlm-bf16", "wordlm-adaptive"):
         assert row[f"{option}_train_tokens_per_s"] > 0 and row[f"{option}_eval_tokens_per_s"] > 0
     assert "wordlm-compile_train_tokens_per_s" not in row  # only the options named run
