@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,23 @@ def test_in_a_distributed_run_a_second_signal_waits_and_a_stop_can_come_from_els
             other.check()
 
 
+def test_a_failed_process_ignores_the_sigterm_that_follows_but_a_stopped_one_does_not():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RuntimeError), StopRequests(second_interrupts=False, ignore_term_after_error=True):
+            raise RuntimeError("Connection closed by peer")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, previous)
+        with pytest.raises(KeyboardInterrupt), StopRequests(second_interrupts=False, ignore_term_after_error=True):
+            raise KeyboardInterrupt("SIGTERM")
+        assert signal.getsignal(signal.SIGTERM) is previous
+        with pytest.raises(RuntimeError), StopRequests():
+            raise RuntimeError("a single process")
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_batch_size_must_split_evenly_among_the_processes(tmp_path, tiny_corpus):
     # torchrun's variables, checked before any process group is joined
     result = run_cli("with", "smoke", f"dataset={tiny_corpus}", "batch_size=10", "-u", cwd=tmp_path, check=False,
@@ -140,7 +158,15 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
 def test_a_crashed_process_brings_the_run_down_with_a_message(tmp_path, tiny_corpus):
     launcher = torchrun(tmp_path, "with", "smoke", f"dataset={tiny_corpus}", "max_batches=None", "log_interval=5", "-u")
     read_until(launcher, r"\| epoch +1 \| +5/")
+    survivor = worker_pid(launcher, 0)
     os.kill(worker_pid(launcher, 1), signal.SIGKILL)
+    # torchrun then sends SIGTERM to process 0 once; sent again and again, it lands on every step of the way out
+    while launcher.poll() is None:
+        try:
+            os.kill(survivor, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
     errors = [line for line in err.splitlines() if line.startswith("error:")]

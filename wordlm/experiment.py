@@ -51,7 +51,7 @@ from wordlm.generation import (
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
 from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
-from wordlm.signals import StopRequests
+from wordlm.signals import StopRequests, ignore_termination
 from wordlm.system import tune_cpu_allocator
 from wordlm.training import (
     Precision,
@@ -350,6 +350,7 @@ def train(_run, _log, _config):
     except Exception as problem:
         if not lost_contact(problem):
             raise
+        ignore_termination()  # (as StopRequests does): torchrun's SIGTERM must not cut off this line and the record
         raise error(
             f"{lost_contact_message(problem)}: another process failed, was killed or hung, and its own output "
             f"says which; resume={_config['save_last']} continues from the latest state written"
@@ -513,7 +514,7 @@ def _train(_run, _log, cfg: dict):
         network = torch.compile(network)
     interrupted = False
     started = time.perf_counter()
-    with StopRequests(second_interrupts=world.size == 1) as stop:
+    with StopRequests(second_interrupts=world.size == 1, ignore_term_after_error=world.size > 1) as stop:
         try:
             with stop.deferred():
                 fit(

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM as a clean stop at the next batch boundary.
 
-Lives here: ``StopRequests``. Must not import Sacred.
+Lives here: ``StopRequests``, ``ignore_termination``. Must not import Sacred.
 
 An interrupt that lands in the middle of an optimizer step would leave weights half-updated, and a
 checkpoint of that state could not resume exactly. So while training steps run, SIGINT and SIGTERM
@@ -26,11 +26,16 @@ class StopRequests:
 
     Args:
         second_interrupts: whether a second signal during a ``deferred`` block interrupts at once.
+        ignore_term_after_error: whether SIGTERM stays ignored when an error (not a stop) leaves the
+            block. A process of a distributed run that fails is on its way out, and the SIGTERM that
+            torchrun sends to every process once one has failed must not cut off its error line and
+            its run record.
     """
 
-    def __init__(self, second_interrupts: bool = True) -> None:
+    def __init__(self, second_interrupts: bool = True, ignore_term_after_error: bool = False) -> None:
         self.requested: int | None = None  # the signal number of the first request
         self._second_interrupts = second_interrupts
+        self._ignore_term_after_error = ignore_term_after_error
         self._deferring = False
         self._previous: dict[int, object] = {}
 
@@ -40,9 +45,11 @@ class StopRequests:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        failed = exc_type is not None and not issubclass(exc_type, KeyboardInterrupt)
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            ignored = failed and self._ignore_term_after_error and signum == signal.SIGTERM
+            signal.signal(signum, signal.SIG_IGN if ignored else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
@@ -83,3 +90,9 @@ class StopRequests:
     @property
     def name(self) -> str:
         return signal.Signals(self.requested).name if self.requested else ""
+
+
+def ignore_termination() -> None:
+    """Ignore SIGTERM from now on (in the main thread): for a process that is already ending by itself."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
