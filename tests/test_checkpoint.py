@@ -48,7 +48,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(UserError, match="not a readable wordlm checkpoint"):
+    with pytest.raises(UserError, match="is damaged or is no wordlm checkpoint"):
         load_checkpoint(tmp_path / "text.pt")
     torch.save({"format_version": FORMAT_VERSION + 1, "model_state": {}}, tmp_path / "new.pt")
     with pytest.raises(UserError, match="newer than this wordlm understands"):

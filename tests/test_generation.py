@@ -270,7 +270,7 @@ def assert_one_error_line(result, *fragments: str) -> None:
 
 @pytest.mark.parametrize(
     "kind, fragment",
-    [("missing", "does not exist"), ("not_a_checkpoint", "is not a readable wordlm checkpoint"),
+    [("missing", "does not exist"), ("not_a_checkpoint", "is damaged or is no wordlm checkpoint"),
      ("newer_format", f"format {FORMAT_VERSION + 1}, newer"), ("runs_code", "was refused")],
 )  # fmt: skip
 def test_bad_checkpoint_is_one_error_line(kind, fragment, tmp_path):
@@ -303,3 +303,9 @@ def test_refusal_names_what_would_run_and_runs_nothing(tmp_path):
 def test_bad_sampling_option_is_one_error_line(setting, fragment, checkpoint, tmp_path):
     result = run_cli("-u", "with", f"checkpoint={checkpoint}", setting, cwd=tmp_path, script="generate.py", check=False)
     assert_one_error_line(result, fragment)
+
+
+def test_outf_in_a_new_folder_is_written_there(checkpoint, tmp_path):
+    run_cli("with", f"checkpoint={checkpoint}", "words=4", "outf=new/dir/g.txt", "-u", cwd=tmp_path,
+            script="generate.py")  # fmt: skip
+    assert len((tmp_path / "new" / "dir" / "g.txt").read_text(encoding="utf-8").split()) >= 4

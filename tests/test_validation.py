@@ -90,3 +90,27 @@ def test_evaluate_names_a_bad_key_in_one_line_before_loading_anything(tmp_path, 
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {update.split('=')[0]}="), result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, start",
+    [("main.py", ["with", "seed='abc'"], "error: seed='abc' must be an integer from 0"),
+     ("main.py", ["with", "seed=-1"], "error: seed=-1 must be an integer from 0"),
+     ("generate.py", ["with", "seed=1.5"], "error: seed=1.5 must be an integer from 0"),
+     ("main.py", ["-l", "BOGUS", "print_config"], "error: -l 'BOGUS' is not a log level; use one of NOTSET, DEBUG"),
+     ("main.py", ["--loglevel=info", "with", "seed=1"], "error: -l 'info' is not a log level"),
+     ("generate.py", ["with", "outf=folder"], "error: outf='folder' is a folder; give a file path"),
+     ("generate.py", ["with", "outf=afile/new/out.txt"], "error: cannot write outf='afile/new/out.txt': afile is"),
+     ("main.py", ["evaluate", "with", "line_scores=folder"], "error: line_scores='folder' is a folder"),
+     ("generate.py", ["with", "stop_at_eos='maybe'"], "error: stop_at_eos='maybe' must be True or False"),
+     ("generate.py", ["with", "checkpoint=folder"], "error: checkpoint folder is a folder; give a checkpoint file")],
+)  # fmt: skip
+def test_seeds_log_levels_and_output_paths_are_one_error_line_before_any_work(tmp_path, script, args, start):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    args = [*args, "checkpoint=missing.pt"] if "with" in args and not any("checkpoint" in a for a in args) else args
+    result = run_cli(*args, "-u", cwd=tmp_path, check=False, script=script)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(start), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written, no run recorded

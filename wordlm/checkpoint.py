@@ -60,6 +60,8 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint dict safely, or raise ``UserError`` with one line saying what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file such as {path / 'model.pt'}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`")
     try:
@@ -75,8 +77,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             ) from None
         raise UserError(f"{path} is not a wordlm checkpoint (it is no file that torch.save wrote)") from None
     except Exception as error:  # torch.load fails on arbitrary bytes with many types: KeyError, RuntimeError, ...
-        problem = f"{type(error).__name__}: {str(error)[:120]}"
-        raise UserError(f"{path} is not a readable wordlm checkpoint ({problem})") from None
+        problem = f"{type(error).__name__}: {' '.join(str(error).split()).split('. ')[0][:100]}"
+        raise UserError(
+            f"{path} is damaged or is no wordlm checkpoint ({problem}); use another checkpoint "
+            "(save_last keeps the latest training state) or train again"
+        ) from None
     if not isinstance(payload, dict) or "format_version" not in payload or "model_state" not in payload:
         raise UserError(f"{path} is not a wordlm checkpoint (it holds no format_version/model_state)")
     version = payload["format_version"]

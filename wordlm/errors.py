@@ -4,6 +4,6 @@
 class UserError(Exception):
     """Bad input from the user: a missing file, a bad key value, a corrupt corpus.
 
-    The command-line entry points print ``error: <message>`` and exit with status 2; the message
+    The command-line entry points print ``error: <message>`` and exit with status 1; the message
     must say what is wrong and how to fix it, in one line.
     """

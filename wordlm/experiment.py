@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -229,6 +230,37 @@ def _check_positive_int(key: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{key}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
+
+
+@ex.config_hook
+def _check_seed(config, command_name, logger):
+    """Sacred seeds random, numpy and torch before any command runs: a bad seed is one line, not its assert."""
+    seed = config.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise error(f"seed={seed!r} must be an integer from 0 to 2**32 - 1 (numpy's range), e.g. seed=257")
+    return {}
+
+
+def _output_file(key: str, path) -> Path:
+    """The file ``key`` names, its folder made; a folder or an unmakeable folder is one line, before any work."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a folder; give a file path such as {target / 'out.txt'}")
+    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"cannot write {key}={str(path)!r}: {blocking} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as problem:
+        raise UserError(f"cannot write {key}={str(path)!r}: {problem.strerror or problem}") from None
+    return target
+
+
+def _write_output(key: str, target: Path, text: str) -> None:
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as problem:
+        raise UserError(f"cannot write {key}={str(target)!r}: {problem.strerror or problem}") from None
 
 
 def _check_positive_number(key: str, value, allow_none: bool = False) -> None:
@@ -685,7 +717,10 @@ def generate(
 
 def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device):
     check_sampling_options(words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples)
+    if not isinstance(stop_at_eos, bool):
+        raise UserError(f"stop_at_eos={stop_at_eos!r} must be True or False")
     prompt = "" if prompt is None else str(prompt)
+    target = None if outf == "-" else _output_file("outf", outf)
     model, vocab = _load_model(checkpoint, device)
     _, unknown = encode_prompt(vocab, prompt)
     if unknown:
@@ -699,11 +734,11 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
         top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
     )  # fmt: skip
     output = format_samples(prompt, texts)
-    if outf == "-":
+    if target is None:
         sys.stdout.write(output)
         sys.stdout.flush()
     else:
-        Path(outf).write_text(output, encoding="utf-8")
+        _write_output("outf", target, output)
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
 
 
@@ -733,6 +768,7 @@ def _evaluate(
     _check_positive_int("bptt", bptt)
     if text is None and split not in SPLITS:
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
+    scores_file = _output_file("line_scores", line_scores) if line_scores else None
     model, vocab = _load_model(checkpoint, device)
     path = Path(text) if text is not None else resolve_dataset(dataset) / f"{split}.txt"
     ids, unknown = tokenize_for_scoring(path, vocab, model.config.ntoken)
@@ -751,11 +787,11 @@ def _evaluate(
     ppl = perplexity(loss)
     print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}{method}", flush=True)
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
-    if line_scores:
+    if scores_file:
         if EOS not in vocab:
             raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
         scores = score_lines(ids, target_log_probs(model, ids, eval_batch_size, bptt), vocab.word2idx[EOS])
-        Path(line_scores).write_text("".join(json.dumps(record) + "\n" for record in scores), encoding="utf-8")
+        _write_output("line_scores", scores_file, "".join(json.dumps(record) + "\n" for record in scores))
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl
 
@@ -776,9 +812,29 @@ _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-
                    "-S", "--s3", "-G", "--gcs", "-u", "--unobserved")  # fmt: skip
 
 
+def _log_levels(argv: list[str]) -> list[str]:
+    """The values given to ``-l``/``--loglevel`` before ``with`` (after it come config updates)."""
+    args = argv[1 : argv.index("with")] if "with" in argv else argv[1:]
+    levels = []
+    for i, arg in enumerate(args):
+        if arg in ("-l", "--loglevel"):
+            levels.append(args[i + 1] if i + 1 < len(args) else "")
+        elif arg.startswith("--loglevel="):
+            levels.append(arg.split("=", 1)[1])
+        elif arg.startswith("-l") and not arg.startswith("--"):
+            levels.append(arg[2:])
+    return levels
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given."""
     argv = list(sys.argv if argv is None else argv)
+    names = logging.getLevelNamesMapping()
+    for level in _log_levels(argv):  # Sacred would hand it to logging, whose ValueError is a traceback
+        if level not in names and not level.lstrip("-").isdigit():
+            print(f"error: -l {level!r} is not a log level; use one of {', '.join(sorted(names, key=names.get))} "
+                  "or a number", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
     follower = launched_rank() > 0  # under torchrun every process runs this; rank 0 alone records and prints
     if follower:
