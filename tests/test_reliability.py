@@ -213,3 +213,20 @@ def test_derived_paths_stay_where_the_user_pointed(tmp_path):
     other = run_cli("print_config", "with", "save=models/run7", cwd=tmp_path).stdout
     assert "save_last = 'models/run7.last.pt'" in other
     assert not any(tmp_path.iterdir())  # print_config wrote nothing
+
+
+def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder(tmp_path, tiny_corpus):
+    first, elsewhere = tmp_path / "deeper" / "first", tmp_path / "elsewhere"  # the same relative path differs
+    first.mkdir(parents=True), elsewhere.mkdir()
+    relative = os.path.relpath(tiny_corpus, first)
+    run_cli("with", "smoke", f"dataset={relative}", "epochs=1", "-u", cwd=first)
+    resume = "resume=../deeper/first/model.last.pt"
+    again = run_cli("with", resume, "epochs=2", "-u", cwd=elsewhere)
+    assert "| end of epoch   2 |" in again.stdout and "test ppl" in again.stdout
+    # naming the same corpus from here is no change of dataset; another corpus still is
+    named = run_cli("with", resume, f"dataset={os.path.relpath(tiny_corpus, elsewhere)}",
+                    "epochs=3", "-u", cwd=elsewhere)  # fmt: skip
+    assert "| end of epoch   3 |" in named.stdout
+    other = cut_corpus(tmp_path / "other", lines=(200, 20, 20))
+    refused = run_cli("with", resume, f"dataset={other}", "-u", cwd=elsewhere, check=False)
+    assert refused.returncode == 1 and "error: resume cannot change dataset=" in refused.stderr

@@ -361,7 +361,10 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
     saved = (payload.get("meta") or {}).get("config")
     if not saved or not payload.get("training"):
         raise UserError(f"{path} holds no training state to resume from; resume from a checkpoint written by training")
+    folder = (payload.get("meta") or {}).get("corpus_folder")  # where the corpus was, as an absolute path
+    same_corpus = "dataset" in modified and _same_folder(config["dataset"], folder)  # named from another folder
     conflicts = [k for k in FIXED_ON_RESUME if k in modified and k in saved and config[k] != saved[k]]
+    conflicts = [k for k in conflicts if not (k == "dataset" and same_corpus)]
     if conflicts:
         changes = ", ".join(f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in conflicts)
         raise UserError(f"resume cannot change {changes}; drop those keys or start a new run")
@@ -369,7 +372,17 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
     if "save" in modified and "save_last" not in modified:
         merged["save_last"] = config["save_last"]
     merged["resume"] = config["resume"]
+    moved = folder and Path(folder).is_dir() and not Path(merged["dataset"]).expanduser().exists()
+    if "dataset" not in modified and moved:  # a relative path or a corpus name typed in another folder
+        merged["dataset"] = folder
     return merged
+
+
+def _same_folder(path: str, other: str | None) -> bool:
+    try:
+        return other is not None and Path(path).expanduser().is_dir() and os.path.samefile(path, other)
+    except OSError:
+        return False
 
 
 @ex.main
@@ -437,7 +450,8 @@ def _train(_run, _log, cfg: dict):
     if device.type == "cpu":
         tune_cpu_allocator()
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
-        corpus = load_dataset(cfg["dataset"], log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
+        folder = resolve_dataset(cfg["dataset"], log=_log.info)
+        corpus = load_dataset(folder, log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
     vocab = corpus.vocab
     rows = corpus.train.numel() // cfg["batch_size"]
     if rows < 2:
@@ -484,7 +498,7 @@ def _train(_run, _log, cfg: dict):
     valid_ids = corpus.valid.to(device)
     history = MetricHistory(forward=_run.log_scalar)  # kept in memory too, for the learning-curve picture
     reporter = Reporter(interactive=_INTERACTIVE and world.is_main, log_metric=history.log)
-    meta = {"wordlm_version": __version__, "config": cfg}
+    meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve())}
 
     def whole_state() -> dict:  # a collective, as is training_payload: all ranks call it, rank 0 writes
         return dataclasses.replace(state, hidden=world.gather_columns(state.hidden)).to_dict()
