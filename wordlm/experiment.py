@@ -40,6 +40,7 @@ from wordlm.distributed import (
 from wordlm.errors import UserError
 from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
 from wordlm.export import export_onnx
+from wordlm.files import atomic_file
 from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
@@ -243,9 +244,8 @@ def _check_seed(config, command_name, logger):
 
 def _output_file(key: str, path) -> Path:
     """The file ``key`` names, its folder made; a folder or an unmakeable folder is one line, before any work."""
+    _check_path(key, path, example="out.txt")
     target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{key}={str(path)!r} is a folder; give a file path such as {target / 'out.txt'}")
     blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
     if blocking is not None:
         raise UserError(f"cannot write {key}={str(path)!r}: {blocking} is a file, not a folder")
@@ -257,8 +257,10 @@ def _output_file(key: str, path) -> Path:
 
 
 def _write_output(key: str, target: Path, text: str) -> None:
+    """Write ``text`` whole or not at all (an earlier file of that name stays until the new one is complete)."""
     try:
-        target.write_text(text, encoding="utf-8")
+        with atomic_file(target) as stream:
+            stream.write(text.encode("utf-8"))
     except OSError as problem:
         raise UserError(f"cannot write {key}={str(target)!r}: {problem.strerror or problem}") from None
 
@@ -279,11 +281,11 @@ def _check_number_in(key: str, value, low: float = 0.0, high: float = float("inf
         raise UserError(f"{key}={value!r} must be {what} {bounds}")
 
 
-def _check_path(key: str, value) -> None:
+def _check_path(key: str, value, example: str = "model.pt") -> None:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{key}={value!r} must be a file path (a non-empty string)")
     if os.path.isdir(value):
-        raise UserError(f"{key}={value!r} is a folder; give a file path such as {os.path.join(value, 'model.pt')}")
+        raise UserError(f"{key}={value!r} is a folder; give a file path such as {os.path.join(value, example)}")
 
 
 def validate_training_config(cfg: dict) -> ModelConfig:

@@ -48,6 +48,7 @@ class StopRequests:
     def __exit__(self, exc_type, *exc_info) -> None:
         failed = exc_type is not None and not issubclass(exc_type, KeyboardInterrupt)
         for signum, handler in self._previous.items():
+            # SIG_IGN in place of the restore, not after it: no moment with SIGTERM's default (death) between
             ignored = failed and self._ignore_term_after_error and signum == signal.SIGTERM
             signal.signal(signum, signal.SIG_IGN if ignored else handler)
         self._previous.clear()
