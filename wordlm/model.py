@@ -103,7 +103,10 @@ class ModelConfig:
                 )
             object.__setattr__(self, "adaptive_softmax", tuple(cutoffs))
             if self.tied:
-                raise ValueError("adaptive_softmax has output weights of its own, so it cannot be tied; add tied=False")
+                raise ValueError(
+                    f"adaptive_softmax={list(cutoffs)!r} has output weights of its own, so it cannot be tied; "
+                    "add tied=False"
+                )
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
         if self.tied and self.emsize != self.nhid and not self.tied_projection:
