@@ -89,6 +89,13 @@ def test_in_a_distributed_run_a_second_signal_waits_and_a_stop_can_come_from_els
         assert stop.name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
             stop.check()
+    with StopRequests(second_interrupts=False) as stop:
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"), stop.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            stop.check()
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy, landing while the stopped run tests
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGINT"
     with StopRequests(second_interrupts=False) as other, other.deferred():
         other.check()
         other.request(signal.SIGINT)  # what another rank received

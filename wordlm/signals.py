@@ -25,7 +25,10 @@ class StopRequests:
     """Install handlers for SIGINT/SIGTERM for the duration of a ``with`` block.
 
     Args:
-        second_interrupts: whether a second signal during a ``deferred`` block interrupts at once.
+        second_interrupts: whether a second signal interrupts at once, even in a ``deferred`` block. Without it
+            (a distributed run) a repeat is never more than the first: torchrun forwards the signal a worker
+            may also get from the terminal or a scheduler, and the copy can land a moment later, while
+            the stopped run writes its checkpoint or evaluates test.
         ignore_term_after_error: whether SIGTERM stays ignored when an error (not a stop) leaves the
             block. A process of a distributed run that fails is on its way out, and the SIGTERM that
             torchrun sends to every process once one has failed must not cut off its error line and
@@ -56,7 +59,9 @@ class StopRequests:
     def _handle(self, signum: int, frame) -> None:
         first = self.requested is None
         self.requested = self.requested or signum
-        if self._deferring and (first or not self._second_interrupts):
+        if not first and not self._second_interrupts:
+            return
+        if self._deferring and first:
             return
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
