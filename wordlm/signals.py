@@ -67,7 +67,7 @@ class StopRequests:
 
     @contextmanager
     def deferred(self):
-        """Within this block a first signal waits for ``check``; a second one interrupts at once."""
+        """In this block a first signal waits for ``check``; a second interrupts at once if ``second_interrupts``."""
         self._deferring = True
         try:
             yield
