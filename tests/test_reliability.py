@@ -19,6 +19,7 @@ from conftest import ROOT, cli_env, cut_corpus, read_until, run_cli
 from wordlm import checkpoint as checkpoint_module
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
 from wordlm.data import Vocabulary
+from wordlm.experiment import resumed_config
 from wordlm.model import ModelConfig, RNNModel
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
@@ -230,3 +231,17 @@ def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder(tmp_path, 
     other = cut_corpus(tmp_path / "other", lines=(200, 20, 20))
     refused = run_cli("with", resume, f"dataset={other}", "-u", cwd=elsewhere, check=False)
     assert refused.returncode == 1 and "error: resume cannot change dataset=" in refused.stderr
+
+
+def test_resume_names_the_corpus_by_its_saved_folder_only_when_the_typed_path_is_gone(tmp_path, monkeypatch):
+    corpus = tmp_path / "home" / "corpus"
+    corpus.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = {"dataset": "gone/corpus", "save": "model.pt", "save_last": "model.last.pt", "resume": "model.last.pt"}
+    payload = {"training": {"epoch": 1}, "meta": {"config": dict(config), "corpus_folder": str(corpus)}}
+    assert resumed_config(config, {"resume"}, payload, "model.last.pt")["dataset"] == str(corpus)
+    typed = resumed_config({**config, "dataset": "~/corpus"}, {"resume", "dataset"}, payload, "model.last.pt")
+    assert typed["dataset"] == "~/corpus"  # the same folder by another name (with ~) is no change
+    payload["meta"]["corpus_folder"] = str(tmp_path / "moved away")  # neither resolves: the typed path stays
+    assert resumed_config(config, {"resume"}, payload, "model.last.pt")["dataset"] == "gone/corpus"

@@ -382,7 +382,7 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
 
 def _same_folder(path: str, other: str | None) -> bool:
     try:
-        return other is not None and Path(path).expanduser().is_dir() and os.path.samefile(path, other)
+        return other is not None and os.path.samefile(Path(path).expanduser(), other)
     except OSError:
         return False
 
