@@ -122,16 +122,24 @@ class World:
     def gather_data(self, value) -> list:
         """Every rank's ``value``, plain data as a checkpoint holds (e.g. RNG states), in rank order.
 
-        Values travel as ``torch.save`` bytes and load with ``weights_only=True``: the tensors inside
-        (numpy's uint32 RNG key among them) survive, and nothing received can run code.
+        A value travels as the bytes of ``torch.save`` in a uint8 tensor (padded to the longest rank's,
+        with its length gathered first) and is read back with ``torch.load(weights_only=True)``: the
+        tensors inside (numpy's uint32 RNG key among them) survive, and nothing received can run code,
+        because no pickle is ever loaded (``all_gather_object`` would unpickle what the others send).
         """
         if self.size == 1:
             return [value]
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        received: list = [None] * self.size
-        dist.all_gather_object(received, buffer.getvalue())
-        return [torch.load(io.BytesIO(data), weights_only=True) for data in received]
+        local = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
+        lengths = self._gather(torch.tensor([local.numel()], dtype=torch.int64)).view(-1).tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[: local.numel()] = local
+        received = self._gather(padded)  # (size, longest)
+        return [
+            torch.load(io.BytesIO(received[rank, :length].numpy().tobytes()), weights_only=True)
+            for rank, length in enumerate(lengths)
+        ]
 
     @contextmanager
     def local_rank_first(self):
