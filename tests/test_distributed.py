@@ -57,6 +57,17 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model_state"]
 
 
+def test_each_rank_takes_its_columns_of_every_tensor_of_a_layered_state():
+    whole = RNNModel(ModelConfig(ntoken=20, emsize=6, nhid=6, wdrop=0.5)).init_hidden(4)  # [(h, c), (h, c)]
+    whole = [tuple(torch.arange(h.numel(), dtype=torch.float).view(h.shape) for h in layer) for layer in whole]
+    parts = [World(rank=rank, size=2).take_columns(whole) for rank in range(2)]
+    assert [type(layer) for layer in parts[1]] == [tuple, tuple]
+    for layer in range(2):
+        for i in range(2):
+            assert torch.equal(torch.cat([part[layer][i] for part in parts], dim=1), whole[layer][i])
+            assert parts[1][layer][i].shape == (1, 2, 6)
+
+
 def test_share_gives_each_rank_one_contiguous_block():
     for count, size in [(8, 2), (10, 4), (3, 4), (32, 8)]:
         blocks = [World(rank=rank, size=size).share(count) for rank in range(size)]
@@ -162,6 +173,37 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
 
 
+def test_an_awd_style_run_saves_mid_epoch_stops_and_resumes_exactly(tmp_path, tiny_corpus):
+    # locked dropout, weight drop, embedding dropout: a list of per-layer (h, c) states, random masks on every rank
+    awd = ("with", "smoke", "nlayers=2", "locked_dropout=True", "wdrop=0.3", "dropoute=0.1", "log_interval=5",
+           f"dataset={tiny_corpus}", "checkpoint_every=1e-9", "-u")  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    reference = torchrun(straight, *awd)
+    expected, err = reference.communicate(timeout=120)
+    assert reference.returncode == 0, expected + err
+
+    launcher = torchrun(stopped, *awd)  # a checkpoint after every batch, then SIGTERM to rank 1 mid-epoch
+    seen = read_until(launcher, r"\| epoch +1 \| +5/")
+    os.kill(worker_pid(launcher, 1), signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, seen + out + err
+    stop = re.search(r"Exiting from training early by SIGTERM \(epoch 1, batch (\d+)\)", out)
+    assert stop and 5 <= int(stop[1]) < 20, seen + out
+    last = torch.load(stopped / "model.last.pt", weights_only=True)["training"]
+    hidden = last["state"]["hidden"]  # every column's state, gathered layer by layer
+    assert isinstance(hidden, list) and [[h.shape for h in layer] for layer in hidden] == [[(1, 8, 32)] * 2] * 2
+    assert last["state"]["batch"] == int(stop[1]) and len(last["rng_by_rank"]) == 2
+
+    resumed = torchrun(stopped, "with", "resume=model.last.pt", "-u")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out + err
+    assert f"resumed from model.last.pt at epoch 1, batch {stop[1]}" in err
+    assert TEST_PPL.findall(out) == TEST_PPL.findall(expected) and len(TEST_PPL.findall(out)) == 1
+    one, two = weights(straight / "model.pt"), weights(stopped / "model.pt")
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the same masks, batches and states: bit for bit
+
+
 def test_a_crashed_process_brings_the_run_down_with_a_message(tmp_path, tiny_corpus):
     launcher = torchrun(tmp_path, "with", "smoke", f"dataset={tiny_corpus}", "max_batches=None", "log_interval=5", "-u")
     read_until(launcher, r"\| epoch +1 \| +5/")
@@ -180,6 +222,75 @@ def test_a_crashed_process_brings_the_run_down_with_a_message(tmp_path, tiny_cor
     assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2 lost contact with the others ("), err
     assert "resume=model.last.pt continues from the latest state written" in errors[0]
     assert "End of training" not in out
+
+
+# main.py with two faults put in: rank 1 raises in its third batch, and unpickling anything raises. Each rank
+# also keeps the RNG state it captures for a checkpoint in rng.RANK.pt, to compare with what rank 0 saved.
+FAULTY_MAIN = """
+import os, pickle, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+import wordlm.experiment as experiment
+
+def unpickling(*args, **kwargs):
+    raise AssertionError("something was unpickled")
+
+class Unpickler(pickle.Unpickler):
+    load = unpickling
+
+for module, name in [(dist, "all_gather_object"), (dist, "broadcast_object_list"), (dist, "gather_object"),
+                     (pickle, "loads"), (pickle, "load")]:
+    setattr(module, name, unpickling)
+pickle.Unpickler = Unpickler
+capture, rank = experiment.capture_rng_state, os.environ["RANK"]
+
+def kept_capture():
+    state = capture()
+    torch.save(state, f"rng.{{rank}}.pt")
+    return state
+
+experiment.capture_rng_state = kept_capture
+if rank == "1":
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def broken_clip(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise ZeroDivisionError("rank 1 met a bug in its third batch")
+        return clip(*args, **kwargs)
+
+    torch.nn.utils.clip_grad_norm_ = broken_clip
+experiment.main()
+"""
+
+
+def test_a_rank_that_raises_shows_its_traceback_in_the_summary_and_checkpoints_move_no_pickle(tmp_path, tiny_corpus):
+    script = tmp_path / "faulty_main.py"
+    script.write_text(FAULTY_MAIN.format(root=str(ROOT)))
+    launcher = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), "with", "smoke", f"dataset={tiny_corpus}",
+         "dropout=0.3", "checkpoint_every=1e-9", "-u"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = launcher.stderr
+    assert launcher.returncode != 0 and "something was unpickled" not in err, err
+    summary = err[err.index("Root Cause (first observed failure)") :]
+    assert re.search(r"rank +: 1 \(local_rank: 1\)", summary) and "error_file: <N/A>" not in summary, summary
+    assert re.search(r"traceback : Traceback \(most recent call last\):\n(.*\n)*.*in train_epoch\n", summary), summary
+    assert "ZeroDivisionError: rank 1 met a bug in its third batch" in summary
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # a user error stays one line
+    assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2 lost contact with the others ("), err
+
+    # the checkpoint of batch 2 holds each rank's own RNG state, moved as bytes in a tensor and read back intact
+    saved = torch.load(tmp_path / "model.last.pt", weights_only=True)["training"]
+    assert saved["state"]["batch"] == 2
+    for rank, state in enumerate(saved["rng_by_rank"]):
+        own = torch.load(tmp_path / f"rng.{rank}.pt", weights_only=True)
+        assert torch.equal(state["torch"], own["torch"]) and torch.equal(state["numpy"][1], own["numpy"][1])
+        plain = [state["python"], state["numpy"][0], *state["numpy"][2:]]
+        assert plain == [own["python"], own["numpy"][0], *own["numpy"][2:]] and state["cuda"] == own["cuda"] == []
+    assert not torch.equal(saved["rng_by_rank"][0]["torch"], saved["rng_by_rank"][1]["torch"])
 
 
 def test_the_distributed_benchmark_runs_and_reports_every_figure(tmp_path, tiny_corpus):

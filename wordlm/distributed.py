@@ -3,7 +3,7 @@
 Lives here: ``World`` (this process's rank, how many processes there are, the few collectives training
 needs), ``SINGLE``, ``launched_rank``, ``launched_size``, ``start_world``, ``stop_world``, ``lost_contact``,
 ``lost_contact_message``, ``rank_rng_state`` and ``split_rng_streams``. Must not import Sacred or any
-``wordlm`` module but ``errors``.
+``wordlm`` module but ``errors`` and ``hidden``.
 
 ``torchrun --nproc_per_node=N main.py with ...`` starts N copies of the program and tells each one who
 it is through environment variables: ``RANK`` (0 .. WORLD_SIZE-1 over all machines), ``LOCAL_RANK``
@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from wordlm.errors import UserError
+from wordlm.hidden import Hidden, map_hidden
 
 TIMEOUT_ENV = "WORDLM_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
 DEFAULT_TIMEOUT_S = 600
@@ -102,38 +103,43 @@ class World:
             return values
         return tuple(int(v) for v in self._gather(torch.tensor(values, dtype=torch.int64)).amax(0).tolist())
 
-    def gather_columns(self, hidden):
-        """Put the ranks' column blocks of a hidden state side by side: (L, B/N, H) → (L, B, H).
+    def gather_columns(self, hidden: Hidden | None) -> Hidden | None:
+        """Put the ranks' column blocks of a hidden state side by side: (L, B/N, H) → (L, B, H) per tensor.
 
-        A tuple (the LSTM's pair) is gathered element by element; ``None`` stays ``None``.
+        Every shape of state (a tensor, the LSTM's pair, the layered models' list) is gathered tensor by
+        tensor; ``None`` stays ``None``.
         """
-        if self.size == 1 or hidden is None:
+        if self.size == 1:
             return hidden
-        if isinstance(hidden, tuple):
-            return tuple(self.gather_columns(part) for part in hidden)
-        return torch.cat(list(self._gather(hidden).unbind(0)), dim=1)
+        return map_hidden(lambda part: torch.cat(list(self._gather(part).unbind(0)), dim=1), hidden)
 
-    def take_columns(self, hidden):
+    def take_columns(self, hidden: Hidden | None) -> Hidden | None:
         """This rank's block of the columns of a whole-batch hidden state (the inverse of ``gather_columns``)."""
-        if self.size == 1 or hidden is None:
+        if self.size == 1:
             return hidden
-        if isinstance(hidden, tuple):
-            return tuple(self.take_columns(part) for part in hidden)
-        return hidden[:, self.share(hidden.size(1))].contiguous()
+        return map_hidden(lambda part: part[:, self.share(part.size(1))].contiguous(), hidden)
 
     def gather_data(self, value) -> list:
         """Every rank's ``value``, plain data as a checkpoint holds (e.g. RNG states), in rank order.
 
-        Values travel as ``torch.save`` bytes and load with ``weights_only=True``: the tensors inside
-        (numpy's uint32 RNG key among them) survive, and nothing received can run code.
+        A value travels as the bytes of ``torch.save`` in a uint8 tensor (padded to the longest rank's,
+        with its length gathered first) and is read back with ``torch.load(weights_only=True)``: the
+        tensors inside (numpy's uint32 RNG key among them) survive, and nothing received can run code,
+        because no pickle is ever loaded (``all_gather_object`` would unpickle what the others send).
         """
         if self.size == 1:
             return [value]
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        received: list = [None] * self.size
-        dist.all_gather_object(received, buffer.getvalue())
-        return [torch.load(io.BytesIO(data), weights_only=True) for data in received]
+        local = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
+        lengths = self._gather(torch.tensor([local.numel()], dtype=torch.int64)).view(-1).tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[: local.numel()] = local
+        received = self._gather(padded)  # (size, longest)
+        return [
+            torch.load(io.BytesIO(received[rank, :length].numpy().tobytes()), weights_only=True)
+            for rank, length in enumerate(lengths)
+        ]
 
     @contextmanager
     def local_rank_first(self):

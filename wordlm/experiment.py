@@ -21,9 +21,10 @@ import torch
 from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 # Modules only used through others: named here so that Sacred records them among the run's sources.
-from wordlm import __version__, cache, download, files, fused, regularize  # noqa: F401, E402
+from wordlm import __version__, cache, download, files, fused, hidden, regularize  # noqa: F401, E402
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import EOS, SPLITS, UNK, batchify
@@ -842,6 +843,23 @@ def _log_levels(argv: list[str]) -> list[str]:
     return levels
 
 
+def _report_crash_to_torchrun(stop: SystemExit) -> None:
+    """Write the exception behind Sacred's exit status 1 to torchrun's error file (``TORCHELASTIC_ERROR_FILE``).
+
+    Sacred prints a crash's traceback and exits 1, so ``record`` sees only the exit; this gives torchrun's
+    failure summary the traceback of the rank that crashed. User errors (one ``error:`` line) are left out.
+    """
+    crash = stop.__context__  # the exception Sacred was handling when it exited
+    if stop.code != 1 or not isinstance(crash, Exception) or isinstance(crash, SacredError):
+        return
+    try:
+        raise crash from None  # record_exception writes the traceback of the exception being handled
+    except Exception as problem:
+        problem.__traceback__ = problem.__traceback__.tb_next  # from where Sacred caught it, without this frame
+        get_error_handler().record_exception(problem)
+
+
+@record  # under torchrun: a rank's traceback in the failure summary instead of "error_file: <N/A>"
 def main(argv: list[str] | None = None) -> None:
     """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given."""
     argv = list(sys.argv if argv is None else argv)
@@ -865,3 +883,6 @@ def main(argv: list[str] | None = None) -> None:
         print("error: interrupted again; stopped without testing (the checkpoints written are complete)",
               file=sys.stderr)  # fmt: skip
         sys.exit(130)
+    except SystemExit as stop:
+        _report_crash_to_torchrun(stop)
+        raise

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wordlm.fused import linear_cross_entropy, linear_nll_sum
+from wordlm.hidden import Hidden, map_hidden
 from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
-
-Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list  # a list of per-layer states when layered
 
 
 @dataclass(frozen=True)
@@ -294,6 +293,4 @@ def detach_hidden(hidden: Hidden) -> Hidden:
     Truncated BPTT carries the state from one chunk to the next, but gradients must stop at the chunk
     boundary; without this, backward would run through the whole history of the epoch.
     """
-    if isinstance(hidden, torch.Tensor):
-        return hidden.detach()
-    return type(hidden)(detach_hidden(h) for h in hidden)
+    return map_hidden(torch.Tensor.detach, hidden)

@@ -20,7 +20,8 @@ import torch
 from wordlm.data import batchify_eval, get_batch
 from wordlm.distributed import SINGLE, World
 from wordlm.fused import frozen_decoder
-from wordlm.model import Hidden, RNNModel, detach_hidden
+from wordlm.hidden import Hidden, map_hidden
+from wordlm.model import RNNModel, detach_hidden
 
 MetricLogger = Callable[[str, float, int], None]
 BatchHook = Callable[[], None]
@@ -53,22 +54,14 @@ class TrainState:
         """Plain data for a checkpoint (the hidden state as CPU tensors)."""
         data = asdict(self)
         data["interval_loss"] = float(self.interval_loss)
-        data["hidden"] = _map_hidden(self.hidden, lambda h: h.detach().cpu())
+        data["hidden"] = map_hidden(lambda h: h.detach().cpu(), self.hidden)
         return data
 
     @classmethod
     def from_dict(cls, data: dict, device: torch.device | str = "cpu") -> TrainState:
         state = cls(**data)
-        state.hidden = _map_hidden(state.hidden, lambda h: h.to(device))
+        state.hidden = map_hidden(lambda h: h.to(device), state.hidden)
         return state
-
-
-def _map_hidden(hidden, function):
-    if hidden is None:
-        return None
-    if isinstance(hidden, torch.Tensor):
-        return function(hidden)
-    return type(hidden)(_map_hidden(h, function) for h in hidden)
 
 
 class Diverged(RuntimeError):
