@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,21 @@ def test_the_shipped_files_readme_gives_the_pinned_sums_and_the_credit():
     readme = " ".join(readme.split())
     assert all(sha in readme for _, sha in SOURCES["wikitext-2"].values())
     assert "Pointer Sentinel Mixture Models" in readme and "CC BY-SA 3.0" in readme
+
+
+def test_a_run_on_the_shipped_copy_resumes_elsewhere_and_after_the_cache_is_gone(tmp_path, monkeypatch, corpus_cache):
+    from wordlm.experiment import resumed_config
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    folder = resolve_dataset("./data")  # what training does, and records as the checkpoint's corpus_folder
+    config = {"dataset": "./data", "save": "model.pt", "save_last": "model.last.pt", "resume": "model.last.pt"}
+    payload = {"training": {"epoch": 1}, "meta": {"config": dict(config), "corpus_folder": str(folder.resolve())}}
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    merged = resumed_config(config, {"resume"}, payload, "model.last.pt")
+    assert merged["dataset"] == str(folder.resolve()) and resolve_dataset(merged["dataset"]) == folder
+    shutil.rmtree(corpus_cache)  # the unpacked folder is gone: ./data finds the shipped copy again, same place
+    merged = resumed_config(config, {"resume"}, payload, "model.last.pt")
+    assert merged["dataset"] == "./data" and resolve_dataset(merged["dataset"]) == folder
+    assert sha256(folder / "train.txt") == SOURCES["wikitext-2"]["train.txt"][1]
