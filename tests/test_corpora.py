@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -161,13 +162,16 @@ def test_an_altered_unpacked_file_is_unpacked_again_and_only_that_one(corpus_cac
     assert (folder / "train.txt").stat().st_mtime_ns == train
 
 
-def test_an_unwritable_cache_folder_unpacks_into_a_temporary_folder(tmp_path):
+def test_an_unwritable_cache_folder_unpacks_into_a_temporary_folder(tmp_path, monkeypatch):
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
     messages = []
     folder = unpack_shipped("wikitext-2", cache_dir=tmp_path / "blocker" / "cache", log=messages.append)
     assert folder.name.startswith("wordlm-wikitext-2-") and tmp_path not in folder.parents
     assert sha256(folder / "test.txt") == SOURCES["wikitext-2"]["test.txt"][1]
     assert messages[-1].startswith("cannot write the cache folder (") and "for this run only" in messages[-1]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "blocker" / "tmp"))  # and no temporary folder either
+    with pytest.raises(UserError, match=r"^cannot unpack the wikitext-2 shipped with wordlm \(.*\); set WORDLM_CACHE"):
+        unpack_shipped("wikitext-2", cache_dir=tmp_path / "blocker" / "cache")
 
 
 @pytest.mark.parametrize(

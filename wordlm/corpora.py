@@ -137,14 +137,20 @@ def unpack_shipped(
         for filename in stale:
             _unpack(name, filename, folder / filename, sums[filename])
     except OSError as problem:
-        folder = Path(tempfile.mkdtemp(prefix=f"wordlm-{name}-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        log(
-            f"cannot write the cache folder ({problem}); unpacking {name} into {folder} for this run only "
-            "(set WORDLM_CACHE to a writable folder to keep it)"
-        )
-        for filename in sums:
-            _unpack(name, filename, folder / filename, sums[filename])
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"wordlm-{name}-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            log(
+                f"cannot write the cache folder ({problem}); unpacking {name} into {folder} for this run only "
+                "(set WORDLM_CACHE to a writable folder to keep it)"
+            )
+            for filename in sums:
+                _unpack(name, filename, folder / filename, sums[filename])
+        except OSError as again:
+            raise UserError(
+                f"cannot unpack the {name} shipped with wordlm ({again}); set WORDLM_CACHE to a writable folder, "
+                f"or {DATA_ENV} to a folder holding {name}/"
+            ) from None
     return folder
 
 
