@@ -1,21 +1,29 @@
-# `make train` sets up .venv and trains with the defaults; `make test` sets up and runs the tests.
+# `make train` sets up .venv with what training needs and trains with the defaults;
+# `make test` adds the test extras (pytest, hypothesis, ONNX, SQL) and runs the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup train test clean
 
-$(VENV)/.installed: pyproject.toml
+# A torch already in .venv (e.g. the CPU-only wheel, README "Requirements") satisfies torch==2.13.0 and is kept.
+$(VENV)/.installed-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) -e .
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.installed-train
 
-train: setup
+setup: $(VENV)/.installed-train
+
+train: $(VENV)/.installed-train
 	$(PY) main.py
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 clean:

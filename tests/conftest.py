@@ -1,7 +1,13 @@
-"""Fixtures shared by the tests: real corpora from ../shared/data, small corpora cut from them, the CLI."""
+"""Fixtures shared by the tests: the real corpora, small corpora cut from WikiText-2, the CLI.
+
+The tests need nothing beside the clone: WikiText-2 ships inside the package, and small corpora are
+cut from it. The few tests that are about the real PTB take it from ``$WORDLM_DATA``, ``../shared/data``
+or ``./data/penn`` (where a download puts it); without it they skip, saying so in the summary.
+"""
 
 from __future__ import annotations
 
+import lzma
 import os
 import subprocess
 import sys
@@ -10,14 +16,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # this project's machines keep the real corpora there
+SHIPPED_WT2 = ROOT / "wordlm" / "corpora-data" / "wikitext-2"  # <split>.txt.xz
+_WORDLM_DATA = os.environ.get("WORDLM_DATA")  # as the session started, before any test changes it
+PTB_MEAN_TOKENS_PER_LINE = 22  # 929,589 tokens in 42,068 lines of PTB's train.txt
 
 
-def shared_corpus(name: str) -> Path:
-    """A real corpus folder from ../shared/data (tests never download)."""
-    folder = SHARED_DATA / name
-    if not (folder / "train.txt").is_file():
-        pytest.fail(f"{folder} is missing: the tests read the corpora from ../shared/data")
+def _is_corpus(folder: Path) -> bool:
+    return all((folder / f"{split}.txt").is_file() for split in ("train", "valid", "test"))
+
+
+def ptb_folder() -> Path | None:
+    """A folder holding the real PTB: ``$WORDLM_DATA/penn``, ``../shared/data/penn`` or ``./data/penn``."""
+    places = ([Path(_WORDLM_DATA) / "penn"] if _WORDLM_DATA else []) + [SHARED_DATA / "penn", ROOT / "data" / "penn"]
+    return next((folder for folder in places if _is_corpus(folder)), None)
+
+
+def real_ptb() -> Path:
+    """The real PTB (tests never download), or skip the test saying where it was looked for."""
+    folder = ptb_folder()
+    if folder is None:
+        pytest.skip(
+            "needs the real Penn Treebank, which wordlm cannot ship: put it in ../shared/data/penn or ./data/penn, "
+            "or set WORDLM_DATA to a folder holding penn/ (docs/DATA.md)"
+        )
     return folder
 
 
@@ -28,12 +50,27 @@ def write_corpus(folder: Path, train: str, valid: str, test: str) -> Path:
     return folder
 
 
-def cut_corpus(folder: Path, source: str = "penn", lines: tuple[int, int, int] = (3000, 300, 300)) -> Path:
-    """Write the first lines of each split of a real corpus to ``folder``: small, real text."""
+def cut_corpus(
+    folder: Path, tokens: tuple[int, int, int] = (66_000, 6_600, 6_600), lines: tuple[int, int, int] | None = None
+) -> Path:
+    """Write the first whole lines of each split of the shipped WikiText-2 to ``folder``: small, real text.
+
+    Each split gets the fewest lines that hold at least its number of ``tokens`` (words and one ``<eos>``
+    a line). ``lines`` gives the sizes as lines of PTB instead (the corpus cut before WikiText-2 shipped):
+    22 tokens each.
+    """
+    if lines is not None:
+        tokens = tuple(count * PTB_MEAN_TOKENS_PER_LINE for count in lines)
     texts = []
-    for split, count in zip(("train", "valid", "test"), lines):
-        with open(shared_corpus(source) / f"{split}.txt", encoding="utf-8") as handle:
-            texts.append("".join(line for _, line in zip(range(count), handle)))
+    for split, budget in zip(("train", "valid", "test"), tokens):
+        kept, count = [], 0
+        with lzma.open(SHIPPED_WT2 / f"{split}.txt.xz", "rt", encoding="utf-8", newline="") as handle:
+            for line in handle:
+                if count >= budget:
+                    break
+                kept.append(line)
+                count += len(line.split()) + 1
+        texts.append("".join(kept))
     return write_corpus(folder, *texts)
 
 
@@ -51,20 +88,26 @@ def corpus_cache(monkeypatch, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
-    """3,000/300/300 lines of PTB (about 64k/6k/6k tokens)."""
+    """About 66k/6.6k/6.6k tokens of WikiText-2 (the first lines of each split)."""
     return cut_corpus(tmp_path / "corpus")
 
 
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
-    """300/40/40 lines of PTB: enough for a few batches of the smoke config."""
-    return cut_corpus(tmp_path / "tiny", lines=(300, 40, 40))
+    """About 6.6k/900/900 tokens of WikiText-2: enough for a few batches of the smoke config."""
+    return cut_corpus(tmp_path / "tiny", tokens=(6_600, 900, 900))
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)  # WORDLM_CACHE and WORDLM_OFFLINE included, as the autouse fixture set them
-    env.update({"WORDLM_DATA": str(SHARED_DATA), "PYTHONUNBUFFERED": "1"})
-    env.update(extra)  # may override the two above
+    """The CLI's environment: this one (with the autouse fixture's cache and WORDLM_OFFLINE), no WORDLM_DATA.
+
+    Without WORDLM_DATA a run of the default ``./data`` uses the WikiText-2 shipped with wordlm, on
+    every machine alike.
+    """
+    env = dict(os.environ)
+    env.pop("WORDLM_DATA", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
     return env
 
 

@@ -48,10 +48,10 @@ def make_corpora(tmp) -> None:
     (tmp / "latin1" / "train.txt").write_bytes(b"a b\ncaf\xe9 b\n")
     write_corpus(tmp / "foreign", "the cat\n", "le chat\n", "the\n")
     # Good text written the awkward way: BOM, CRLF, tabs, no final line break.
-    ptb = cut_corpus(tmp / "ptb", lines=(300, 40, 40))
+    awkward = cut_corpus(tmp / "awkward", tokens=(6_600, 900, 900))
     for split in ("train", "valid", "test"):
-        text = (ptb / f"{split}.txt").read_text(encoding="utf-8").replace(" ", "\t").replace("\n", "\r\n")
-        (tmp / "ptb" / f"{split}.txt").write_bytes(b"\xef\xbb\xbf" + text.rstrip("\r\n").encode())
+        text = (awkward / f"{split}.txt").read_text(encoding="utf-8").replace(" ", "\t").replace("\n", "\r\n")
+        (awkward / f"{split}.txt").write_bytes(b"\xef\xbb\xbf" + text.rstrip("\r\n").encode())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def cli_runs(tmp_path_factory):
         case: ([*SMOKE, *(update.format(tmp=tmp) for update in updates)], env)
         for case, (updates, _) in BAD_INPUT.items()
     }
-    good = [*SMOKE, f"dataset={tmp}/ptb", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
+    good = [*SMOKE, f"dataset={tmp}/awkward", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
     runs["awkward but good text"] = (good, {**env, "WORDLM_CACHE": str(cache)})
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(run_cli, *args, cwd=tmp, check=False, timeout=240, **run_env)
@@ -89,7 +89,7 @@ def test_bom_crlf_and_tabs_train_like_plain_text_with_the_vocabulary_options(cli
     result, cache = cli_runs[0]["awkward but good text"], cli_runs[1]
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(
-        r"corpus \S+/ptb: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr
+        r"corpus \S+/awkward: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr
     )
     assert "tokens mapped to <unk> (words outside the vocabulary): train " in result.stderr
     assert len(list(cache.glob("corpus-*.pt"))) == 1, "the run did not use WORDLM_CACHE"

