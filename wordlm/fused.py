@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,8 +129,8 @@ def _onednn_product():
 # in evaluation (each block reduced and dropped), the weight gradient's ``block·hᵀ`` and the grad of h's
 # ``Wᵀ·block``. Which library runs each one faster depends on the CPU (figures in docs/PERFORMANCE.md).
 ROLES = ("logits", "eval_logits", "weight_grad", "hidden_grad")
-LIBRARIES = ("onednn", "blas")  # in this order: a tie in the timing goes to oneDNN
-TIMED_ROUNDS = 3  # per library and shape class, after one untimed call each (oneDNN builds its kernel then)
+LIBRARIES = ("onednn", "blas")
+TIMED_ROUNDS = 5  # paired rounds per shape class, after one untimed call each (oneDNN builds its kernel then)
 CHOICES_FILE = "matmul-choices.json"  # in the cache folder: the choices per machine, so that runs repeat
 
 
@@ -166,7 +167,9 @@ class Backend:
       torch has oneDNN), 'onednn' or 'blas' (``torch.mm``, MKL on x86) throughout;
     - under 'auto', each product's library, chosen per role (``ROLES``) and shape class (each size
       rounded up to a power of two) by timing both libraries on that call's own matrices, the first time
-      the class is met: ``TIMED_ROUNDS`` products each, the faster kept. The two compute the same
+      the class is met: ``TIMED_ROUNDS`` rounds of one product each, back to back; MKL is kept where
+      its time over oneDNN's has a median below 1 (a median of paired ratios, which a slow spell of a
+      shared machine moves far less than a best or a mean time), else oneDNN. The two compute the same
       float32 arithmetic but round differently in the last bits, so a choice is remembered in the cache
       folder (``CHOICES_FILE``, per ``machine()``): every later process on this machine makes the same
       one, and a seed repeats bit for bit (a resumed run included; only two processes that meet a new
@@ -237,11 +240,12 @@ class Backend:
         runs = {"onednn": lambda: onednn(a, b, None, "none", [], ""), "blas": lambda: torch.mm(a, b.t())}
         for run in runs.values():
             run()
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(TIMED_ROUNDS):  # alternating, so that a slow spell of a shared machine hits both
-            for library, run in runs.items():
-                best[library] = min(best[library], self.timer(run, library, key))
-        return min(LIBRARIES, key=best.__getitem__)
+        ratios = []  # MKL's time over oneDNN's, one per round: a slow spell of a shared machine hits both alike
+        for index in range(TIMED_ROUNDS):
+            order = LIBRARIES if index % 2 == 0 else LIBRARIES[::-1]  # neither always runs on the warmer cache
+            seconds = {library: self.timer(runs[library], library, key) for library in order}
+            ratios.append(seconds["blas"] / max(seconds["onednn"], 1e-9))
+        return "blas" if statistics.median(ratios) < 1 else "onednn"
 
     def _read(self) -> dict:
         try:
