@@ -36,7 +36,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import wordlm.model  # noqa: E402
 from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
@@ -52,14 +51,13 @@ class Toggle:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._fused_dtype = wordlm.model._fused_dtype
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if name == "allocator" else None
 
     def set(self, on: bool) -> None:
         if self.name == "fused":
-            wordlm.model._fused_dtype = self._fused_dtype if on else (lambda features: None)
+            fused.set_enabled(on)
         elif self.name == "onednn":  # the fused loss's products: each on its faster library, or all on torch.mm's
-            fused.set_backend(fused.BACKENDS[0] if on else "blas")
+            fused.set_backend(fused.available_backends()[0] if on else "blas")
         else:  # allocator: wordlm's threshold, or glibc's default (the big buffers come from fresh mmaps)
             threshold = 1 << 30 if on else GLIBC_DEFAULT_THRESHOLD
             self._libc.mallopt(_M_MMAP_THRESHOLD, threshold)
@@ -121,7 +119,7 @@ def main() -> None:
     for _ in range(3):
         train_step()  # warm-up
     results = {}
-    toggles = ["fused"] + (["onednn"] if "onednn" in fused.BACKENDS else [])
+    toggles = ["fused"] + (["onednn"] if "onednn" in fused.available_backends() else [])
     toggles += ["allocator"] if sys.platform.startswith("linux") else []
     for name in toggles:
         toggle = Toggle(name)

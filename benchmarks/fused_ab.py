@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision", help="a git revision whose wordlm/fused.py is the baseline, e.g. HEAD~1")
     parser.add_argument("--pairs", type=int, default=60)
-    parser.add_argument("--backend", default=fused.BACKENDS[0], choices=fused.BACKENDS)
+    parser.add_argument("--backend", default=fused.available_backends()[0], choices=fused.available_backends())
     parser.add_argument("--tokens", type=int, default=32 * 35, help="rows of h: batch × bptt")
     parser.add_argument("--hidden", type=int, default=200)
     parser.add_argument("--vocab", type=int, default=33278, help="WikiText-2's vocabulary by default")
@@ -72,9 +72,10 @@ def main() -> None:
     used = {}
     for name, module in versions.items():
         if hasattr(module, "set_backend"):  # (revisions before the backends existed have only BLAS)
-            known = module.BACKENDS  # (revisions before 'auto' existed default to oneDNN)
+            # (revisions before 'auto' existed default to oneDNN; before the Backend object, a tuple BACKENDS)
+            known = module.available_backends() if hasattr(module, "available_backends") else module.BACKENDS
             module.set_backend(args.backend if args.backend in known else known[0])
-        used[name] = getattr(module, "_backend", "blas")
+        used[name] = module.BACKEND.name if hasattr(module, "BACKEND") else getattr(module, "_backend", "blas")
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.tokens, args.hidden, generator=generator).to(dtype).requires_grad_()

@@ -16,7 +16,9 @@ limit for any implementation of this math here. Each side runs ``--repeats`` tim
 the others, and its fastest run counts (with the spread printed): a shared VM's speed moves by tens
 of percent from minute to minute. The ratios run by run are printed too (run i of the classic loop
 and of wordlm ran back to back), with their median, a figure less moved by a lucky spell of either.
-The last line is one JSON object.
+``--options bf16`` on a CPU that cannot run ``amp='bf16'`` (no AVX-512 or AMX: see
+``wordlm.system.bfloat16_unavailable``) reports the option as unavailable, with the reason, instead of
+timing it. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.system import bfloat16_unavailable  # noqa: E402
 from wordlm.training import eval_chunk_tokens  # noqa: E402
 
 CONFIGS = {
@@ -64,6 +67,14 @@ def option_setting(side: str, ntoken: int) -> dict:
     if "adaptive_softmax" in setting:
         setting["adaptive_softmax"] = [c for c in setting["adaptive_softmax"] if c < ntoken] or [ntoken // 2]
     return setting
+
+
+def runnable(options: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The options this CPU can run, and why each of the others cannot (``amp='bf16'`` needs bfloat16
+    support: ``wordlm.system.bfloat16_unavailable``); those are reported, not timed."""
+    lacking = bfloat16_unavailable() if "wordlm-bf16" in options else None
+    unavailable = {"wordlm-bf16": lacking} if lacking else {}
+    return [option for option in options if option not in unavailable], unavailable
 
 
 # ----------------------------------------------------------------------------- the classic loop
@@ -174,7 +185,6 @@ def worker(args) -> None:
         model = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
         train, evaluate = classic_train, classic_evaluate
     else:
-        import wordlm.model
         from wordlm.model import ModelConfig, RNNModel
         from wordlm.system import tune_cpu_allocator
         from wordlm.training import Precision, evaluate_loss
@@ -182,7 +192,7 @@ def worker(args) -> None:
         if args.impl != "wordlm-no-allocator":
             tune_cpu_allocator()  # what `python main.py` does on a CPU
         if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
-            wordlm.model._fused_dtype = lambda features: None
+            fused.set_enabled(False)
         if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products throughout
             fused.set_backend("blas")
         options = option_setting(args.impl, ntoken)
@@ -273,14 +283,15 @@ def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     grad_input = [lambda: torch.mm(g.t(), w, out=out_nh)]
     grad_weight = [lambda: torch.mm(g, h, out=out_vh)]
     h_t = h.t().contiguous()
-    if "onednn" in fused.BACKENDS:  # a @ bᵀ with both operands' rows contiguous
+    if "onednn" in fused.available_backends():  # a @ bᵀ with both operands' rows contiguous
         g_t, w_t = g.t().contiguous(), w.t().contiguous()
         forward += [lambda: onednn_nt(w, h), lambda: onednn_nt(h, w)]
         grad_input.append(lambda: onednn_nt(g_t, w_t))
         grad_weight.append(lambda: onednn_nt(g, h_t))
     rows = [slice(start, start + fused.CHUNK) for start in range(0, ntoken, fused.CHUNK)]
     w_chunks = [w[r].t().contiguous() for r in rows]  # (H, ≤CHUNK) each, as the grad of h takes them
-    for nt in [blas_nt] + ([onednn_nt] if "onednn" in fused.BACKENDS else []):  # chunk by chunk, as wordlm.fused
+    libraries = [blas_nt] + ([onednn_nt] if "onednn" in fused.available_backends() else [])
+    for nt in libraries:  # chunk by chunk, as wordlm.fused
         forward.append(lambda nt=nt: [nt(w[r], h) for r in rows])
         grad_input.append(lambda nt=nt: [nt(w_chunk, g[r].t()) for w_chunk, r in zip(w_chunks, rows)])
         grad_weight.append(lambda nt=nt: [nt(g[r], h_t) for r in rows])
@@ -293,7 +304,7 @@ def square_matmul_gflops(size=4096, repeats=5) -> float:
     """A large square float32 matmul, with the faster library: the machine's matmul speed at its easiest shape."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = [lambda: a @ b]
-    if "onednn" in fused.BACKENDS:
+    if "onednn" in fused.available_backends():
         b_t = b.t().contiguous()
         products.append(lambda: onednn_nt(a, b_t))
     return max(best_gflops(product, 2 * size**3, repeats) for product in products)
@@ -386,6 +397,7 @@ def main() -> None:
     unknown = [option.removeprefix("wordlm-") for option in options if option not in OPTIONS]
     if unknown:
         parser.error(f"--options {args.options}: no option {', '.join(unknown)}; choose from {', '.join(names)}")
+    options, unavailable = runnable(options)
 
     corpus = load_corpus(resolve_dataset(args.dataset))
     ntoken = len(corpus.vocab)
@@ -400,7 +412,7 @@ def main() -> None:
         variants = {}
         if args.ablations and name == "default":
             variants["wordlm-unfused"] = "without the fused decoder loss"
-            if "onednn" in fused.BACKENDS:
+            if "onednn" in fused.available_backends():
                 variants["wordlm-blas"] = "the fused loss on torch.mm's products only"
             variants["wordlm-no-allocator"] = "without the allocator setting"
         variants.update({option: json.dumps(option_setting(option, ntoken)) for option in options})
@@ -496,8 +508,11 @@ def main() -> None:
                   f"(median {statistics.median(paired[phase]):.2f})")  # fmt: skip
         print(f"per-batch losses agree: {row['loss_match']} "
               f"(max gap {loss_gap:.2e} over {len(ours['losses'])} batches)")  # fmt: skip
-        if variants:
+        if variants or unavailable:
             print("variants (loss gap: the largest per-batch gap to wordlm's float32 run):")
+        for side, lacking in unavailable.items():
+            row[f"{side}_unavailable"] = lacking
+            print(f"  {json.dumps(OPTIONS[side]):40s} unavailable: {lacking}")
         for side, what in variants.items():
             result = results[side]
             row[f"{side}_train_tokens_per_s"] = result["train_tokens_per_s"]

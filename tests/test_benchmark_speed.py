@@ -2,11 +2,23 @@
 
 import importlib.util
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
+import torch
 from conftest import ROOT, cut_corpus, run_cli
 
-from wordlm.fused import BACKENDS
+from wordlm.fused import available_backends
+
+BACKENDS = available_backends()
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # a CPU without AVX-512 or AMX (test_system)
+x86_with_onednn = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available(),
+    reason="caps oneDNN's x86 instruction set",
+)
 
 
 def speed_module():
@@ -94,3 +106,37 @@ def test_adaptive_softmax_keeps_the_cutoffs_inside_the_vocabulary():
     assert setting("wordlm-adaptive", 5000) == {"adaptive_softmax": [2000]}
     assert setting("wordlm-adaptive", 1954) == {"adaptive_softmax": [977]}
     assert setting("wordlm-bf16", 33278) == {"amp": "bf16"} and setting("wordlm", 33278) == {}
+
+
+@x86_with_onednn
+def test_bf16_is_unavailable_on_a_cpu_without_bfloat16_kernels_and_the_others_still_run():
+    """The benchmark asks the library's own check (a subprocess: the instruction set is capped at start)."""
+    script = f"""
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("speed", {str(ROOT / "benchmarks" / "speed.py")!r})
+speed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(speed)
+print(json.dumps(speed.runnable(["wordlm-bf16", "wordlm-adaptive"])))
+"""
+    for env, bf16 in ((AVX2_ONLY, False), ({}, torch.backends.cpu.get_cpu_capability().startswith("AVX512"))):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env})  # fmt: skip
+        options, unavailable = json.loads(result.stdout.strip().splitlines()[-1])
+        if bf16:
+            assert options == ["wordlm-bf16", "wordlm-adaptive"] and unavailable == {}
+        elif env:
+            assert options == ["wordlm-adaptive"]
+            assert unavailable["wordlm-bf16"].startswith("this CPU lacks the AVX-512 or AMX")
+
+
+@pytest.mark.slow
+@x86_with_onednn
+def test_the_speed_benchmark_reports_bf16_unavailable_in_its_table_and_json(tmp_path):
+    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
+    result = run_cli("--dataset", str(corpus), "--configs", "default", "--batches", "1", "--warmup", "1",
+                     "--eval-tokens", "200", "--repeats", "1", "--options", "bf16", cwd=tmp_path,
+                     script="benchmarks/speed.py", timeout=600, **AVX2_ONLY)  # fmt: skip
+    row = json.loads(result.stdout.strip().splitlines()[-1])["configs"]["default"]
+    assert row["wordlm-bf16_unavailable"].startswith("this CPU lacks the AVX-512 or AMX")
+    assert "wordlm-bf16_train_tokens_per_s" not in row and row["wordlm_train_tokens_per_s"] > 0
+    assert '{"amp": "bf16"}' in result.stdout and "unavailable: this CPU lacks" in result.stdout

@@ -4,7 +4,6 @@ Each is off by default; these tests pin what each computes and that the fused re
 """
 
 import json
-import logging
 
 import pytest
 import torch
@@ -156,24 +155,6 @@ def test_the_decoder_is_fused_in_float32_and_under_bf16_autocast(dtype, products
     loss.backward()
     assert seen == ([] if products is None else [products])
     assert torch.isfinite(loss) and features.grad is not None
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_bf16_on_a_cpu_without_fast_bfloat16_products_says_so(fast, tiny_corpus, tmp_path, monkeypatch, caplog):
-    """Without oneDNN's bfloat16 kernels torch's bfloat16 products are several times slower than float32:
-    the run still trains, and the log says why it is slow and what to do."""
-    import wordlm.experiment as experiment
-    from wordlm import fused
-
-    monkeypatch.setattr(fused, "bfloat16_products_fast", lambda: fast)
-    config = {"dataset": str(tiny_corpus), "save": str(tmp_path / "model.pt"), "amp": "bf16", "max_batches": 2,
-              "epochs": 1}  # fmt: skip
-    with caplog.at_level(logging.WARNING):  # whatever level an earlier in-process run left the root logger at
-        run = experiment.ex.run(config_updates=config, named_configs=["smoke"],
-                                options={"--unobserved": True, "--loglevel": "WARNING"})  # fmt: skip
-    assert run.status == "COMPLETED"
-    warned = "amp='bf16': torch has no fast bfloat16 matrix products on this CPU" in caplog.text
-    assert warned is not fast, caplog.text
 
 
 def test_fp16_needs_loss_scaling_and_amp_must_be_known():

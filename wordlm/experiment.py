@@ -55,7 +55,7 @@ from wordlm.model import ModelConfig, RNNModel
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
 from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
 from wordlm.signals import StopRequests, ignore_termination
-from wordlm.system import tune_cpu_allocator
+from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
 from wordlm.training import (
     Precision,
     Reporter,
@@ -450,11 +450,8 @@ def _train(_run, _log, cfg: dict):
     world, device = start_world(device)  # several processes under torchrun; else World() and device as is
     if cfg["amp"] == "fp16" and device.type != "cuda":
         raise UserError("amp='fp16' needs a CUDA device (half precision with loss scaling); on a CPU use amp='bf16'")
-    if cfg["amp"] == "bf16" and device.type == "cpu" and not fused.bfloat16_products_fast():
-        _log.warning(
-            "amp='bf16': torch has no fast bfloat16 matrix products on this CPU (oneDNN's need AVX-512 or AMX), "
-            "so they run several times slower than float32 ones here; leave amp unset to train in float32"
-        )
+    if cfg["amp"] == "bf16" and device.type == "cpu" and (lacking := bfloat16_unavailable()):
+        raise UserError(f"amp='bf16' cannot train on this CPU: {lacking}; leave amp unset to train in float32")
     if device.type == "cpu":
         tune_cpu_allocator()
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest

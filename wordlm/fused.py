@@ -1,7 +1,8 @@
 """The decoder and its cross-entropy as one operation, for CPUs: same math, less time and memory.
 
 Lives here: ``linear_cross_entropy`` (training, with autograd) and ``linear_nll_sum`` (evaluation).
-Must not import Sacred.
+Must not import Sacred. Nothing is computed at import: the run-time state (the switch that turns the
+path off, the matrix-product libraries and their choice) is ``BACKEND``, filled in at first use.
 
 Why: on a CPU, the classic path (``Linear`` → ``log_softmax`` → ``nll_loss``) spends about half of a
 training step outside the decoder's matrix products: it materialises log-probabilities, zero-fills a
@@ -11,8 +12,9 @@ fresh vocabulary-sized gradient, broadcasts the bias, and maps fresh ~100 MB buf
   run at the machine's matmul speed; ``h @ Wᵀ`` with these shapes runs at about 60 % of it;
 - each product runs on whichever of torch's two float32 libraries is the faster for it on this CPU
   (``matmul_nt``, backend 'auto'): oneDNN, where torch has it, or ``torch.mm``'s BLAS (MKL), the same
-  arithmetic. On an AMD EPYC oneDNN is faster throughout (MKL_VERBOSE names no AVX-512 path for MKL
-  there); on an Intel Xeon MKL is faster for the grad of h and for evaluation's logits;
+  arithmetic. Which one depends on the CPU and the shapes (on the project's AMD EPYC oneDNN throughout,
+  on its Intel Xeon MKL for the grad of h and for evaluation's logits), so both are timed on the first
+  products of each shape class and the faster is kept, and remembered for the machine (``Backend``);
 - the logits are computed one vocabulary chunk at a time, already shifted: the product runs over the
   weight with the bias and a column of ones appended, ``[W·log2(e) | b·log2(e) | 1]``, against
   ``[h | 1 | -s·log2(e)]``, so it yields ``(logit - s) · log2(e)`` with ``s`` the log-sum-exp of the
@@ -48,11 +50,17 @@ Shapes: ``N`` tokens (T·B), ``H`` hidden size, ``V`` vocabulary, ``C`` vocabula
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from wordlm.cache import cache_folder
+from wordlm.files import atomic_file
 
 CHUNK = 2048  # vocabulary rows per chunk in training (timed against 256-4096 in docs/PERFORMANCE.md)
 
@@ -69,6 +77,7 @@ class _BufferPool:
     def __init__(self, keep: int = 4) -> None:
         self.free: list[torch.Tensor] = []
         self.keep = keep
+        self.frozen: dict | None = None  # inside ``frozen_decoder``: the augmented weights built so far
 
     def take(self, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A buffer of ``shape`` on ``like``'s device, of ``dtype`` (default ``like``'s)."""
@@ -116,61 +125,164 @@ def _onednn_product():
     return product if agrees else None
 
 
-_ONEDNN = _onednn_product()
-
 # The decoder's products, by role: the training forward product ``W·hᵀ`` (kept blocks), the same product
 # in evaluation (each block reduced and dropped), the weight gradient's ``block·hᵀ`` and the grad of h's
 # ``Wᵀ·block``. Which library runs each one faster depends on the CPU (figures in docs/PERFORMANCE.md).
 ROLES = ("logits", "eval_logits", "weight_grad", "hidden_grad")
-# Measured on the project's VMs: an AMD EPYC (Zen 4), where oneDNN was the faster at every role, and an
-# Intel Xeon (AVX-512, AMX), where MKL was the faster for the grad of h (over the weight's transposed
-# chunks) and for evaluation's logits. Other CPUs get oneDNN throughout, as on the AMD one.
-_FASTER_BY_VENDOR = {
-    "GenuineIntel": {"logits": "onednn", "eval_logits": "blas", "weight_grad": "onednn", "hidden_grad": "blas-t"},
-}
+LIBRARIES = ("onednn", "blas")
+TIMED_ROUNDS = 5  # paired rounds per shape class, after one untimed call each (oneDNN builds its kernel then)
+CHOICES_FILE = "matmul-choices.json"  # in the cache folder: the choices per machine, so that runs repeat
 
 
-@functools.cache  # read once: set_backend('auto') asks again on every switch
-def cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or '' where it cannot be read."""
+def _seconds(run: Callable[[], object], library: str, key: str) -> float:
+    """Wall time of one call of ``run``, a product by ``library`` in shape class ``key``."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    """What the choice of library depends on: the CPU's model, torch's view of its instructions, the
+    torch version and the thread count (the key of the remembered choices)."""
+    model = ""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+            model = next((line.partition(":")[2].strip() for line in info if line.startswith("model name")), "")
     except OSError:
         pass
-    return ""
+    return (f"{model or platform.processor() or platform.machine()}; {torch.backends.cpu.get_cpu_capability()}; "
+            f"torch {torch.__version__}; {torch.get_num_threads()} threads")  # fmt: skip
 
 
-def _choices(name: str) -> dict[str, str]:
-    """Each role's library under backend ``name``: 'blas' runs ``torch.mm`` (MKL on x86), 'onednn' oneDNN
-    and, for the grad of h, 'blas-t' ``torch.mm`` over the weight's transposed chunks (the form in which
-    oneDNN, and MKL on the Intel CPU, are faster; plain 'blas' there is ``blockᵀ·W``)."""
-    if name == "auto":
-        return dict(_FASTER_BY_VENDOR.get(cpu_vendor(), dict.fromkeys(ROLES, "onednn")))
-    return dict.fromkeys(ROLES, name)
+_UNPROBED = object()
 
 
-# 'auto': each product with the library that is faster for it on this CPU (oneDNN and MKL compute the same
-# float32 arithmetic); 'onednn' or 'blas': every product with that one (for tests and benchmarks).
-BACKENDS = ("auto", "onednn", "blas") if _ONEDNN is not None else ("blas",)
-_backend = BACKENDS[0]
-_choice = _choices(_backend)
+class Backend:
+    """The fused decoder's run-time state, in one object made empty at import (nothing is probed or
+    timed until the decoder first runs).
+
+    - ``enabled``: whether ``RNNModel`` uses the fused path at all (``set_enabled``); off, it computes
+      the plain ``cross_entropy`` of the logits;
+    - ``name``: which libraries run the float32 products (``set_backend``): 'auto' (the default where
+      torch has oneDNN), 'onednn' or 'blas' (``torch.mm``, MKL on x86) throughout;
+    - under 'auto', each product's library, chosen per role (``ROLES``) and shape class (each size
+      rounded up to a power of two) by timing both libraries on that call's own matrices, the first time
+      the class is met: ``TIMED_ROUNDS`` rounds of one product each, back to back; MKL is kept where
+      its time over oneDNN's has a median below 1 (a median of paired ratios, which a slow spell of a
+      shared machine moves far less than a best or a mean time), else oneDNN. The two compute the same
+      float32 arithmetic but round differently in the last bits, so a choice is remembered in the cache
+      folder (``CHOICES_FILE``, per ``machine()``): every later process on this machine makes the same
+      one, and a seed repeats bit for bit (a resumed run included; only two processes that meet a new
+      class at the same moment may choose differently).
+
+    Args:
+        timer: the seconds one call of a product takes, given the product, its library and its role and
+            shape class (tests give fake timings).
+        remember: read and write the remembered choices (False: choose in this process only).
+    """
+
+    def __init__(self, timer: Callable[[Callable[[], object], str, str], float] = _seconds, remember: bool = True):
+        self.enabled = True
+        self.timer = timer
+        self.remember = remember
+        self._name: str | None = None  # None: the first available one
+        self._onednn = _UNPROBED
+        self._chosen: dict[str, str] | None = None  # shape class -> library, once read
+
+    def onednn(self):
+        """oneDNN's product (see ``_onednn_product``), probed on the first call; None where it is unusable."""
+        if self._onednn is _UNPROBED:
+            self._onednn = _onednn_product()
+        return self._onednn
+
+    def available(self) -> tuple[str, ...]:
+        """The backends this torch build offers, the default first."""
+        return ("auto", "onednn", "blas") if self.onednn() is not None else ("blas",)
+
+    @property
+    def name(self) -> str:
+        return self._name or self.available()[0]
+
+    @name.setter
+    def name(self, name: str) -> None:
+        if name not in self.available():
+            raise ValueError(
+                f"matmul backend {name!r} is not available here; choose one of {', '.join(self.available())}"
+            )
+        self._name = name
+
+    def library(self, role: str, a: torch.Tensor, b: torch.Tensor) -> str:
+        """The library that runs ``a @ bᵀ`` in ``role``: 'onednn' or 'blas' (always 'blas' in bfloat16)."""
+        name = self._name or self.available()[0]
+        if a.dtype != torch.float32 or name == "blas":
+            return "blas"
+        if name == "onednn":
+            return name
+        key = f"{role} {'x'.join(str(1 << (size - 1).bit_length()) for size in (a.size(0), b.size(0), a.size(1)))}"
+        chosen = self.choices()
+        if key not in chosen:
+            chosen[key] = self._faster(key, a, b)
+            self._save(key)
+        return chosen[key]
+
+    def choices(self) -> dict[str, str]:
+        """The library chosen so far (or remembered) for each role and shape class, e.g.
+        ``{'logits 2048x2048x256': 'onednn'}`` (rows of ``a`` and of ``b``, and their length, rounded up)."""
+        if self._chosen is None:
+            self._chosen = {}
+            if self.remember:
+                saved = self._read().get(machine(), {})
+                self._chosen.update({k: v for k, v in saved.items() if isinstance(k, str) and v in LIBRARIES})
+        return self._chosen
+
+    def _faster(self, key: str, a: torch.Tensor, b: torch.Tensor) -> str:
+        onednn = self.onednn()
+        runs = {"onednn": lambda: onednn(a, b, None, "none", [], ""), "blas": lambda: torch.mm(a, b.t())}
+        for run in runs.values():
+            run()
+        ratios = []  # MKL's time over oneDNN's, one per round: a slow spell of a shared machine hits both alike
+        for index in range(TIMED_ROUNDS):
+            order = LIBRARIES if index % 2 == 0 else LIBRARIES[::-1]  # neither always runs on the warmer cache
+            seconds = {library: self.timer(runs[library], library, key) for library in order}
+            ratios.append(seconds["blas"] / max(seconds["onednn"], 1e-9))
+        return "blas" if statistics.median(ratios) < 1 else "onednn"
+
+    def _read(self) -> dict:
+        try:
+            saved = json.loads((cache_folder() / CHOICES_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, unreadable, or not JSON: measured afresh
+            return {}
+        return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else {}
+
+    def _save(self, key: str) -> None:
+        """Add this machine's choice for ``key`` to the file (merged with what other processes wrote)."""
+        if not self.remember:
+            return
+        saved = self._read()
+        saved.setdefault(machine(), {})[key] = self._chosen[key]
+        try:
+            cache_folder().mkdir(parents=True, exist_ok=True)
+            with atomic_file(cache_folder() / CHOICES_FILE) as stream:
+                stream.write(json.dumps(saved, indent=1, sort_keys=True).encode())
+        except OSError:  # a read-only cache: the choice holds for this process only
+            pass
+
+
+BACKEND = Backend()
+
+
+def available_backends() -> tuple[str, ...]:
+    """The matrix-product backends this torch build offers, the default first: ``('auto', 'onednn',
+    'blas')`` where torch has a usable oneDNN, else ``('blas',)``."""
+    return BACKEND.available()
 
 
 def set_backend(name: str) -> str:
-    """Run the decoder's products with ``name`` (one of ``BACKENDS``) from now on; returns the one before."""
-    global _backend, _choice
-    if name not in BACKENDS:
-        raise ValueError(f"matmul backend {name!r} is not available here; choose one of {', '.join(BACKENDS)}")
-    previous, _backend, _choice = _backend, name, _choices(name)
+    """Run the decoder's products with ``name`` (one of ``available_backends()``) from now on; returns
+    the one before."""
+    previous = BACKEND.name
+    BACKEND.name = name
     return previous
-
-
-def backend_choices() -> dict[str, str]:
-    """Each product role's library under the current backend (see ``ROLES``)."""
-    return dict(_choice)
 
 
 @contextmanager
@@ -183,29 +295,36 @@ def matmul_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+def set_enabled(on: bool) -> bool:
+    """Whether ``RNNModel`` computes its decoder loss on the CPU with this module (True, the default) or
+    as the plain ``cross_entropy`` of the logits (False: for benchmarks and tests); returns the setting
+    before."""
+    previous, BACKEND.enabled = BACKEND.enabled, bool(on)
+    return previous
+
+
+@contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """A block in which the fused path is on or off (see ``set_enabled``)."""
+    previous = set_enabled(on)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, role: str = "logits") -> torch.Tensor:
     """``a @ bᵀ`` (a fresh tensor) for CPU tensors ``a`` (M, K) and ``b`` (N, K) of one dtype, ``a``'s
     rows contiguous (or ``a`` the transposed view of a small matrix), ``b``'s rows or columns contiguous.
 
-    In float32 runs the library chosen for ``role`` (one of ``ROLES``): oneDNN's product or the BLAS (MKL)
-    one that ``torch.mm`` calls, the same arithmetic; which is faster at the decoder's shapes depends on
-    the CPU (figures in docs/PERFORMANCE.md). In bfloat16 always ``torch.mm``, which hands the product
-    to oneDNN where the CPU supports it (as fast as calling oneDNN directly) and computes it anyway
-    where it does not.
+    In float32 runs the library chosen for ``role`` (one of ``ROLES``; see ``Backend``): oneDNN's product
+    or the BLAS (MKL) one that ``torch.mm`` calls, the same arithmetic. In bfloat16 always ``torch.mm``,
+    which hands the product to oneDNN where the CPU supports it (as fast as calling oneDNN directly)
+    and computes it anyway where it does not.
     """
-    if _choice[role] == "onednn" and a.dtype == torch.float32:
-        return _ONEDNN(a, b, None, "none", [], "")
+    if BACKEND.library(role, a, b) == "onednn":
+        return BACKEND.onednn()(a, b, None, "none", [], "")
     return torch.mm(a, b.t())
-
-
-def bfloat16_products_fast() -> bool:
-    """Whether torch hands bfloat16 matrix products to oneDNN on this CPU (it does with AVX-512 or AMX).
-    Where it does not, torch computes them in a plain loop of its own: in a probe on the Intel VM with
-    oneDNN switched off, a decoder chunk's bfloat16 product took 9× as long as the float32 one."""
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # an internal op: missing in some builds
-        return False
 
 
 def _scaled_augmented(weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
@@ -375,10 +494,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / targets.numel()
         factors = torch.exp(maxima - logsumexp) * scale  # (C, N): softmax·scale = block · factor of the chunk
         # grad of h = Σ factor · blockᵀ W over the chunks; its fast form is Wᵀ · block, the sum then kept (H, N):
-        # in float32 with oneDNN (and with MKL on some CPUs, 'blas-t') over the weight's transposed chunks; in
-        # bfloat16 over the forward pass's [W·log2(e) | ...] as a transposed view, with no copy
+        # in float32 over the weight's transposed chunks (with the role's library; backend 'blas' keeps blockᵀ·W);
+        # in bfloat16 over the forward pass's [W·log2(e) | ...] as a transposed view, with no copy
         bfloat16 = weight_aug is not None
-        transposed = bfloat16 or _choice["hidden_grad"] != "blas"
+        transposed = bfloat16 or BACKEND.name != "blas"
         grad_sum = None
         if need_hidden:
             grad_sum = weight.new_zeros(hidden.shape[::-1] if transposed else hidden.shape)  # float32
@@ -448,34 +567,33 @@ def linear_cross_entropy(
 
 
 EVAL_CHUNK = 1024  # vocabulary rows per product in evaluation: one (1024, N) block at a time
-_frozen: dict | None = None  # inside ``frozen_decoder``: the augmented weights built so far
 
 
 @contextmanager
 def frozen_decoder() -> Iterator[None]:
     """A block in which the decoder's weights do not change (an evaluation pass): ``linear_nll_sum``
     builds each weight's augmented copy once for the block instead of once per call."""
-    global _frozen
-    if _frozen is not None:  # nested: the outer block owns the copies
+    if _POOL.frozen is not None:  # nested: the outer block owns the copies
         yield
         return
-    _frozen = {}
+    _POOL.frozen = {}
     try:
         yield
     finally:
-        for weight_aug in _frozen.values():
+        for weight_aug in _POOL.frozen.values():
             _POOL.give(weight_aug)
-        _frozen = None
+        _POOL.frozen = None
 
 
 def _evaluation_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _frozen is None:
+    frozen = _POOL.frozen
+    if frozen is None:
         return _scaled_augmented(weight, bias)
     key = (weight.data_ptr(), tuple(weight.shape), None if bias is None else bias.data_ptr(),
            torch.is_inference_mode_enabled())  # fmt: skip
-    if key not in _frozen:
-        _frozen[key] = _scaled_augmented(weight, bias)
-    return _frozen[key]
+    if key not in frozen:
+        frozen[key] = _scaled_augmented(weight, bias)
+    return frozen[key]
 
 
 @torch.no_grad()
@@ -490,7 +608,7 @@ def linear_nll_sum(
     """
     weight_aug = _evaluation_weight(weight, bias)
     maxima, sums, _ = _exp_chunks(weight_aug, _augmented_hidden(hidden), EVAL_CHUNK, keep=False)
-    if _frozen is None:
+    if _POOL.frozen is None:
         _POOL.give(weight_aug)
     target_logits = _target_logits(hidden, weight, bias, targets)
     return (_logsumexp(maxima, sums) - target_logits).sum()

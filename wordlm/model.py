@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wordlm import fused
 from wordlm.fused import linear_cross_entropy, linear_nll_sum
 from wordlm.hidden import Hidden, map_hidden
 from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
@@ -276,9 +277,9 @@ def _fused_dtype(features: torch.Tensor) -> torch.dtype | None:
     float32 outside autocast; bfloat16 under CPU autocast to bfloat16, where the fused path rounds the
     operands and logits as autocast does and keeps the log-sum-exp and the gradients float32 (details
     in ``wordlm.fused``). The plain path under any other autocast, and under torch.compile, which
-    fuses it itself.
+    fuses it itself, and where ``wordlm.fused.set_enabled(False)`` turned the fused path off.
     """
-    if features.device.type != "cpu" or torch.compiler.is_compiling():
+    if features.device.type != "cpu" or torch.compiler.is_compiling() or not fused.BACKEND.enabled:
         return None
     if not torch.is_autocast_enabled("cpu"):
         return torch.float32 if features.dtype == torch.float32 else None

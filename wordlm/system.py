@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU training fast by default. Must not import Sacred.
+"""Process-level settings that make CPU training fast by default, and what this CPU can run. Must not
+import Sacred.
 
 glibc serves allocations above its mmap threshold (at most 32 MB by default, adjusted dynamically)
 with fresh ``mmap`` pages, and returns them on ``free``: every vocabulary-sized tensor of every step
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import sys
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -34,3 +38,39 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
         return False
     _TUNED = applied
     return applied
+
+
+def bfloat16_unavailable() -> str | None:
+    """Why ``amp='bf16'`` cannot run on this CPU, or None where it can.
+
+    torch runs bfloat16 through oneDNN, whose bfloat16 kernels need AVX-512 or AMX on x86-64 (the BF16
+    extension on aarch64). On a CPU without them its LSTM fails outright ("could not create a primitive
+    descriptor for the LSTM forward propagation primitive", seen on an AVX2-only AMD EPYC) and torch
+    computes bfloat16 matrix products in a plain loop of its own, several times slower than float32.
+    So this asks torch whether oneDNN serves bfloat16 here, and runs a tiny bfloat16 LSTM forward and
+    backward pass under CPU autocast, as ``amp='bf16'`` training does (a few milliseconds): a CPU that
+    nobody here has seen is measured, not assumed.
+
+    Returns:
+        None, or one phrase naming what the CPU lacks and what torch reports about it.
+    """
+    needs = (
+        "AVX-512 or AMX" if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else "the BF16 extension"
+    )
+    lacks = f"this CPU lacks the {needs} that torch's bfloat16 kernels (oneDNN's) need"
+    seen = f"torch reports its instructions as {torch.backends.cpu.get_cpu_capability()}"
+    try:
+        supported = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an internal op: missing in some builds
+        supported = False
+    if not supported:
+        return f"{lacks} ({seen}; oneDNN has no bfloat16 support here)"
+    try:
+        lstm = torch.nn.LSTM(8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, _ = lstm(torch.randn(3, 2, 8))
+        output.float().sum().backward()
+    except RuntimeError as failure:
+        first = str(failure).split(". ")[0].splitlines()[0] if str(failure) else type(failure).__name__
+        return f"{lacks} ({seen}; a bfloat16 LSTM fails: {first})"
+    return None
