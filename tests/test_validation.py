@@ -137,5 +137,5 @@ def test_values_beyond_float32_and_unknown_sizes_are_said_plainly(changes, messa
 
 
 def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
-    with pytest.raises(ValueError, match=r"below the vocabulary size \(100\), e\.g\. \[10\]"):
+    with pytest.raises(ValueError, match=r"between 1 and the vocabulary size \(100\), e\.g\. \[10\]"):
         ModelConfig(100, adaptive_softmax=[50, 100], tied=False)

@@ -102,8 +102,8 @@ class ModelConfig:
                 )
             if cutoffs[-1] >= self.ntoken:
                 raise ValueError(
-                    f"adaptive_softmax={cutoffs!r} must be increasing word counts below the vocabulary size "
-                    f"({self.ntoken}), e.g. [{max(1, self.ntoken // 10)}], or None for the full softmax"
+                    f"adaptive_softmax={cutoffs!r} must be increasing word counts between 1 and the vocabulary "
+                    f"size ({self.ntoken}), e.g. [{max(1, self.ntoken // 10)}], or None for the full softmax"
                 )
             object.__setattr__(self, "adaptive_softmax", tuple(cutoffs))
             if self.tied:
