@@ -362,7 +362,7 @@ def _output_file(key: str, path, example: str = "out.txt", text: bool = True, in
 
 
 def _standard_stream(path) -> str | None:
-    """ "stdout" or "stderr" when ``path`` is where this process's stdout or stderr goes (``/dev/stdout``)."""
+    """The name "stdout" or "stderr" when ``path`` is where this process's stdout or stderr goes (``/dev/stdout``)."""
     for name in ("stdout", "stderr"):
         try:
             if os.path.samestat(os.stat(path), os.fstat(getattr(sys, name).fileno())):
