@@ -60,3 +60,62 @@ def test_bad_files_give_one_line_errors(tmp_path):
         pickle.dump({"a": 1}, handle)
     with pytest.raises(UserError):
         load_checkpoint(tmp_path / "plain.pkl")
+
+
+def zip_bomb(path, inflated: int, chunk: int = 1 << 20) -> None:
+    """A torch-style zip whose ``archive/data.pkl`` inflates to ``inflated`` zero bytes, a few KB per MB on disk.
+
+    One chunk of zeros is deflated once and its bytes repeated: after a full flush a deflate stream starts afresh,
+    so the repetitions are a valid stream (what a real compressor would write, built in about a second).
+    """
+    import struct
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(chunk)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    ending = compressor.flush(zlib.Z_FINISH)
+    crc = 0
+    for _ in range(inflated // chunk):
+        crc = zlib.crc32(bytes(chunk), crc)
+    compressed = len(block) * (inflated // chunk) + len(ending)
+    name = b"archive/data.pkl"
+    sizes = struct.pack("<HHHIIIHH", 8, 0, 0, crc, compressed, inflated, len(name), 0)  # deflated, no time, no date
+    with open(path, "wb") as out:
+        out.write(b"PK\x03\x04" + struct.pack("<HH", 20, 0) + sizes + name)  # version 2.0, no flags
+        out.write(b"".join([block] * (inflated // chunk)) + ending)
+        directory = out.tell()
+        central = b"PK\x01\x02" + struct.pack("<HHH", 20, 20, 0) + sizes + struct.pack("<HHHII", 0, 0, 0, 0, 0) + name
+        out.write(central)
+        out.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, len(central), directory, 0))
+
+
+def test_a_checkpoint_whose_pickle_inflates_beyond_the_cap_is_refused_before_reading_it(tmp_path):
+    import zipfile
+
+    zip_bomb(tmp_path / "small.pt", 8 << 20)
+    with zipfile.ZipFile(tmp_path / "small.pt") as archive:  # a real zip, whose member really inflates so
+        assert len(archive.read("archive/data.pkl")) == 8 << 20
+    with pytest.raises(UserError, match=r"refused before reading it: its member archive/data.pkl would inflate to "
+                                        r"8,388,608 bytes"):  # fmt: skip
+        load_checkpoint(tmp_path / "small.pt", max_pickle_bytes=1 << 20)
+    model = RNNModel(ModelConfig(ntoken=20, emsize=8, nhid=8, nlayers=1))
+    save_checkpoint(tmp_path / "real.pt", model, Vocabulary([f"w{i}" for i in range(20)]))
+    assert load_checkpoint(tmp_path / "real.pt")["vocab"][0] == "w0"  # the default cap takes real checkpoints
+    with pytest.raises(UserError, match="refused before reading it"):
+        load_checkpoint(tmp_path / "real.pt", max_pickle_bytes=64)
+
+
+def test_save_writes_through_a_symbolic_link_and_refuses_a_fifo(tmp_path):
+    model = RNNModel(ModelConfig(ntoken=20, emsize=8, nhid=8, nlayers=1))
+    vocab = Vocabulary([f"w{i}" for i in range(20)])
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "link.pt").symlink_to("kept/model.pt")  # dangling until the first save
+    written = save_checkpoint(tmp_path / "link.pt", model, vocab)
+    assert (tmp_path / "link.pt").is_symlink() and (tmp_path / "kept" / "model.pt").is_file()
+    found = os.stat(tmp_path / "kept" / "model.pt")
+    assert written == (found.st_dev, found.st_ino)
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(OSError, match="a FIFO, not a regular file, and is never replaced"):
+        save_checkpoint(tmp_path / "fifo.pt", model, vocab)
+    assert (tmp_path / "fifo.pt").is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.pt", "kept", "link.pt"]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_until, run_cli
+from conftest import ROOT, cli_env, cut_corpus, read_until, run_cli
 
 SPEC = {  # key: (default as printed, one-line doc) -- exactly the spec's
     "batch_size": ("32", "batch size"),
@@ -211,3 +215,179 @@ def test_progress_bar_on_a_terminal_and_plain_lines_in_the_run_record(tmp_path, 
     assert "| end of epoch   1 |" in text
     record = (tmp_path / "runs" / "1" / "cout.txt").read_text()
     assert "| end of epoch   1 |" in record and "\r" not in record  # redraws filtered from the record
+
+
+# -- bad input is one line, and outputs never destroy what they name (issue 23, items 6-9)
+
+
+def one_error(result) -> str:
+    """The single `error:` line of a failed command, after checking it failed cleanly."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A small real checkpoint (an untrained 1x8 LSTM over 30 words), written without training."""
+    from wordlm.checkpoint import save_checkpoint
+    from wordlm.data import Vocabulary
+    from wordlm.model import ModelConfig, RNNModel
+
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(ntoken=30, emsize=8, nhid=8, nlayers=1))
+    save_checkpoint(tmp_path / "v.pt", model, Vocabulary(["<eos>", "<unk>", *(f"w{i}" for i in range(28))]))
+    return tmp_path / "v.pt"
+
+
+def test_an_unknown_key_is_one_line_naming_it_and_the_nearest_key(tmp_path):
+    line = one_error(run_cli("with", "bptt_len=20", "-u", cwd=tmp_path, check=False))
+    assert line.startswith("error: bptt_len=20 (did you mean bptt?) is not a config key"), line
+
+
+def test_outputs_write_through_symbolic_links(tmp_path, checkpoint):
+    (tmp_path / "kept.txt").write_text("old")
+    (tmp_path / "out.txt").symlink_to("kept.txt")
+    run_cli("with", f"checkpoint={checkpoint}", "outf=out.txt", "words=5", "-u", cwd=tmp_path, script="generate.py")
+    assert (tmp_path / "out.txt").is_symlink() and len((tmp_path / "kept.txt").read_text().split()) == 5
+
+
+def test_an_output_naming_stdout_prints_into_it_and_replaces_nothing(tmp_path, checkpoint):
+    (tmp_path / "stdout").symlink_to("/proc/self/fd/1")  # what /dev/stdout is, made here
+    result = run_cli("with", f"checkpoint={checkpoint}", "outf=stdout", "words=5", cwd=tmp_path, script="generate.py")
+    assert len(result.stdout.split()) == 5 and os.readlink(tmp_path / "stdout") == "/proc/self/fd/1"
+
+
+def test_a_fifo_output_is_written_into_and_stays_a_fifo(tmp_path, checkpoint):
+    os.mkfifo(tmp_path / "pipe")
+    line = one_error(run_cli("with", f"checkpoint={checkpoint}", "outf=pipe", "-u", cwd=tmp_path, check=False,
+                             script="generate.py"))  # fmt: skip
+    assert "no process reads that FIFO" in line and stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    received = []
+    reader = threading.Thread(target=lambda: received.append((tmp_path / "pipe").read_text()))
+    reader.start()
+    try:
+        for _ in range(100):  # wait until the reader has the FIFO open, so that the writer finds it read
+            opened = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+            if str(tmp_path / "pipe") in opened:
+                break
+            time.sleep(0.05)
+        run_cli("with", f"checkpoint={checkpoint}", "outf=pipe", "words=5", "-u", cwd=tmp_path, script="generate.py")
+    finally:
+        if reader.is_alive():
+            with open(tmp_path / "pipe", "w"):  # unblock the reader whatever happened
+                pass
+        reader.join(timeout=30)
+    assert len(received[0].split()) == 5 and stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+
+
+def test_a_character_device_is_written_into_never_replaced(tmp_path, checkpoint):
+    try:  # private copies of /dev/null and /dev/full, in this test's folder (never the real /dev)
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(tmp_path / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except OSError as problem:
+        pytest.skip(f"cannot make device nodes here ({problem.strerror}): needs root and CAP_MKNOD")
+    run_cli("with", f"checkpoint={checkpoint}", "outf=null", "words=5", "-u", cwd=tmp_path, script="generate.py")
+    line = one_error(run_cli("with", f"checkpoint={checkpoint}", "outf=full", "words=5", "-u", cwd=tmp_path,
+                             check=False, script="generate.py"))  # fmt: skip
+    assert line == "error: cannot write outf='full': No space left on device", line
+    line = one_error(run_cli("with", f"checkpoint={checkpoint}", "save=null", "-u", cwd=tmp_path, check=False))
+    assert line.startswith("error: save='null' is a character device, not a file; save must name a file"), line
+    assert all(stat.S_ISCHR(os.lstat(tmp_path / name).st_mode) for name in ("null", "full"))
+
+
+@pytest.mark.parametrize(
+    "script, args, start",
+    [
+        ("generate.py", ["checkpoint=v.pt", "outf=v.pt"], "error: outf='v.pt' is the same file as checkpoint='v.pt'"),
+        ("generate.py", ["checkpoint=v.pt", "outf=link.pt"], "error: outf='link.pt' is the same file as checkpoint="),
+        ("main.py", ["evaluate", "checkpoint=v.pt", "text=notes.txt", "line_scores=notes.txt"],
+         "error: line_scores='notes.txt' is the same file as text='notes.txt'"),
+        ("main.py", ["evaluate", "checkpoint=v.pt", "dataset=c", "line_scores=c/test.txt"],
+         "error: line_scores='c/test.txt' is the same file as the test split"),
+        ("main.py", ["smoke", "dataset=c", "save=c/valid.txt"], "error: save='c/valid.txt' is the corpus's valid.txt"),
+        ("main.py", ["export", "checkpoint=v.pt", "onnx_export=v.pt"], "error: onnx_export='v.pt' is the same file as"),
+        ("main.py", ["smoke", "dataset=c", "save=notes.txt/m.pt"],
+         "error: cannot write save='notes.txt/m.pt': notes.txt is a file, not a folder"),
+        ("main.py", ["smoke", "dataset=c", "onnx_export=c"], "error: onnx_export='c' is a folder; give a file path"),
+        ("main.py", ["smoke", "dataset=c", "save_last=link.pt", "save=v.pt"], "error: save_last='link.pt' is the same "
+                                                                             "file as save='v.pt'"),
+    ],
+)  # fmt: skip
+def test_an_output_that_is_an_input_or_unwritable_is_refused_before_any_work(tmp_path, checkpoint, script, args, start):
+    corpus = cut_corpus(tmp_path / "c", lines=(60, 10, 10))
+    (tmp_path / "notes.txt").write_text("a few words\nof text\n")
+    (tmp_path / "link.pt").symlink_to("v.pt")
+    before = {path: path.read_bytes() for path in [checkpoint, tmp_path / "notes.txt", *corpus.iterdir()]}
+    command, updates = ([args[0]], args[1:]) if "=" not in args[0] and args[0] != "smoke" else ([], args)
+    result = run_cli(*command, "with", *updates, "-u", cwd=tmp_path, check=False, script=script)
+    line = one_error(result)
+    assert line.startswith(start), line
+    assert "epoch" not in result.stdout and "test ppl" not in result.stdout  # refused before training
+    assert {path: path.read_bytes() for path in before} == before and (tmp_path / "link.pt").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "link.pt", "notes.txt", "v.pt"]  # no run record
+
+
+def test_plot_to_a_fifo_is_refused_and_says_nothing_was_written(tmp_path):
+    os.mkfifo(tmp_path / "curves.png")
+    result = run_cli("plot", "with", "plot_path=curves.png", cwd=tmp_path, check=False)
+    line = one_error(result)
+    assert line.startswith("error: plot_path='curves.png' is a FIFO, not a file"), line
+    assert "written" not in result.stdout and stat.S_ISFIFO(os.lstat(tmp_path / "curves.png").st_mode)
+
+
+LONG = "x" * 300  # beyond the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["-s", "bogus://x", "with", "smoke", "dataset=c"],
+         "error: -s 'bogus://x' is not a database URL that can be opened here: SQLAlchemy knows no database 'bogus'"),
+        (["-s", "notaurl", "with", "smoke", "dataset=c"], "error: -s 'notaurl' is not a database URL that can be "
+                                                          "opened here (dialect://...); for the SQLite file notaurl "
+                                                          "give sqlite:///notaurl"),
+        (["-s", "sqlite:////missing/dir/x.db", "with", "smoke", "dataset=c"],
+         "error: sqlite:////missing/dir/x.db: there is no folder /missing/dir"),
+        (["--sql=postgresql://u@127.0.0.1:1/db", "with", "smoke", "dataset=c"],
+         "error: cannot open the database postgresql://u@127.0.0.1:1/db: "),
+        (["with", "smoke", "dataset=loop"], "error: cannot read dataset='loop': it is a symbolic link loop"),
+        (["with", "smoke", f"dataset={LONG}"], f"error: cannot read dataset='{LONG}': the path is longer than this"),
+        (["generate", "with", "checkpoint=v.pt", f"outf={LONG}"], f"error: cannot write outf='{LONG}': the path is "
+                                                                  "longer than this system allows"),
+        (["evaluate", "with", "checkpoint=v.pt", f"text={LONG}"], f"error: cannot read text='{LONG}': the path is"),
+        (["with", "smoke", "dataset=c", "save=None"], "error: save=None must be a file path"),
+        (["with", "smoke", "dataset=c", "lr=1e300"], "error: lr=1e+300 is beyond what float32 holds"),
+        (["with", "smoke", "dataset=c", "nhid=100000", "tied=False"],
+         "error: the model (model_type=LSTM, nlayers=1, nhid=100000, emsize=32, tied=False, vocabulary "),
+        (["with", "smoke", "dataset=fifo_train"], "error: dataset folder fifo_train: train.txt is a FIFO, not a file"),
+        (["with", "smoke", "dataset=folder_train"], "error: dataset folder folder_train: train.txt is a folder, not"),
+        (["with", "smoke", "dataset=c", "adaptive_softmax=[5,3]", "tied=False"],
+         "error: adaptive_softmax=[5, 3] must be increasing word counts from 1 up, below the vocabulary size, e.g."),
+        (["runs", "with", "runs_db=x.db"], "error: runs_db='x.db' is not a database URL that can be opened here "
+                                           "(dialect://...); for the SQLite file x.db give sqlite:///x.db"),
+        (["generate", "with", "checkpoint=bomb.pt"], "error: bomb.pt was refused before reading it: its member "
+                                                     "archive/data.pkl would inflate to 2,147,483,648 bytes"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, checkpoint, args, start):
+    cut_corpus(tmp_path / "c", lines=(60, 10, 10))
+    for name in ("fifo_train", "folder_train"):
+        cut_corpus(tmp_path / name, lines=(60, 10, 10))
+        (tmp_path / name / "train.txt").unlink()
+    os.mkfifo(tmp_path / "fifo_train" / "train.txt")
+    (tmp_path / "folder_train" / "train.txt").mkdir()
+    (tmp_path / "loop").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop")
+    if "checkpoint=bomb.pt" in args:
+        from test_checkpoint import zip_bomb
+
+        zip_bomb(tmp_path / "bomb.pt", 2 << 30)  # 2 MB on disk
+    started = time.monotonic()
+    line = one_error(run_cli(*args, cwd=tmp_path, check=False, timeout=120))
+    assert line.startswith(start), line
+    assert time.monotonic() - started < 60  # the checkpoint of 2 GiB inflated took 37 s (and 6.5 GB) to refuse
+    assert os.path.islink(tmp_path / "loop") and stat.S_ISFIFO(os.lstat(tmp_path / "fifo_train" / "train.txt").st_mode)
+    assert not list(tmp_path.glob("*.db")) and not (tmp_path / "model.pt").exists()

@@ -94,3 +94,40 @@ def test_export_command_of_a_damaged_checkpoint_is_a_user_error(tmp_path):
         ex.run("export", config_updates={"checkpoint": str(tmp_path / "m.pt"), "onnx_export": str(tmp_path / "x.onnx")},
                options={"--loglevel": "ERROR"})  # fmt: skip
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_export_cut_short_leaves_the_previous_file_whole(tmp_path):
+    """`ulimit -f` stops the write halfway: the good file from before stays, byte for byte (it was truncated)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    model = RNNModel(ModelConfig(40, "LSTM", 16, 16, 1, 0.0, True))
+    save_checkpoint(tmp_path / "m.pt", model, Vocabulary([f"w{i}" for i in range(40)]))
+    good = export_onnx(model, tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "m.pt").unlink()
+    bigger = RNNModel(ModelConfig(400, "LSTM", 64, 64, 1, 0.0, True))  # its export outgrows the limit below
+    save_checkpoint(tmp_path / "big.pt", bigger, Vocabulary([f"w{i}" for i in range(400)]))
+    limit = len(good) + 1000
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "export", "with", "checkpoint=big.pt", "onnx_export=m.onnx", "-u"],
+        cwd=tmp_path, env=cli_env(PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True, timeout=300,
+        preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert done.returncode != 0, done.stderr  # killed by SIGXFSZ, or an error line
+    assert (tmp_path / "m.onnx").read_bytes() == good
+    run_steps_both_ways(model, tmp_path / "m.onnx")
+
+
+def test_training_refuses_an_onnx_export_folder_before_it_trains(tiny_corpus, tmp_path):
+    (tmp_path / "out").mkdir()
+    updates = {"dataset": str(tiny_corpus), "save": str(tmp_path / "m.pt"), "onnx_export": str(tmp_path / "out")}
+    with pytest.raises(error, match=r"^onnx_export='\S+/out' is a folder; give a file path such as \S+/out/model.onnx"):
+        ex.run(named_configs=["smoke"], config_updates=updates, options={"--loglevel": "ERROR"})
+    assert not (tmp_path / "m.pt").exists()  # nothing trained

@@ -122,12 +122,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the temporary file is gone
 
 
-def test_unwritable_save_path_warns_and_the_run_goes_on(tmp_path, tiny_corpus):
+def test_unwritable_save_path_is_refused_before_training(tmp_path, tiny_corpus):
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    result = run_cli("with", "smoke", f"dataset={tiny_corpus}", "save=blocker/model.pt", "-u", cwd=tmp_path)
-    assert "warning: could not write blocker/model.pt" in result.stderr
-    assert "test ppl" in result.stdout and "Traceback" not in result.stderr
-    assert "warning: blocker/model.pt could not be written: the model of this run was not saved" in result.stderr
+    args = ("with", "smoke", f"dataset={tiny_corpus}", "save=blocker/model.pt", "-u")
+    result = run_cli(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "epoch" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: cannot write save='blocker/model.pt': blocker is a file, not a folder"], result.stderr
 
 
 def test_sigterm_behaves_like_ctrl_c_and_the_run_resumes(tmp_path, small_corpus):

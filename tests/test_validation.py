@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import sys
 
 import pytest
 from conftest import cut_corpus, run_cli
@@ -116,3 +117,25 @@ def test_seeds_log_levels_and_output_paths_are_one_error_line_before_any_work(tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(start), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written, no run recorded
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lr": 1e300}, r"^lr=1e\+300 is beyond what float32 holds \(1.18e-38 to 3.4e\+38\)"),
+        ({"lr": 1e-50}, r"^lr=1e-50 is beyond what float32 holds"),
+        ({"clip": 10**40}, r"^clip=10{40} is beyond what float32 holds"),
+        ({"adaptive_softmax": [5, 3], "tied": False}, r"^adaptive_softmax=\[5, 3\] must be increasing word counts "
+                                                      r"from 1 up, below the vocabulary size, e\.g\. \[2000, 10000\]"),
+        ({"save": None}, r"^save=None must be a file path"),
+    ],
+)  # fmt: skip
+def test_values_beyond_float32_and_unknown_sizes_are_said_plainly(changes, message):
+    with pytest.raises(UserError, match=message) as caught:
+        validate_training_config({**DEFAULTS, **changes})
+    assert str(sys.maxsize) not in str(caught.value)
+
+
+def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
+    with pytest.raises(ValueError, match=r"between 1 and the vocabulary size \(100\), e\.g\. \[10\]"):
+        ModelConfig(100, adaptive_softmax=[50, 100], tied=False)

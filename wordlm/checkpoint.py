@@ -21,6 +21,7 @@ import io
 import os
 import pickle
 import pickletools
+import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -35,14 +36,19 @@ from wordlm.model import ModelConfig, RNNModel
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary, **extra) -> None:
+def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary, **extra) -> tuple[int, int]:
     """Write a checkpoint atomically (``wordlm.files.atomic_file``): a temporary file, fsync, rename.
 
     A reader (or a crash at any moment) sees either the previous file or the complete new one.
-    ``extra`` entries (``training``, ``meta``) are stored beside the model.
+    ``extra`` entries (``training``, ``meta``) are stored beside the model. A symbolic link is written through.
+
+    Returns:
+        The written file's ``(st_dev, st_ino)``: whether ``path`` still holds this very file can be told later,
+        when another process may have written its own there since.
 
     Raises:
-        OSError: the write failed (disk full, permission denied); the previous file is untouched.
+        OSError: the write failed (disk full, permission denied, ``path`` a device or FIFO); the previous file
+            is untouched.
     """
     path = Path(path)
     payload = {
@@ -55,15 +61,37 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as stream:
         torch.save(payload, stream)
+        written = os.fstat(stream.fileno())  # the same file after the rename
+    return written.st_dev, written.st_ino
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict safely, or raise ``UserError`` with one line saying what is wrong."""
+MAX_PICKLE_BYTES = 64 << 20  # a wordlm checkpoint's data.pkl holds the vocabulary and config: a few MB
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", max_pickle_bytes: int = MAX_PICKLE_BYTES
+) -> dict:
+    """Load a checkpoint dict safely, or raise ``UserError`` with one line saying what is wrong.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where its tensors go.
+        max_pickle_bytes: a zip checkpoint whose pickle (``data.pkl``: everything but the tensors' bytes) would
+            inflate beyond this is refused before any of it is read: no real checkpoint comes near, and a crafted
+            one could otherwise take minutes and gigabytes to refuse.
+    """
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`") from None
+    except OSError as problem:
+        raise UserError(f"cannot read checkpoint {path}: {problem.strerror or problem}") from None
+    if stat.S_ISDIR(mode):
         raise UserError(f"checkpoint {path} is a folder; give a checkpoint file such as {path / 'model.pt'}")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"checkpoint {path} is no regular file (a device, FIFO or socket); give a checkpoint file")
+    _check_pickle_size(path, max_pickle_bytes)
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol is noted before it is refused anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -91,6 +119,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "upgrade wordlm to load it"
         )
     return payload
+
+
+def _check_pickle_size(path: Path, limit: int) -> None:
+    """Refuse a zip checkpoint whose ``data.pkl``, or any member, inflates beyond what a checkpoint can hold."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy torch file, or no checkpoint: torch.load says which
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load gives the one line for a damaged file
+    size = os.path.getsize(path)
+    for member in members:
+        if member.filename.endswith("data.pkl") and member.file_size > limit:
+            why = f"a checkpoint's pickle holds a few MB; at most {limit:,} bytes are read"
+        elif member.file_size > max(limit, 2 * size):
+            why = f"far more than the {size:,}-byte file holds"
+        else:
+            continue
+        raise UserError(
+            f"{path} was refused before reading it: its member {member.filename} would inflate to "
+            f"{member.file_size:,} bytes ({why}); it is damaged or crafted, use another checkpoint"
+        )
 
 
 _PLAIN_DATA_MODULES = ("torch", "collections", "_codecs")  # what torch.save itself names in a pickle

@@ -26,6 +26,7 @@ import hashlib
 import lzma
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,10 +52,27 @@ def _is_corpus(folder: Path) -> bool:
 
 
 def _lacks(folder: Path) -> str:
-    missing = [f"{split}.txt" for split in SPLITS if not (folder / f"{split}.txt").is_file()]
+    names = [f"{split}.txt" for split in SPLITS if not (folder / f"{split}.txt").is_file()]
+    missing = [name for name in names if not os.path.lexists(folder / name)]
+    parts = [f"lacks {', '.join(missing)}"] if missing else []
+    parts += [f"{name} is {_what(folder / name)}" for name in names if name not in missing]
     return (
-        f"dataset folder {folder} lacks {', '.join(missing)}; a corpus folder needs train.txt, valid.txt and test.txt"
+        f"dataset folder {folder}{' ' if missing else ': '}{'; '.join(parts)}; "
+        "a corpus folder needs train.txt, valid.txt and test.txt as plain files"
     )
+
+
+def _what(path: Path) -> str:
+    """What stands where a corpus file should be, for the error: a folder, a FIFO, a broken link, ..."""
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing (or a link loop), not a file"
+    try:
+        mode = path.stat().st_mode
+    except OSError as problem:
+        return f"unreadable ({problem.strerror or problem})"
+    kinds = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+             stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+    return f"{kinds.get(stat.S_IFMT(mode), 'no regular file')}, not a file"
 
 
 def _known_name(dataset: str, path: Path, data_root: Path) -> str | None:

@@ -7,9 +7,13 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
 import json
 import logging
 import os
+import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 from sacred import Experiment
-from sacred.observers import FileStorageObserver
+from sacred.observers import FileStorageObserver, SqlObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
@@ -40,8 +44,8 @@ from wordlm.distributed import (
 )
 from wordlm.errors import UserError
 from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
-from wordlm.export import export_onnx
-from wordlm.files import atomic_file
+from wordlm.export import check_export_available, export_onnx
+from wordlm.files import atomic_file, output_kind, same_file, write_target, write_through
 from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
@@ -53,7 +57,15 @@ from wordlm.generation import (
 )
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
-from wordlm.runs import SQL_LACKS, MetricHistory, format_runs_table, read_runs_db, read_runs_dir, select_runs
+from wordlm.runs import (
+    SQL_LACKS,
+    MetricHistory,
+    format_runs_table,
+    open_database,
+    read_runs_db,
+    read_runs_dir,
+    select_runs,
+)
 from wordlm.signals import StopRequests, ignore_termination
 from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
 from wordlm.training import (
@@ -147,7 +159,7 @@ def config():
     amp = None  # mixed precision of the training forward pass: 'bf16' (CPU or CUDA) or 'fp16' (CUDA) (None = float32)
     compile = False  # run the training forward pass through torch.compile
     # -- never lose a run
-    save_last = (save[:-3] if save.endswith(".pt") else save) + ".last.pt"  # latest state, for resume
+    save_last = (save[:-3] if str(save).endswith(".pt") else str(save)) + ".last.pt"  # latest state, for resume
     checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
     resume = None  # continue the run whose checkpoint (save_last, or save) is at this path
     on_divergence = "stop"  # a NaN/inf loss: 'stop' (one-line error) or 'reload' (best model, lr / 4)
@@ -239,6 +251,36 @@ def _check_positive_int(key: str, value, allow_none: bool = False) -> None:
         raise UserError(f"{key}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
 
 
+def _known_keys() -> set[str]:
+    return {key for scope in ex.configurations for key in scope()} | {"seed"}
+
+
+def _leaves(key: str, value) -> list[str]:
+    """``key`` as typed: a dotted update (``with a.b=1``) reaches Sacred as ``{"a": {"b": 1}}``."""
+    if isinstance(value, dict) and value:
+        return [leaf for inner, item in value.items() for leaf in _leaves(f"{key}.{inner}", item)]
+    return [f"{key}={value!r}"]
+
+
+@ex.config_hook
+def _refuse_unknown_keys(config, command_name, logger):
+    """A key no config defines is one line naming it and the nearest keys, not Sacred's ConfigAddedError."""
+    known = _known_keys()
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        said = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+            said += [
+                leaf + (f" (did you mean {' or '.join(near)}?)" if near else "") for leaf in _leaves(key, config[key])
+            ]
+        raise error(
+            f"{' and '.join(said)} {'is not a config key' if len(said) == 1 else 'are not config keys'}; "
+            "`python main.py print_config` lists every key"
+        )
+    return {}
+
+
 @ex.config_hook
 def _check_seed(config, command_name, logger):
     """Sacred seeds random, numpy and torch before any command runs: a bad seed is one line, not its assert."""
@@ -248,27 +290,122 @@ def _check_seed(config, command_name, logger):
     return {}
 
 
-def _output_file(key: str, path) -> Path:
-    """The file ``key`` names, its folder made; a folder or an unmakeable folder is one line, before any work."""
-    _check_path(key, path, example="out.txt")
-    target = Path(path)
-    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"cannot write {key}={str(path)!r}: {blocking} is a file, not a folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as problem:
-        raise UserError(f"cannot write {key}={str(path)!r}: {problem.strerror or problem}") from None
-    return target
+def _reason(problem: OSError) -> str:
+    """Why a path cannot be used, in words a user can act on."""
+    if problem.errno == errno.ELOOP:
+        return "it is a symbolic link loop (a link that leads back to itself); point it at a real file or folder"
+    if problem.errno == errno.ENAMETOOLONG:
+        return "the path is longer than this system allows (255 bytes a name, 4096 a path on Linux); shorten it"
+    return problem.strerror or str(problem)
 
 
-def _write_output(key: str, target: Path, text: str) -> None:
-    """Write ``text`` whole or not at all (an earlier file of that name stays until the new one is complete)."""
+def _check_input(key: str, path) -> None:
+    """A path that cannot even be looked at (a symbolic link loop, a name too long) is one line, before any work.
+
+    A missing path passes: what reads it says what is missing.
+    """
     try:
-        with atomic_file(target) as stream:
-            stream.write(text.encode("utf-8"))
+        os.stat(Path(str(path)).expanduser())
+    except (FileNotFoundError, NotADirectoryError):
+        pass
     except OSError as problem:
-        raise UserError(f"cannot write {key}={str(target)!r}: {problem.strerror or problem}") from None
+        raise UserError(f"cannot read {key}={str(path)!r}: {_reason(problem)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """An output path, checked: ``kind`` is "file" (written atomically, through symbolic links), "stdout" or
+    "stderr" (this process's own: ``-``, ``/dev/stdout``) or "special" (a device or FIFO, written into as it is)."""
+
+    key: str
+    path: str
+    kind: str
+
+
+def _output_file(key: str, path, example: str = "out.txt", text: bool = True, inputs: tuple = ()) -> _Output:
+    """Check an output path before any work, by the one policy of ``wordlm.files``, and make its folder.
+
+    Args:
+        key: the config key, named in the error.
+        path: its value.
+        example: a file name the error suggests.
+        text: a text output may be a device, FIFO or this process's stdout (written into); a binary one may not.
+        inputs: ``(what, path)`` of the files this command reads: an output that is one of them is refused.
+
+    Raises:
+        UserError: one line saying why ``path`` cannot be written and what to give instead.
+    """
+    _check_path(key, path, example=example)
+    shown = f"{key}={str(path)!r}"
+    try:
+        kind = output_kind(path)
+        target = write_target(path) if kind in ("new", "file") else Path(path)
+    except NotADirectoryError:
+        blocking = next((folder for folder in Path(path).parents if folder.is_file()), Path(path).parent)
+        raise UserError(f"cannot write {shown}: {blocking} is a file, not a folder") from None
+    except OSError as problem:
+        raise UserError(f"cannot write {shown}: {_reason(problem)}") from None
+    for what, source in inputs:
+        if source is not None and same_file(path, source):
+            raise UserError(f"{shown} is the same file as {what}, which this command reads; write {key} elsewhere")
+    stream = _standard_stream(path) if text and kind != "new" else None
+    if stream:  # /dev/stdout, even when it is a file the shell opened: written into, never renamed over
+        return _Output(key, str(path), stream)
+    if kind in ("new", "file"):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"cannot write {shown}: {target.parent} is a file, not a folder") from None
+        except OSError as problem:
+            raise UserError(f"cannot write {shown}: {_reason(problem)}") from None
+        if not os.access(target.parent, os.W_OK):
+            raise UserError(f"cannot write {shown}: its folder {target.parent} is not writable")
+        return _Output(key, str(path), "file")
+    if text and kind in ("a character device", "a FIFO", "a socket"):
+        return _Output(key, str(path), "special")
+    allowed = "" if text else " (it is written to a temporary file, then renamed into place)"
+    raise UserError(f"{shown} is {kind}, not a file; {key} must name a file{allowed}, such as {example}")
+
+
+def _standard_stream(path) -> str | None:
+    """The name "stdout" or "stderr" when ``path`` is where this process's stdout or stderr goes (``/dev/stdout``)."""
+    for name in ("stdout", "stderr"):
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(getattr(sys, name).fileno())):
+                return name
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _write_output(output: _Output, text: str) -> None:
+    """Write ``text`` whole or not at all (an earlier file of that name stays until the new one is complete);
+    into this process's stdout, a device or a FIFO as it is."""
+    if output.kind in ("stdout", "stderr"):
+        stream = getattr(sys, output.kind)
+        stream.write(text)
+        stream.flush()
+        return
+    try:
+        if output.kind == "special":
+            write_through(output.path, text.encode("utf-8"))
+        else:
+            with atomic_file(output.path) as stream:
+                stream.write(text.encode("utf-8"))
+    except OSError as problem:
+        reason = "no process reads that FIFO; start its reader first" if problem.errno == errno.ENXIO else None
+        raise UserError(f"cannot write {output.key}={output.path!r}: {reason or _reason(problem)}") from None
+
+
+_FLOAT32 = torch.finfo(torch.float32)  # what the weights, and so every number multiplied into them, can hold
+
+
+def _beyond_float32(key: str, value) -> None:
+    if value > _FLOAT32.max or 0 < value < _FLOAT32.smallest_normal:
+        raise UserError(
+            f"{key}={value!r} is beyond what float32 holds ({_FLOAT32.smallest_normal:.3g} to {_FLOAT32.max:.3g}): "
+            "the training math would turn it into inf or 0; give a value in that range"
+        )
 
 
 def _check_positive_number(key: str, value, allow_none: bool = False) -> None:
@@ -276,6 +413,7 @@ def _check_positive_number(key: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise UserError(f"{key}={value!r} must be a positive, finite number" + (" or None" if allow_none else ""))
+    _beyond_float32(key, value)
 
 
 def _check_number_in(key: str, value, low: float = 0.0, high: float = float("inf"), integer: bool = False) -> None:
@@ -285,6 +423,8 @@ def _check_number_in(key: str, value, low: float = 0.0, high: float = float("inf
         what = "an integer" if integer else "a number"
         bounds = f">= {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
         raise UserError(f"{key}={value!r} must be {what} {bounds}")
+    if not integer:
+        _beyond_float32(key, value)
 
 
 def _check_path(key: str, value, example: str = "model.pt") -> None:
@@ -304,6 +444,8 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     _check_positive_number("checkpoint_every", cfg["checkpoint_every"], allow_none=True)
     _check_path("save", cfg["save"])
     _check_path("save_last", cfg["save_last"])
+    if cfg["onnx_export"]:
+        _check_path("onnx_export", cfg["onnx_export"], example="model.onnx")
     if os.path.abspath(cfg["save"]) == os.path.abspath(cfg["save_last"]):
         raise UserError(
             f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart"
@@ -425,14 +567,106 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _save_safely(path: str, *args, **kwargs) -> bool:
-    """Write a checkpoint; a failed write is one warning line and leaves the previous file in place."""
+def _save_safely(path: str, *args, **kwargs) -> tuple[int, int] | None:
+    """Write a checkpoint, returning ``save_checkpoint``'s identity of the file; a failed write is one warning
+    line (and None) and leaves the previous file in place."""
     try:
-        save_checkpoint(path, *args, **kwargs)
+        return save_checkpoint(path, *args, **kwargs)
     except OSError as problem:
         _warn(f"could not write {path} ({problem.strerror or problem}); the previous file is kept, training goes on")
-        return False
-    return True
+        return None
+
+
+_OUTPUTS = ("save", "save_last", "onnx_export")  # what training writes: checked before it starts
+
+
+def _check_training_outputs(cfg: dict) -> None:
+    """Every output of a training run checked before any work: writable, a file, each its own, no input."""
+    if cfg["onnx_export"]:
+        check_export_available()
+    keys = [key for key in _OUTPUTS if cfg[key]]
+    resume = ((f"resume={cfg['resume']!r}", cfg["resume"]),) if cfg["resume"] else ()
+    for key in keys:  # save and save_last may well be the resumed file: it is read whole before they are written
+        example = "model.onnx" if key == "onnx_export" else "model.pt"
+        _output_file(key, cfg[key], example=example, text=False, inputs=resume if key == "onnx_export" else ())
+    for i, key in enumerate(keys):
+        for other in keys[:i]:
+            if os.path.abspath(cfg[key]) == os.path.abspath(cfg[other]) or same_file(cfg[key], cfg[other]):
+                raise UserError(f"{key}={cfg[key]!r} is the same file as {other}={cfg[other]!r}; give each its own")
+
+
+def _not_a_corpus_file(cfg: dict, folder: Path) -> None:
+    for key in _OUTPUTS:
+        for split in SPLITS:
+            if cfg[key] and same_file(cfg[key], folder / f"{split}.txt"):
+                raise UserError(
+                    f"{key}={cfg[key]!r} is the corpus's {split}.txt ({folder / f'{split}.txt'}), which training "
+                    f"reads; write {key} elsewhere"
+                )
+
+
+def _check_memory(config: ModelConfig, cfg: dict, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone exceed the memory this machine has free.
+
+    Activations come on top (they grow with batch_size and bptt), so a model that passes may still not fit;
+    one that fails cannot. The parameters are counted on the meta device, which allocates nothing.
+    """
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in RNNModel(config).parameters())
+    copies = 2 + {"adam": 2, "adamw": 2}.get(cfg["optimizer"], 0) + (cfg["nonmono"] is not None)  # weights, grads
+    on_device, on_host = parameters * 4 * copies, parameters * 4  # + the host's copy of the best model
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        needs, where = on_device, f"{device} has {free / 1e9:.1f} GB free"
+    else:
+        free = _available_memory()
+        needs, where = on_device + on_host, f"this machine has {free / 1e9:.1f} GB of memory available"
+    if free is not None and needs > free:
+        raise UserError(
+            f"the model (model_type={cfg['model_type']}, nlayers={cfg['nlayers']}, nhid={cfg['nhid']}, "
+            f"emsize={cfg['emsize']}, tied={cfg['tied']}, vocabulary {config.ntoken}) has {parameters:,} parameters, "
+            f"which need at least {needs / 1e9:.1f} GB for weights, gradients, optimizer state and the best model's "
+            f"copy, but {where}; make it smaller (nhid, emsize, nlayers, max_vocab)"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: Linux's MemAvailable, else free pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _add_model_artifact(_run, path: str, written: tuple[int, int] | None, rewrite) -> None:
+    """Keep this run's own model with its record, as ``path``'s name.
+
+    ``path`` may hold another process's model by now (two runs started with one ``save``): the file is recorded
+    only if it is still the one this run wrote (``written``, from ``save_checkpoint``), else ``rewrite(copy)``
+    writes this run's model from memory. It is copied first, so a replacement during the copy changes nothing.
+    """
+    name = os.path.basename(path)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as source:
+                found = os.fstat(source.fileno())
+                if written is not None and (found.st_dev, found.st_ino) != written:
+                    raise FileNotFoundError(path)
+                with open(copy, "wb") as target:
+                    shutil.copyfileobj(source, target)
+        except OSError:
+            rewrite(copy)
+            _warn(f"{path} was replaced since this run wrote it (another run with save={path}?); the run's record "
+                  "keeps this run's own model")  # fmt: skip
+        _run.add_artifact(copy, name=name)
 
 
 def _train(_run, _log, cfg: dict):
@@ -441,6 +675,8 @@ def _train(_run, _log, cfg: dict):
         payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)
+    _check_input("dataset", cfg["dataset"])
+    _check_training_outputs(cfg)
     device = resolve_device(cfg["device"])
     if cfg["batch_size"] % launched_size():
         raise UserError(
@@ -457,6 +693,7 @@ def _train(_run, _log, cfg: dict):
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
         folder = resolve_dataset(cfg["dataset"], log=_log.info)
         corpus = load_dataset(folder, log=_log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
+    _not_a_corpus_file(cfg, folder)
     vocab = corpus.vocab
     rows = corpus.train.numel() // cfg["batch_size"]
     if rows < 2:
@@ -464,7 +701,9 @@ def _train(_run, _log, cfg: dict):
             f"batch_size={cfg['batch_size']} needs at least {2 * cfg['batch_size']} training tokens, "
             f"but the training split has {corpus.train.numel()}; lower batch_size"
         )
-    model = RNNModel(build_model_config(len(vocab), cfg)).to(device)
+    model_config = build_model_config(len(vocab), cfg)
+    _check_memory(model_config, cfg, device)
+    model = RNNModel(model_config).to(device)
     if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
         model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
@@ -504,6 +743,7 @@ def _train(_run, _log, cfg: dict):
     history = MetricHistory(forward=_run.log_scalar)  # kept in memory too, for the learning-curve picture
     reporter = Reporter(interactive=_INTERACTIVE and world.is_main, log_metric=history.log)
     meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve())}
+    saved = None  # (identity, meta) of the model this run last wrote to save
 
     def whole_state() -> dict:  # a collective, as is training_payload: all ranks call it, rank 0 writes
         return dataclasses.replace(state, hidden=world.gather_columns(state.hidden)).to_dict()
@@ -519,12 +759,12 @@ def _train(_run, _log, cfg: dict):
             _save_safely(cfg["save_last"], model, vocab, meta={**meta, "epoch": state.epoch}, training=training)
 
     def save_best(current: TrainState) -> None:
-        nonlocal best_weights
+        nonlocal best_weights, saved
         best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         best_meta = {**meta, "valid_loss": current.best_val_loss, "epoch": current.best_epoch}
         training = training_payload()
         if world.is_main:
-            _save_safely(cfg["save"], model, vocab, meta=best_meta, training=training)
+            saved = _save_safely(cfg["save"], model, vocab, meta=best_meta, training=training), best_meta
 
     last_write = time.monotonic()
 
@@ -591,7 +831,8 @@ def _train(_run, _log, cfg: dict):
                 print(f"No epoch finished yet: saving the current model to {cfg['save']} and testing it")
                 stopped_at = whole_state()
                 if world.is_main:
-                    _save_safely(cfg["save"], model, vocab, meta={**meta, "epoch": 0, "interrupted_at": stopped_at})
+                    stopped_meta = {**meta, "epoch": 0, "interrupted_at": stopped_at}
+                    saved = _save_safely(cfg["save"], model, vocab, meta=stopped_meta), stopped_meta
         training_seconds = time.perf_counter() - started
         if best_weights is not None:
             model.load_state_dict(best_weights)
@@ -616,14 +857,21 @@ def _train(_run, _log, cfg: dict):
         tokens_seen=state.tokens_seen,
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
     )
+    written, saved_meta = saved if saved is not None and saved[0] is not None else (None, meta)
     if not world.is_main:
         pass  # rank 0 records the run
-    elif os.path.isfile(cfg["save"]):
-        _run.add_artifact(cfg["save"], name=os.path.basename(cfg["save"]))
+    elif written is not None or os.path.isfile(cfg["save"]):
+        _add_model_artifact(
+            _run, cfg["save"], written, lambda copy: save_checkpoint(copy, model, vocab, meta=saved_meta)
+        )
     else:
         _warn(f"{cfg['save']} could not be written: the model of this run was not saved")
-    if cfg["onnx_export"]:
-        _log.info("wrote %s", export_onnx(model, cfg["onnx_export"], vocab))
+    if cfg["onnx_export"] and world.is_main:
+        try:
+            _log.info("wrote %s", export_onnx(model, cfg["onnx_export"], vocab))
+        except OSError as problem:
+            _warn(f"could not write onnx_export={cfg['onnx_export']!r} ({_reason(problem)}); the model is in "
+                  f"{cfg['save']}: `python main.py export with checkpoint={cfg['save']}` writes it later")  # fmt: skip
     title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}"
     title += " · interrupted" if interrupted else ""
     _add_learning_curves(_run, _log, history, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
@@ -701,6 +949,7 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
     try:
         if runs_db:
             raise UserError("Sacred's SQL observer stores no metrics: plot needs run folders (runs/ or -F DIR)")
+        _output_file("plot_path", plot_path, example="curves.png", text=False)
         chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None)
         for record in chosen:
             if not record.has_validation_curve:
@@ -710,15 +959,21 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
         except ValueError:
             raise UserError("none of these runs finished an epoch: there is no validation curve to draw") from None
         except OSError as problem:
-            raise UserError(f"cannot write plot_path={plot_path!r}: {problem.strerror or problem}") from None
+            raise UserError(f"cannot write plot_path={plot_path!r}: {_reason(problem)}") from None
         drawn = ", ".join(r.run_id for r in chosen if r.has_validation_curve)
         print(f"validation curves of runs {drawn} written to {path}")
     except UserError as problem:
         raise error(str(problem)) from None
 
 
+def _check_checkpoint_key(checkpoint) -> None:
+    if not isinstance(checkpoint, str) or not checkpoint.strip():
+        raise UserError(f"checkpoint={checkpoint!r} must be a checkpoint file path, e.g. checkpoint=model.pt")
+
+
 def _load_model(checkpoint, device):
     """The checkpoint's model on ``device`` (eval mode) and its vocabulary."""
+    _check_checkpoint_key(checkpoint)
     model, vocab = model_from_checkpoint(load_checkpoint(checkpoint))
     return model.to(resolve_device(device)), vocab
 
@@ -739,7 +994,9 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
     if not isinstance(stop_at_eos, bool):
         raise UserError(f"stop_at_eos={stop_at_eos!r} must be True or False")
     prompt = "" if prompt is None else str(prompt)
-    target = None if outf == "-" else _output_file("outf", outf)
+    _check_checkpoint_key(checkpoint)
+    reads = ((f"checkpoint={checkpoint!r}", checkpoint),)
+    target = _Output("outf", "-", "stdout") if outf == "-" else _output_file("outf", outf, inputs=reads)
     model, vocab = _load_model(checkpoint, device)
     _, unknown = encode_prompt(vocab, prompt)
     if unknown:
@@ -753,11 +1010,8 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
         top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
     )  # fmt: skip
     output = format_samples(prompt, texts)
-    if target is None:
-        sys.stdout.write(output)
-        sys.stdout.flush()
-    else:
-        _write_output("outf", target, output)
+    _write_output(target, output)
+    if outf != "-":
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
 
 
@@ -787,9 +1041,18 @@ def _evaluate(
     _check_positive_int("bptt", bptt)
     if text is None and split not in SPLITS:
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
-    scores_file = _output_file("line_scores", line_scores) if line_scores else None
+    _check_checkpoint_key(checkpoint)
+    if text is not None:
+        _check_path("text", text, example="notes.txt")
+        _check_input("text", text)
+        path = Path(text)
+    else:
+        _check_input("dataset", dataset)
+        path = resolve_dataset(dataset) / f"{split}.txt"
+    scored = f"text={str(path)!r}" if text is not None else f"the {split} split {path}"
+    reads = ((f"checkpoint={checkpoint!r}", checkpoint), (scored, path))
+    scores_file = _output_file("line_scores", line_scores, inputs=reads) if line_scores else None
     model, vocab = _load_model(checkpoint, device)
-    path = Path(text) if text is not None else resolve_dataset(dataset) / f"{split}.txt"
     ids, unknown = tokenize_for_scoring(path, vocab, model.config.ntoken)
     ids = ids.to(model.encoder.weight.device)
     if unknown:
@@ -810,7 +1073,7 @@ def _evaluate(
         if EOS not in vocab:
             raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
         scores = score_lines(ids, target_log_probs(model, ids, eval_batch_size, bptt), vocab.word2idx[EOS])
-        _write_output("line_scores", scores_file, "".join(json.dumps(record) + "\n" for record in scores))
+        _write_output(scores_file, "".join(json.dumps(record) + "\n" for record in scores))
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl
 
@@ -819,10 +1082,17 @@ def _evaluate(
 def export(_log, checkpoint, onnx_export):
     """Write a checkpoint's model as ONNX: `python main.py export with checkpoint=model.pt onnx_export=model.onnx`."""
     try:
+        _check_checkpoint_key(checkpoint)
+        check_export_available()
+        target = str(onnx_export or Path(checkpoint).with_suffix(".onnx"))
+        _output_file("onnx_export", target, example="model.onnx", text=False,
+                     inputs=((f"checkpoint={checkpoint!r}", checkpoint),))  # fmt: skip
         model, vocab = _load_model(checkpoint, "cpu")
-        target = onnx_export or Path(checkpoint).with_suffix(".onnx")
-        _log.info("wrote %s", export_onnx(model, target, vocab))
-        return str(target)
+        try:
+            _log.info("wrote %s", export_onnx(model, target, vocab))
+        except OSError as problem:
+            raise UserError(f"cannot write onnx_export={target!r}: {_reason(problem)}") from None
+        return target
     except UserError as problem:
         raise error(str(problem)) from None
 
@@ -867,6 +1137,49 @@ def _report_crash_to_torchrun(stop: SystemExit) -> None:
         get_error_handler().record_exception(problem)
 
 
+class _SqlObserver(SqlObserver):
+    """Sacred's SQL observer (``-s URL``), safe for runs that start together.
+
+    At its start a run creates the tables of a new database and takes the next run id; two runs doing so at
+    once collide (SQLite: "table source already exists", or a run id already taken) and Sacred loses the run.
+    Here a collision is rolled back and the start tried again, a little later.
+    """
+
+    TRIES = 10
+
+    def _add_event(self, *args, **kwargs):
+        import sqlalchemy as sa
+
+        for attempt in range(self.TRIES):
+            try:
+                return super()._add_event(*args, **kwargs)
+            except sa.exc.DBAPIError as problem:
+                self.session.rollback()
+                if attempt + 1 == self.TRIES:
+                    reason = str(problem.orig or problem).strip().splitlines()[0]
+                    shown = self.engine.url.render_as_string(hide_password=True)
+                    raise error(f"cannot record the run in {shown}: {reason}") from None
+                time.sleep(_JITTER.uniform(0.05, 0.2) * (attempt + 1))
+
+
+_JITTER = random.Random()  # its own stream: Sacred seeds the global one
+
+
+def _take_sql_urls(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``-s URL`` / ``--sql URL`` options, and those URLs (main opens them itself)."""
+    rest, urls, args = argv[:1], [], iter(argv[1:])
+    for arg in args:
+        if arg in ("-s", "--sql"):
+            urls.append(next(args, ""))
+        elif arg.startswith("--sql="):
+            urls.append(arg.split("=", 1)[1])
+        elif arg.startswith("-s") and len(arg) > 2:
+            urls.append(arg[2:])
+        else:
+            rest.append(arg)
+    return rest, urls
+
+
 @record  # under torchrun: a rank's traceback in the failure summary instead of "error_file: <N/A>"
 def main(argv: list[str] | None = None) -> None:
     """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given.
@@ -897,6 +1210,9 @@ def main(argv: list[str] | None = None) -> None:
         argv += [] if any(arg.startswith(("-l", "--loglevel")) for arg in argv[1:]) else ["-l", "WARNING"]
     elif not observed and not ex.observers:
         ex.observers.append(FileStorageObserver(_default_runs_dir()))
+    argv, sql_urls = _take_sql_urls(argv)
+    sql_observers = [] if follower else [_sql_observer(url) for url in sql_urls]
+    ex.observers.extend(sql_observers)
     try:
         with open(os.devnull, "w") if follower else nullcontext(sys.stdout) as out, redirect_stdout(out):
             ex.run_commandline(argv)
@@ -907,3 +1223,17 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as stop:
         _report_crash_to_torchrun(stop)
         raise
+    finally:
+        for observer in sql_observers:
+            ex.observers.remove(observer)
+
+
+def _sql_observer(url: str) -> _SqlObserver:
+    """The observer of ``-s URL``, its database reached first: a URL that cannot be used is one line, not a
+    traceback from inside Sacred."""
+    try:
+        open_database(url, label="-s", create=True).dispose()
+    except UserError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    return _SqlObserver(url)

@@ -1,7 +1,7 @@
 """One step of a trained model as an ONNX file, for runtimes without PyTorch.
 
-Lives here: ``state_names``, ``export_onnx``. Must not import Sacred. Needs the optional ``onnx``
-extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript export, onnxruntime runs the result).
+Lives here: ``state_names``, ``export_onnx``, ``check_export_available``. Must not import Sacred. Needs the
+optional ``onnx`` extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript export, onnxruntime runs the result).
 
 What is exported is one time step with the recurrent state passed in and out, so a caller drives
 generation (or scoring) one token at a time, exactly as ``generation.sample_ids`` does:
@@ -33,6 +33,7 @@ from torch import nn
 
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError
+from wordlm.files import atomic_path
 from wordlm.model import RNNModel
 
 _EXPORT_NEEDS = ("onnx", "onnxscript")
@@ -88,12 +89,10 @@ def export_onnx(model: RNNModel, path: str | os.PathLike, vocab: Vocabulary | No
 
     Raises:
         UserError: the ``onnx`` extra is not installed.
+        OSError: the file cannot be written (``path`` a folder, device or FIFO, the disk full); the previous
+            file is untouched: the export is written beside it, then renamed into place.
     """
-    missing = [name for name in _EXPORT_NEEDS if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UserError(
-            f"ONNX export needs {' and '.join(missing)}, which are not installed; run pip install 'wordlm[onnx]'"
-        )
+    check_export_available()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     step = _Step(copy.deepcopy(model).cpu()).eval()
@@ -116,5 +115,15 @@ def export_onnx(model: RNNModel, path: str | os.PathLike, vocab: Vocabulary | No
     if vocab is not None:
         program.model.metadata_props["wordlm.vocab"] = json.dumps(vocab.idx2word, ensure_ascii=False)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    program.save(path, external_data=weight_bytes > _SINGLE_FILE_BYTES)
+    with atomic_path(path) as temporary:  # a write cut short leaves the previous file, never half a new one
+        program.save(temporary, external_data=weight_bytes > _SINGLE_FILE_BYTES)
     return path
+
+
+def check_export_available() -> None:
+    """Raise ``UserError`` when the ``onnx`` extra is missing: to be asked before training, not after."""
+    missing = [name for name in _EXPORT_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"ONNX export needs {' and '.join(missing)}, which are not installed; run pip install 'wordlm[onnx]'"
+        )

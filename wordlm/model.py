@@ -95,11 +95,15 @@ class ModelConfig:
                 or any(isinstance(c, bool) or not isinstance(c, int) for c in cutoffs)
                 or list(cutoffs) != sorted(set(cutoffs))
                 or cutoffs[0] < 1
-                or cutoffs[-1] >= self.ntoken
             ):
                 raise ValueError(
+                    f"adaptive_softmax={cutoffs!r} must be increasing word counts from 1 up, below the vocabulary "
+                    "size, e.g. [2000, 10000], or None for the full softmax"
+                )
+            if cutoffs[-1] >= self.ntoken:
+                raise ValueError(
                     f"adaptive_softmax={cutoffs!r} must be increasing word counts between 1 and the vocabulary "
-                    f"size ({self.ntoken}), e.g. [2000, 10000], or None for the full softmax"
+                    f"size ({self.ntoken}), e.g. [{max(1, self.ntoken // 10)}], or None for the full softmax"
                 )
             object.__setattr__(self, "adaptive_softmax", tuple(cutoffs))
             if self.tied:

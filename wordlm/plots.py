@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
+from wordlm.files import atomic_path
 from wordlm.runs import RunRecord, Series, run_labels
 
 LEARNING_CURVES_PNG = "learning_curves.png"
@@ -98,7 +99,8 @@ def _new_figure(width: float, height: float, show: bool):
 def _finish(figure, path: str | os.PathLike, show: bool) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:  # whole or not at all; a device or FIFO is refused, not replaced
+        figure.savefig(temporary, dpi=100)
     if show:
         import matplotlib.pyplot as plt
 

@@ -1,8 +1,8 @@
 """Read Sacred's run records and list them as a table: run folders and SQL observer databases.
 
 Lives here: ``Series`` and ``MetricHistory`` (metrics as steps and values), ``RunRecord`` (what is known of
-one run), ``read_runs_dir``, ``read_runs_db``, ``select_runs`` and ``format_runs_table``. Must not import
-Sacred: it reads the json files of the FileStorageObserver and the ``run`` table of the SQL observer itself,
+one run), ``read_runs_dir``, ``open_database``, ``read_runs_db``, ``select_runs`` and ``format_runs_table``. Must
+not import Sacred: it reads the json files of the FileStorageObserver and the ``run`` table of the SQL observer itself,
 so records written by any version of wordlm or Sacred can be read, and a broken one costs a note, not a crash.
 
 A run folder (``runs/<id>/``) holds ``run.json`` (status and times), ``config.json``, ``info.json`` (what
@@ -239,6 +239,59 @@ def read_runs_dir(folder: str | Path, now: datetime | None = None, stale_after: 
     return [read_run_folder(folder / name, now, stale_after) for name in names]
 
 
+def open_database(url, label: str = "runs_db", create: bool = False):
+    """An SQLAlchemy engine for ``url``, checked by connecting: every reason it cannot be used is one line.
+
+    Args:
+        url: a database URL, e.g. ``sqlite:///runs.db`` or ``postgresql://user@host/db``.
+        label: how the error names the URL: ``runs_db`` or ``-s``.
+        create: whether the database may be created (Sacred's SQL observer does): a SQLite file then needs only
+            its folder; otherwise the file must exist (connecting would create an empty one).
+
+    Raises:
+        UserError: SQLAlchemy or the driver is missing, ``url`` is no URL or names no dialect SQLAlchemy knows, a
+            SQLite file or folder is missing, or the server cannot be reached.
+    """
+    try:
+        import sqlalchemy as sa
+    except ImportError:
+        raise UserError("reading runs from a database needs SQLAlchemy: pip install 'wordlm[sql]'") from None
+    named = f"{label}={url!r}" if label.isidentifier() else f"{label} {url!r}"
+    if not isinstance(url, str):
+        raise UserError(f"{named} must be a database URL, e.g. sqlite:///runs.db")
+    try:
+        engine = sa.create_engine(url)
+    except sa.exc.NoSuchModuleError:
+        dialect = url.split("://", 1)[0]
+        raise UserError(
+            f"{named} is not a database URL that can be opened here: SQLAlchemy knows no database {dialect!r}; "
+            "use e.g. sqlite:///runs.db or postgresql://user@host/db"
+        ) from None
+    except sa.exc.ArgumentError:
+        hint = f"; for the SQLite file {url} give sqlite:///{url}" if "://" not in url and url.strip() else ""
+        hint = hint or ", e.g. sqlite:///runs.db or postgresql://user@host/db"
+        raise UserError(f"{named} is not a database URL that can be opened here (dialect://...){hint}") from None
+    except ImportError as problem:
+        driver = getattr(problem, "name", None) or str(problem)
+        raise UserError(f"{named} needs the database driver {driver}, which is not installed") from None
+    shown = engine.url.render_as_string(hide_password=True)
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and database and database != ":memory:":
+        file = Path(database).expanduser()
+        if create and not file.parent.is_dir():
+            raise UserError(f"{shown}: there is no folder {file.parent} for the database file; make it first")
+        if not create and not file.is_file():
+            raise UserError(f"{shown}: there is no database file {database}")  # connecting would create an empty one
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.SQLAlchemyError as problem:
+        engine.dispose()
+        reason = str(getattr(problem, "orig", None) or problem).strip().splitlines()[0]
+        raise UserError(f"cannot open the database {shown}: {reason}") from None
+    return engine
+
+
 def read_runs_db(url: str, now: datetime | None = None, stale_after: float = STALE_AFTER) -> list[RunRecord]:
     """Read the runs that Sacred's SQL observer (``-s URL``) stored in the database at ``url``.
 
@@ -247,23 +300,10 @@ def read_runs_db(url: str, now: datetime | None = None, stale_after: float = STA
     Raises:
         UserError: SQLAlchemy or the database driver is missing, or the database cannot be read.
     """
-    try:
-        import sqlalchemy as sa
-    except ImportError:
-        raise UserError("reading runs from a database needs SQLAlchemy: pip install 'wordlm[sql]'") from None
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, ImportError) as problem:
-        raise UserError(f"{url!r} is not a database URL that can be opened here: {problem}") from None
+    engine = open_database(url)  # (says in one line when SQLAlchemy is missing)
+    import sqlalchemy as sa
+
     shown = engine.url.render_as_string(hide_password=True)
-    database = engine.url.database
-    if (
-        engine.url.get_backend_name() == "sqlite"
-        and database
-        and database != ":memory:"
-        and not Path(database).is_file()
-    ):
-        raise UserError(f"{shown}: there is no database file {database}")  # connecting would create an empty one
     columns = [sa.Column(name, sa.String) for name in ("run_id", "command", "status", "config", "info")]
     columns += [sa.Column(name, sa.DateTime) for name in ("start_time", "heartbeat", "stop_time")]
     table = sa.Table("run", sa.MetaData(), sa.Column("id", sa.Integer), sa.Column("result", sa.Float), *columns)
