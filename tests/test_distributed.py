@@ -162,7 +162,8 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
     resumed = torchrun(double, "with", "resume=model.last.pt", "-u")
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, out + err
-    assert "resumed from model.last.pt at epoch 2" in err
+    assert f"resumed from model.last.pt at epoch 2, batch {last['state']['batch']}\n" in err
+    assert min(figures(LOSS, out)) > (2, last["state"]["batch"])  # no batch before the stop is trained again
 
     for pattern in (LOSS, VALID):
         expected, got = figures(pattern, reference), {**figures(pattern, stopped), **figures(pattern, out)}

@@ -1,14 +1,20 @@
-"""The speed options that change the math (issue 5, item 4): adaptive softmax, mixed precision, torch.compile.
+"""The options beyond the spec's keys, through the library and the command line.
 
+The speed options that change the math (issue 5, item 4): adaptive softmax, mixed precision, torch.compile.
 Each is off by default; these tests pin what each computes and that the fused recurrent kernel stays in use.
+The optimization options (issue 23, item 3): ``init_range``, ``optimizer=adamw`` with ``wdecay`` and
+``lr_decay``, NT-ASGD (``nonmono``), and runs that repeat bit for bit at the default model size.
 """
 
 import json
+import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import run_cli, write_corpus
+from test_training import first_lines, switch_epoch
 from torch.profiler import profile
 
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -204,3 +210,109 @@ def test_options_through_the_cli(tmp_path, tiny_corpus):
         assert failed.returncode != 0
         lines = failed.stderr.strip().splitlines()
         assert says in lines[-1] and "Traceback" not in failed.stderr, failed.stderr
+
+
+# -- the optimization options
+
+
+def recorded(folder) -> dict[str, list]:
+    """The metrics of the one run recorded in ``folder`` (``-F folder``): name -> [(step, value)], full precision."""
+    (run,) = [path for path in folder.iterdir() if path.name.isdigit()]
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {name: list(zip(series["steps"], series["values"])) for name, series in metrics.items()}
+
+
+def not_uniform(model: RNNModel, r: float) -> list[str]:
+    """The parameters of ``model`` that do not look drawn from uniform(-r, r)."""
+    wrong = []
+    for name, parameter in model.named_parameters():
+        values = parameter.detach().flatten()
+        inside = values.abs().max() <= r
+        if values.numel() >= 1000:  # spread over the whole range, evenly: uniform(-r, r) has std r / sqrt(3)
+            spread = values.max() > 0.95 * r and values.min() < -0.95 * r and abs(values.mean()) < 0.1 * r
+            spread = spread and abs(values.std() - r / math.sqrt(3)) < 0.05 * r
+        else:  # biases: drawn too (the classic init leaves the decoder's at zero)
+            spread = values.std() > 0.3 * r
+        if not (inside and spread):
+            wrong.append(name)
+    return wrong
+
+
+@pytest.mark.parametrize("r", [0.05, 0.3])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(tied=False),
+        dict(tied=True, nlayers=1),
+        dict(wdrop=0.5, tied=False),
+        dict(tied=False, adaptive_softmax=(10, 30)),
+    ],
+)
+def test_init_range_makes_every_weight_uniform_in_it(r, options):
+    torch.manual_seed(0)
+    sizes = dict(emsize=64, nhid=64, nlayers=2) | options
+    assert not_uniform(RNNModel(ModelConfig(V, init_range=r, **sizes)), r) == []
+    assert not_uniform(RNNModel(ModelConfig(V, **sizes)), r) != []  # the classic init fails these checks
+
+
+def test_adamw_with_weight_decay_and_lr_decay_resumes_bit_for_bit(tmp_path, tiny_corpus):
+    """An adamw run stopped after epoch 1 and resumed ends as the run that went straight through: the
+    optimizer's moments travel with the checkpoint (without them the first steps after the resume differ)."""
+    args = ("with", "smoke", f"dataset={tiny_corpus}", "optimizer=adamw", "lr=0.005", "wdecay=0.01",
+            "lr_decay=0.5", "init_range=0.05", "max_batches=4", "log_interval=2")  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    reference = run_cli(*args, "epochs=2", "-F", "runs", cwd=straight).stdout
+    run_cli(*args, "epochs=1", "-u", cwd=split)
+    first = load_checkpoint(split / "model.last.pt")
+    groups, moments = first["training"]["optimizer"]["param_groups"], first["training"]["optimizer"]["state"]
+    assert groups[0]["decoupled_weight_decay"] is True and groups[0]["weight_decay"] == 0.01  # AdamW's
+    assert groups[0]["lr"] == 0.0025 and all("exp_avg_sq" in moment for moment in moments.values())
+    assert first["model_config"]["init_range"] == 0.05
+    resumed = run_cli("with", "resume=model.last.pt", "epochs=2", "-u", cwd=split)
+    assert "resumed from model.last.pt at epoch 2, batch 0" in resumed.stderr
+    assert [value for _, value in recorded(straight / "runs")["lr"]] == [0.005, 0.0025]  # lr_decay reaches adamw
+    losses = re.compile(r"\| epoch +(\d+) \| +(\d+)/.*\| loss +([\d.]+) \|")
+    assert losses.findall(resumed.stdout) == [found for found in losses.findall(reference) if found[0] == "2"]
+    a, b = (load_checkpoint(folder / "model.last.pt") for folder in (straight, split))
+    assert all(torch.equal(a["model_state"][key], b["model_state"][key]) for key in a["model_state"])
+    assert a["training"]["state"]["lr"] == b["training"]["state"]["lr"] == 0.00125
+    assert re.findall(r"test ppl +([\d.]+)", resumed.stdout) == re.findall(r"test ppl +([\d.]+)", reference)
+
+
+def test_nt_asgd_through_the_cli(tmp_path, tiny_corpus):
+    """600 training tokens overfit from the second epoch on: the run switches to averaging and says so."""
+    train = first_lines(tiny_corpus / "train.txt", 600)
+    valid = (tiny_corpus / "valid.txt").read_text(encoding="utf-8")
+    corpus = write_corpus(tmp_path / "short", train, valid, valid)
+    result = run_cli("with", "smoke", f"dataset={corpus}", "dropout=0", "nonmono=1", "epochs=4", "max_batches=None",
+                     "-F", "runs", cwd=tmp_path)  # fmt: skip
+    metrics = recorded(tmp_path / "runs")
+    epoch = switch_epoch([value for _, value in metrics["valid.loss"]], nonmono=1)
+    assert epoch is not None and epoch < 4, metrics["valid.loss"]  # the premise
+    line = f"NT-ASGD: validation stopped improving; averaging the weights from epoch {epoch + 1} on"
+    assert result.stderr.count("NT-ASGD:") == 1 and line in result.stderr, result.stderr
+    assert [value for _, value in metrics["lr"]] == [20.0] * 4  # kept, not divided by 4
+    last = load_checkpoint(tmp_path / "model.last.pt")["training"]
+    assert last["state"]["averaging"] is True and "t0" in last["optimizer"]["param_groups"][0]  # torch's ASGD
+    assert all("ax" in moment for moment in last["optimizer"]["state"].values())
+
+
+def test_same_seed_same_losses_bit_for_bit_at_the_default_model_size(tmp_path, small_corpus):
+    """emsize=nhid=200, nlayers=2, batch 32 x bptt 35, dropout 0.2, on real text: the losses each run records,
+    at full precision (validated and tested on about 400 tokens, to keep it to seconds)."""
+    short = [first_lines(small_corpus / f"{split}.txt", 400) for split in ("valid", "test")]
+    corpus = write_corpus(tmp_path / "corpus", (small_corpus / "train.txt").read_text(encoding="utf-8"), *short)
+    records = []
+    for index, seed in enumerate((5, 5, 6)):
+        folder = tmp_path / f"runs{index}"
+        run_cli("with", f"dataset={corpus}", f"seed={seed}", "epochs=1", "max_batches=3", "log_interval=1",
+                f"save=model{index}.pt", "-F", str(folder), cwd=tmp_path)  # fmt: skip
+        (config,) = [json.loads(path.read_text()) for path in folder.glob("*/config.json")]
+        assert (config["emsize"], config["nhid"], config["nlayers"], config["batch_size"]) == (200, 200, 2, 32)
+        records.append(recorded(folder))
+    same, again, other = records
+    assert len(same["train.loss"]) == 3 and all(math.isfinite(loss) for _, loss in same["train.loss"])
+    assert same["train.loss"] == again["train.loss"] and same["valid.loss"] == again["valid.loss"]
+    assert same["test.loss"] == again["test.loss"]
+    assert [loss for _, loss in same["train.loss"]] != [loss for _, loss in other["train.loss"]]

@@ -140,6 +140,6 @@ def test_every_technique_together_through_the_cli_and_resume_with_averaging(tmp_
     checkpoint = torch.load(tmp_path / "model.last.pt", weights_only=True)
     assert checkpoint["model_config"]["tied_projection"] is True
     finetuned = run_cli("with", "resume=model.last.pt", "finetune=True", "epochs=5", "-u", cwd=tmp_path)
-    assert "| end of epoch   5 |" in finetuned.stdout
+    assert "| end of epoch   5 |" in finetuned.stdout and "| end of epoch   4 |" not in finetuned.stdout
     state = torch.load(tmp_path / "model.last.pt", weights_only=True)["training"]
     assert state["state"]["averaging"] is True and any("ax" in s for s in state["optimizer"]["state"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import random
@@ -23,11 +24,18 @@ from wordlm.experiment import resumed_config
 from wordlm.model import ModelConfig, RNNModel
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
-RUN = ("with", "smoke", "epochs=3", "max_batches=12", "log_interval=3", "-u")
+RUN = ("with", "smoke", "epochs=3", "max_batches=12", "log_interval=3")
 
 
 def losses(output: str) -> dict[tuple[int, int], str]:
     return {(int(e), int(b)): loss for e, b, loss in LOSS.findall(output)}
+
+
+def recorded(folder) -> dict[str, list[tuple[int, float]]]:
+    """The metrics of the one run recorded under ``folder``/runs: name -> [(step, value)], at full precision."""
+    (run,) = [path for path in (folder / "runs").iterdir() if path.name.isdigit()]
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {name: list(zip(series["steps"], series["values"])) for name, series in metrics.items()}
 
 
 def same_weights(path_a, path_b) -> bool:
@@ -45,21 +53,33 @@ def popen(cwd, *args):
 def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights_and_losses(tmp_path, tiny_corpus):
     straight = tmp_path / "straight"
     straight.mkdir()
-    reference = run_cli(*RUN, f"dataset={tiny_corpus}", cwd=straight).stdout
+    reference = run_cli(*RUN, f"dataset={tiny_corpus}", "-F", "runs", cwd=straight).stdout
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    process = popen(killed, *RUN, f"dataset={tiny_corpus}", "checkpoint_every=1e-9")  # latest state every batch
+    process = popen(killed, *RUN, f"dataset={tiny_corpus}", "checkpoint_every=1e-9", "-u")  # latest state every batch
     before = read_until(process, r"\| epoch +2 \| +6/")
     process.kill()  # SIGKILL: no handler runs
     process.wait()
-    assert load_checkpoint(killed / "model.last.pt")["training"]["state"]["epoch"] == 2
-    resumed = run_cli("with", "resume=model.last.pt", "-u", cwd=killed).stdout
-    assert "resumed from model.last.pt at epoch 2" in resumed or "Exiting" not in resumed
+    saved = load_checkpoint(killed / "model.last.pt")["training"]["state"]
+    assert saved["epoch"] == 2 and saved["batch"] >= 5  # mid-epoch: the batches before it are not trained again
+    result = run_cli("with", "resume=model.last.pt", "-F", "runs", cwd=killed)
+    resumed = result.stdout
+    assert f"INFO - train - resumed from model.last.pt at epoch 2, batch {saved['batch']}\n" in result.stderr
+    assert "Exiting" not in resumed
 
+    # it goes on from the saved batch: the batches before it are not trained again, the ones after it are all trained
     expected = losses(reference)
-    combined = {**losses(before), **losses(resumed)}
-    assert combined == expected and len(expected) == 12
+    assert len(expected) == 12
+    assert sorted(losses(resumed)) == [key for key in sorted(expected) if key > (2, saved["batch"])]
+    assert {**losses(before), **losses(resumed)} == expected
+    assert resumed.count("| end of epoch") == 2 and "| end of epoch   1 |" not in resumed
+    # ... and its record holds the uninterrupted run's figures from there on, bit for bit
+    straight_metrics, resumed_metrics = recorded(straight), recorded(killed)
+    after = {"train.loss": saved["tokens_seen"], "valid.loss": 1, "lr": 1, "tokens_seen": 1, "test.loss": -1}
+    for name, step in after.items():
+        tail = [(s, value) for s, value in straight_metrics[name] if s > step]
+        assert resumed_metrics[name] == tail and tail, name
     assert same_weights(straight / "model.pt", killed / "model.pt")
     assert same_weights(straight / "model.last.pt", killed / "model.last.pt")
     assert re.findall(r"test ppl +([\d.]+)", resumed) == re.findall(r"test ppl +([\d.]+)", reference)
@@ -142,7 +162,9 @@ def test_sigterm_behaves_like_ctrl_c_and_the_run_resumes(tmp_path, small_corpus)
     state = load_checkpoint(tmp_path / "model.last.pt")["training"]["state"]
     assert state["epoch"] == 1 and state["batch"] >= 10 and state["hidden"] is not None
     resumed = run_cli("with", "resume=model.last.pt", "max_batches=" + str(state["batch"] + 2), "-u", cwd=tmp_path)
+    assert f"resumed from model.last.pt at epoch 1, batch {state['batch']}\n" in resumed.stderr
     assert f"| epoch   1 | {state['batch'] + 2:5d}/" in resumed.stdout
+    assert min(losses(resumed.stdout)) > (1, state["batch"])  # the batches before the stop were not trained again
 
 
 def test_a_second_ctrl_c_while_testing_exits_at_once(tmp_path):
@@ -225,10 +247,11 @@ def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder(tmp_path, 
     resume = "resume=../deeper/first/model.last.pt"
     again = run_cli("with", resume, "epochs=2", "-u", cwd=elsewhere)
     assert "| end of epoch   2 |" in again.stdout and "test ppl" in again.stdout
+    assert "| end of epoch   1 |" not in again.stdout  # it went on from epoch 2, not from the start
     # naming the same corpus from here is no change of dataset; another corpus still is
     named = run_cli("with", resume, f"dataset={os.path.relpath(tiny_corpus, elsewhere)}",
                     "epochs=3", "-u", cwd=elsewhere)  # fmt: skip
-    assert "| end of epoch   3 |" in named.stdout
+    assert "| end of epoch   3 |" in named.stdout and "| end of epoch   1 |" not in named.stdout
     other = cut_corpus(tmp_path / "other", lines=(200, 20, 20))
     refused = run_cli("with", resume, f"dataset={other}", "-u", cwd=elsewhere, check=False)
     assert refused.returncode == 1 and "error: resume cannot change dataset=" in refused.stderr

@@ -1,13 +1,16 @@
 """The training loop: loss falls, the learning rate anneals, runs repeat bit for bit, evaluation is exact."""
 
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
+from conftest import write_corpus
 
 from wordlm import training
 from wordlm.data import batchify, load_corpus
 from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Reporter, TrainState, evaluate_loss, fit, train_epoch
+from wordlm.training import Reporter, TrainState, averaging_optimizer, evaluate_loss, fit, make_optimizer, train_epoch
 
 
 def make_model(ntoken, seed=0, model_type="LSTM"):
@@ -131,3 +134,166 @@ def test_an_evaluation_pass_builds_the_decoders_augmented_weight_once(monkeypatc
     loss, count = evaluate_loss(model, torch.randint(17, (103,)), batch_size=4)  # 4 columns of 25 and a tail
     assert count == 102 and math.isfinite(loss)
     assert len(built) == 1
+
+
+# -- NT-ASGD, the lr schedules and the optimizers on real training runs
+
+
+def first_lines(path, tokens: int) -> str:
+    """The first lines of ``path`` that hold at least ``tokens`` tokens (each line ends in one <eos>)."""
+    lines, count = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        lines.append(line)
+        count += len(line.split()) + 1
+        if count >= tokens:
+            break
+    return "".join(lines)
+
+
+@pytest.fixture
+def short_corpora(tiny_corpus, tmp_path):
+    """Two small corpora cut from ``tiny_corpus``. 'unseen': 600 training tokens, validated on other text, which a
+    32-unit model overfits from its second epoch on (validation gets worse). 'seen': 1,500 training tokens,
+    validated on themselves, so validation keeps improving as the model learns them."""
+    short, longer = first_lines(tiny_corpus / "train.txt", 600), first_lines(tiny_corpus / "train.txt", 1500)
+    unseen = (tiny_corpus / "valid.txt").read_text(encoding="utf-8")
+    return {
+        "unseen": load_corpus(write_corpus(tmp_path / "unseen", short, unseen, unseen)),
+        "seen": load_corpus(write_corpus(tmp_path / "seen", longer, longer, longer)),
+    }
+
+
+def switch_epoch(valid_losses: list[float], nonmono: int) -> int | None:
+    """The epoch at whose end NT-ASGD switches: the first whose loss is worse than the best before the last
+    ``nonmono`` epochs (Merity et al. 2017), computed here from the validation losses alone."""
+    for epoch in range(nonmono + 2, len(valid_losses) + 1):
+        if valid_losses[epoch - 1] > min(valid_losses[: epoch - 1 - nonmono]):
+            return epoch
+    return None
+
+
+class WeightsAtValidation(Recorder):
+    """Also keeps a copy of the model's parameters as each epoch's validation saw them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.validated = model, []
+
+    def epoch_end(self, state, seconds, val_loss, tokens_per_second):
+        self.validated.append([p.detach().clone() for p in self.model.parameters()])
+        super().epoch_end(state, seconds, val_loss, tokens_per_second)
+
+
+def nt_asgd_fit(corpus, lr, epochs, nonmono=1, max_batches=None) -> SimpleNamespace:
+    """Train with NT-ASGD and say what happened: the epochs it switched at, the iterates after each averaged
+    step, the weights each validation saw and each ``save_best`` got, the metrics, the model and its state."""
+    model = make_model(len(corpus.vocab))
+    parameters = list(model.parameters())
+    run = SimpleNamespace(model=model, state=TrainState(lr=lr), switches=[], iterates=[], saved=[])
+
+    def switch_to_averaging():
+        run.switches.append(run.state.epoch)
+        optimizer = averaging_optimizer(parameters, run.state.lr)
+        step = optimizer.step
+        optimizer.step = lambda: (step(), run.iterates.append([p.detach().clone() for p in parameters]))
+        return optimizer
+
+    def save_best(state):
+        run.saved.append((state.best_epoch, [p.detach().clone() for p in parameters]))
+
+    reporter = WeightsAtValidation(model)
+    fit(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(parameters, lr=lr), run.state,
+        epochs=epochs, bptt=10, clip=0.25, eval_batch_size=10, log_interval=1000, max_batches=max_batches,
+        save_best=save_best, reporter=reporter, nonmono=nonmono, switch_to_averaging=switch_to_averaging)  # fmt: skip
+    run.validated = reporter.validated
+    run.metrics = {name: [v for n, v, _ in reporter.metrics if n == name] for name in ("valid.loss", "lr")}
+    run.per_epoch = training.count_batches(batchify(corpus.train, 8).size(0), 10, max_batches)
+    return run
+
+
+def averages(run, epoch) -> list[torch.Tensor]:
+    """What ASGD's average holds at the end of ``epoch``: the mean of the iterates since the switch, from the
+    second on (torch's ASGD with t0=0 leaves the first out, as in Merity et al.'s code)."""
+    steps = run.iterates[1 : (epoch - run.switches[0]) * run.per_epoch]
+    return [torch.stack(column).mean(0) for column in zip(*steps)]
+
+
+def same(weights, others, exact=True) -> bool:
+    close = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-6)
+    return all(close(a, b) for a, b in zip(weights, others))
+
+
+def test_nt_asgd_switches_to_averaging_when_validation_stops_improving(short_corpora):
+    """600 tokens overfit from the second epoch on: NT-ASGD switches, and validation sees the average from then on."""
+    run = nt_asgd_fit(short_corpora["unseen"], lr=20.0, epochs=5)
+    valid = run.metrics["valid.loss"]
+    epoch = switch_epoch(valid, nonmono=1)
+    assert epoch is not None and epoch < 5, valid  # the premise: validation got worse early on
+    assert run.switches == [epoch] and run.state.averaging
+    assert run.metrics["lr"] == [20.0] * 5  # NT-ASGD keeps the lr: no division by 4 on the worse epochs
+    assert len(run.iterates) == (5 - epoch) * run.per_epoch  # every step after the switch is an averaging one
+    for later in range(epoch + 1, 6):  # validation saw the average of the iterates since the switch
+        assert same(averages(run, later), run.validated[later - 1], exact=False), later
+    raw = [p.detach() for p in run.model.parameters()]  # the model itself goes on from the last iterate
+    assert same(raw, run.iterates[-1]) and not same(raw, run.validated[-1], exact=False)
+
+
+def test_nt_asgd_does_not_switch_while_validation_improves(short_corpora):
+    """Validated on its own training text, the model keeps improving: plain SGD throughout."""
+    run = nt_asgd_fit(short_corpora["seen"], lr=20.0, epochs=4)
+    valid = run.metrics["valid.loss"]
+    assert all(later < earlier for earlier, later in zip(valid, valid[1:])), valid  # the premise
+    assert run.switches == [] and run.iterates == [] and not run.state.averaging
+    assert run.metrics["lr"] == [20.0] * 4
+
+
+@pytest.mark.parametrize(
+    "valid, nonmono, expected",
+    [
+        ([5.0, 6.0, 7.0, 4.0], 1, 3),  # worse than the best before the last epoch; then the average does better
+        ([5.0, 4.0, 3.0, 3.5, 2.9], 1, None),  # worse than the last epoch only: no switch
+        ([5.0, 4.0, 3.0, 3.5, 4.5], 1, 5),
+        ([5.0, 6.0, 7.0, 8.0], 2, 4),  # nonmono=2 looks further back, and waits for 3 epochs of history
+        ([5.0, 4.0, 4.5, 4.2, 3.9], 2, None),
+    ],
+)
+def test_the_nt_asgd_rule_on_given_validation_losses(short_corpora, monkeypatch, valid, nonmono, expected):
+    """The rule alone, on validation losses chosen to tell its variants apart (the runs above test it for real),
+    and the best model saved after the switch is the average."""
+    assert switch_epoch(valid, nonmono) == expected
+    losses = iter(valid)
+    monkeypatch.setattr(training, "evaluate_loss", lambda *args: (next(losses), 1))
+    run = nt_asgd_fit(short_corpora["seen"], lr=1.0, epochs=len(valid), nonmono=nonmono, max_batches=4)
+    assert run.switches == ([] if expected is None else [expected]) and run.state.averaging == (expected is not None)
+    assert run.state.lr == 1.0  # never divided by 4, though most of these epochs did not improve
+    after = [(best, weights) for best, weights in run.saved if expected is not None and best > expected]
+    assert bool(after) == (expected is not None and min(valid[expected:], default=math.inf) < min(valid[:expected]))
+    for best, weights in after:  # saved after the switch: the average, as validated
+        assert same(weights, run.validated[best - 1]) and same(weights, averages(run, best), exact=False)
+        assert not same(weights, run.iterates[-1], exact=False)
+
+
+@pytest.mark.parametrize(
+    "name, kind, lr",
+    [("sgd", torch.optim.SGD, 20.0), ("adam", torch.optim.Adam, 0.01), ("adamw", torch.optim.AdamW, 0.01)],
+)
+def test_lr_decay_reaches_every_optimizer_and_each_lowers_the_loss(tiny_corpus, name, kind, lr):
+    corpus = load_corpus(tiny_corpus)
+    model = make_model(len(corpus.vocab))
+    optimizer = make_optimizer(name, model.parameters(), lr, weight_decay=1e-4)
+    assert type(optimizer) is kind and optimizer.param_groups[0]["weight_decay"] == 1e-4
+    state = TrainState(lr=lr)
+    used = []  # (epoch, lr) of every step taken
+    step = optimizer.step
+    optimizer.step = lambda: (used.append((state.epoch, optimizer.param_groups[0]["lr"])), step())
+    before, _ = evaluate_loss(model, corpus.valid, 10)
+    reporter = Recorder()
+    fit(model, batchify(corpus.train, 8), corpus.valid, optimizer, state, epochs=4, bptt=10, clip=0.25,
+        eval_batch_size=10, log_interval=100, max_batches=5, save_best=lambda s: None, reporter=reporter,
+        lr_decay=0.5, lr_decay_start=2)  # fmt: skip
+    # lr * 0.5 after each epoch from the 2nd on, whether validation improved or not
+    assert [v for n, v, _ in reporter.metrics if n == "lr"] == [lr, lr, lr / 2, lr / 4]
+    assert used == [(epoch, lr * 0.5 ** max(0, epoch - 2)) for epoch in range(1, 5) for _ in range(5)]
+    assert state.lr == lr / 8 and optimizer.param_groups[0]["lr"] == lr / 8
+    after, _ = evaluate_loss(model, corpus.valid, 10)
+    assert after < before - 0.5

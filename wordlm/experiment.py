@@ -149,7 +149,7 @@ def config():
     tied_projection = False  # with tied=True and emsize != nhid, give the last layer emsize units
     wdecay = 0.0  # weight decay (L2)
     optimizer = "sgd"  # 'sgd', 'adam' or 'adamw' (the lr schedule applies to each)
-    nonmono = None  # NT-ASGD: switch to averaged SGD when valid loss is worse than the best before the last n epochs
+    nonmono = None  # NT-ASGD: averaged SGD once valid loss is worse than the best before the last n epochs (lr kept)
     variable_bptt = False  # variable-length BPTT around bptt, lr scaled to each sequence's length
     finetune = False  # with resume: restart averaged SGD from the loaded weights (AWD-LSTM's fine-tuning stage)
     min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)

@@ -219,7 +219,7 @@ def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0) 
 def averaging_optimizer(parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.ASGD:
     """Averaged SGD as NT-ASGD switches to it: plain SGD steps, and in each parameter's ``ax`` state the
     average of the iterates since the switch (torch's ASGD with t0=0, lambd=0, as Merity et al. 2017
-    used it: the average starts from the iterate after the first step)."""
+    used it: the average starts from the iterate after the second step; the first one's is left out)."""
     return torch.optim.ASGD(parameters, lr=lr, t0=0, lambd=0.0, weight_decay=weight_decay)
 
 
@@ -415,6 +415,9 @@ def fit(
     lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates. In a
     ``world`` of several processes ``model`` is the DistributedDataParallel wrapper and every rank
     validates on its share and sees the same validation loss, so all take the same decisions.
+
+    With ``nonmono`` (NT-ASGD) and no ``lr_decay`` the learning rate is never divided by ``anneal``: it
+    stays as it is, before the switch to averaging and after, as in Merity et al. (2017).
     """
     while state.epoch <= epochs:
         start = time.perf_counter()
@@ -448,7 +451,7 @@ def fit(
             if lr_decay is not None:
                 if state.epoch >= lr_decay_start:
                     state.lr *= lr_decay
-            elif not improved and not state.averaging:
+            elif not improved and not nonmono and not state.averaging:  # NT-ASGD keeps the lr (Merity et al.)
                 state.lr /= anneal
             set_lr(optimizer, state.lr)
             history = state.val_history
