@@ -13,7 +13,8 @@ from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_check
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError
 from wordlm.experiment import error, ex
-from wordlm.export import export_onnx, state_names
+from wordlm.export import export_onnx, flatten_state, state_names
+from wordlm.hidden import map_hidden
 from wordlm.model import ModelConfig, RNNModel
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'wordlm[onnx]'")
@@ -25,10 +26,8 @@ def run_steps_both_ways(model: RNNModel, path, batch: int = 3, steps: int = 3, s
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = state_names(model)
     generator = torch.Generator().manual_seed(seed)
-    state = model.init_hidden(batch)
-    state = tuple(torch.randn(s.shape, generator=generator) for s in (state if isinstance(state, tuple) else (state,)))
-    onnx_state = [s.numpy() for s in state]
-    torch_hidden = state if len(state) == 2 else state[0]
+    torch_hidden = map_hidden(lambda s: torch.randn(s.shape, generator=generator), model.init_hidden(batch))
+    onnx_state = [s.numpy() for s in flatten_state(torch_hidden)]
     for _ in range(steps):
         tokens = torch.randint(0, model.config.ntoken, (batch,), generator=generator)  # (B,)
         with torch.inference_mode():
@@ -37,8 +36,7 @@ def run_steps_both_ways(model: RNNModel, path, batch: int = 3, steps: int = 3, s
             None, {"tokens": tokens.numpy(), **dict(zip(names, onnx_state, strict=True))}
         )
         np.testing.assert_allclose(logits_onnx, logits[0].numpy(), rtol=1e-4, atol=1e-5)
-        expected = torch_hidden if isinstance(torch_hidden, tuple) else (torch_hidden,)
-        for got, want in zip(onnx_state, expected, strict=True):
+        for got, want in zip(onnx_state, flatten_state(torch_hidden), strict=True):
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -57,6 +55,24 @@ def test_onnxruntime_matches_pytorch_step_by_step(tmp_path):
     assert json.loads(metadata["wordlm.vocab"]) == vocab.idx2word
     assert json.loads(metadata["wordlm.model_config"]) == model.config.to_dict()
     assert model.training is False and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("model_type", ["LSTM", "GRU"])
+def test_a_layered_awd_style_model_exports_a_state_per_layer(tmp_path, model_type):
+    """Locked dropout, weight drop and a tied projection: a list of per-layer states of two widths."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        30, model_type, emsize=6, nhid=10, nlayers=2, dropout=0.3, tied=True, tied_projection=True,
+        locked_dropout=True, wdrop=0.5, dropoute=0.1,
+    )  # fmt: skip
+    model = RNNModel(config).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", Vocabulary([f"w{i}" for i in range(30)]))
+    per_layer = ["hidden", "cell"] if model_type == "LSTM" else ["hidden"]
+    assert state_names(model) == tuple(f"{n}_{layer}" for layer in (0, 1) for n in per_layer)
+    run_steps_both_ways(model, path, batch=3)
+    run_steps_both_ways(model, path, batch=1, seed=1)
+    widths = [i.shape[2] for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[1:]]
+    assert widths == [10] * len(per_layer) + [6] * len(per_layer)  # the last layer has emsize units
 
 
 def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path):

@@ -1,7 +1,8 @@
 """One step of a trained model as an ONNX file, for runtimes without PyTorch.
 
-Lives here: ``state_names``, ``export_onnx``, ``check_export_available``. Must not import Sacred. Needs the
-optional ``onnx`` extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript export, onnxruntime runs the result).
+Lives here: ``state_names``, ``flatten_state``, ``unflatten_state``, ``export_onnx``, ``check_export_available``.
+Must not import Sacred. Needs the optional ``onnx`` extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript
+export, onnxruntime runs the result).
 
 What is exported is one time step with the recurrent state passed in and out, so a caller drives
 generation (or scoring) one token at a time, exactly as ``generation.sample_ids`` does:
@@ -11,6 +12,10 @@ generation (or scoring) one token at a time, exactly as ``generation.sample_ids`
              cell        (L, B, H) float32, LSTM only: the cell state
     outputs  logits      (B, V)    float32, unnormalised scores of the next word
              hidden_out  (L, B, H) and, LSTM only, cell_out (L, B, H): the state to feed back
+
+A layered model (locked dropout, weight drop, ``tied_projection``) keeps one state per layer, of its own
+width: its inputs are ``hidden_0`` (1, B, H_0), ``cell_0`` (LSTM only), ``hidden_1``, ... and its outputs
+the same names with ``_out``, layer by layer (``state_names`` lists them in order).
 
 ``B`` is dynamic. The model runs in eval mode (no dropout). The file's metadata holds the
 vocabulary (``wordlm.vocab``, a JSON list, index = id) and the model config (``wordlm.model_config``),
@@ -34,6 +39,7 @@ from torch import nn
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError
 from wordlm.files import atomic_path
+from wordlm.hidden import Hidden, map_hidden
 from wordlm.model import RNNModel
 
 _EXPORT_NEEDS = ("onnx", "onnxscript")
@@ -42,8 +48,27 @@ _SINGLE_FILE_BYTES = 1 << 30  # ONNX protobufs stop at 2 GiB: larger weights go 
 
 
 def state_names(model: RNNModel) -> tuple[str, ...]:
-    """Names of the state inputs: ``("hidden",)``, or ``("hidden", "cell")`` when the state is a pair."""
-    return ("hidden", "cell") if isinstance(model.init_hidden(1), tuple) else ("hidden",)
+    """Names of the state inputs, in order: ``("hidden",)``, ``("hidden", "cell")`` when the state is a
+    pair, and for a layered model ``("hidden_0", "cell_0", "hidden_1", ...)``."""
+    state = model.init_hidden(1)
+    layers = state if isinstance(state, list) else [state]
+    per_layer = ("hidden", "cell") if isinstance(layers[0], tuple) else ("hidden",)
+    if not isinstance(state, list):
+        return per_layer
+    return tuple(f"{name}_{layer}" for layer in range(len(layers)) for name in per_layer)
+
+
+def flatten_state(state: Hidden) -> list[torch.Tensor]:
+    """The tensors of a hidden state in ``state_names`` order."""
+    tensors = []
+    map_hidden(lambda tensor: tensors.append(tensor) or tensor, state)
+    return tensors
+
+
+def unflatten_state(tensors, like: Hidden) -> Hidden:
+    """The state of ``like``'s shape (tensor, pair or list of layers) made of ``tensors``, in order."""
+    parts = iter(tensors)
+    return map_hidden(lambda _: next(parts), like)
 
 
 class _Step(nn.Module):
@@ -52,12 +77,11 @@ class _Step(nn.Module):
     def __init__(self, model: RNNModel) -> None:
         super().__init__()
         self.model = model
-        self.paired = len(state_names(model)) == 2
+        self.shape = model.init_hidden(1)  # what the flat state is put back into
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden = tuple(state) if self.paired else state[0]
-        logits, hidden = self.model(tokens.unsqueeze(0), hidden)  # (1, B, V)
-        return (logits[0], *hidden) if self.paired else (logits[0], hidden)
+        logits, hidden = self.model(tokens.unsqueeze(0), unflatten_state(state, self.shape))  # (1, B, V)
+        return (logits[0], *flatten_state(hidden))
 
 
 @contextlib.contextmanager
@@ -98,8 +122,7 @@ def export_onnx(model: RNNModel, path: str | os.PathLike, vocab: Vocabulary | No
     step = _Step(copy.deepcopy(model).cpu()).eval()
     names = state_names(model)
     example_batch = 2  # not 1: the exporter would fix a batch of 1 as a constant
-    state = step.model.init_hidden(example_batch)
-    state = state if isinstance(state, tuple) else (state,)
+    state = flatten_state(step.model.init_hidden(example_batch))
     batch = torch.export.Dim("batch")
     with _quiet_exporter():
         program = torch.onnx.export(
