@@ -52,7 +52,7 @@ def test_the_matmul_ceiling_counts_the_products_split_into_wordlms_chunks(monkey
 def test_the_speed_benchmark_reports_its_ratios_the_loss_check_and_the_options_it_is_given(tmp_path):
     """One run (the suite's slowest test, so the checks share it): the ratios, the bound, the ablations,
     and ``--options NAMES`` timing just those options beside float32 wordlm."""
-    corpus = cut_corpus(tmp_path / "corpus", lines=(400, 60, 60))
+    corpus = cut_corpus(tmp_path / "corpus", lines=(300, 60, 60))  # a vocabulary below 2000 (1692 words)
     common = ("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
               "--eval-tokens", "400")  # fmt: skip
     result = run_cli(*common, "--repeats", "2", "--ablations", "--options", "bf16,adaptive",
