@@ -117,7 +117,8 @@ class LanguageModel:
             UserError: a value that cannot be sampled with, in the command line's words.
         """
         prompt = "" if prompt is None else str(prompt)
-        texts = self.sample(words, prompt, temperature, top_k, top_p, seed, samples, stop_at_eos)
+        texts = self.sample(words=words, prompt=prompt, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, samples=samples, stop_at_eos=stop_at_eos)  # fmt: skip
         return format_samples(prompt, texts)
 
     def tokenize(self, text: str | os.PathLike) -> tuple[torch.Tensor, int]:

@@ -972,7 +972,8 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
             "prompt words not in the checkpoint's vocabulary, %s: %s",
             f"read as {UNK}" if UNK in lm.vocab else f"left out (it has no {UNK})", " ".join(unknown),
         )  # fmt: skip
-    texts = lm.sample(words, prompt, temperature, top_k, top_p, seed, samples, stop_at_eos)
+    texts = lm.sample(words=words, prompt=prompt, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      samples=samples, stop_at_eos=stop_at_eos)  # fmt: skip
     _write_output(target, format_samples(prompt, texts))
     if outf != "-":
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
