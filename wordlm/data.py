@@ -1,6 +1,6 @@
 """Corpora as token ids, and the batch layout of truncated backpropagation through time.
 
-Lives here: ``Vocabulary``, ``Corpus``, ``TokenizedCorpus``, ``tokenize_file``, ``tokenize_corpus``,
+Lives here: ``Vocabulary``, ``Corpus``, ``TokenizedCorpus``, ``tokenize_file``, ``tokenize_text``, ``tokenize_corpus``,
 ``load_corpus``, ``restrict_vocabulary``, ``batchify``, ``batchify_eval`` and ``get_batch``. Must not import Sacred or
 any other ``wordlm`` module but ``errors``.
 
@@ -21,7 +21,7 @@ import array
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,13 +220,30 @@ def tokenize_file(
     Raises:
         UserError: the file is not UTF-8 (the message names the line).
     """
+    return _tokenize_pieces(_text_pieces(path, chunk_bytes, digest), vocab, grow)
+
+
+def tokenize_text(text: str, vocab: Vocabulary) -> tuple[np.ndarray, int]:
+    """Tokenize ``text`` exactly as ``tokenize_file`` reads a UTF-8 file holding it, never growing ``vocab``.
+
+    Words ``vocab`` lacks map to ``<unk>``, added to ``vocab`` the first time it is needed.
+
+    Returns:
+        ``(ids, unknown)``: the ``(N,)`` int32 ids, and how many tokens became ``<unk>``.
+    """
+    text = text.removeprefix(_BOM.decode("utf-8")).replace("\r\n", "\n").replace("\r", "\n")
+    return _tokenize_pieces([text if not text or text.endswith("\n") else text + "\n"], vocab, grow=False)
+
+
+def _tokenize_pieces(pieces: Iterable[str], vocab: Vocabulary, grow: bool) -> tuple[np.ndarray, int]:
+    """``tokenize_file``'s work on text already read: pieces that each end on whitespace."""
     ids = array.array("i")  # 4 bytes a token; no Python list of all tokens is ever built
     unknown = 0
     if grow:
         # defaultdict calls len(mapping) for a missing word: the next free id, in first-seen order.
         mapping = defaultdict(None, vocab.word2idx)
         mapping.default_factory = mapping.__len__
-        for text in _text_pieces(path, chunk_bytes, digest):
+        for text in pieces:
             ids.extend(map(mapping.__getitem__, _words(text)))
         for word, index in mapping.items():
             if index >= len(vocab):
@@ -234,7 +251,7 @@ def tokenize_file(
                 vocab.word2idx[word] = index
     else:
         lookup = vocab.word2idx
-        for text in _text_pieces(path, chunk_bytes, digest):
+        for text in pieces:
             chunk = [lookup.get(word, -1) for word in _words(text)]
             misses = chunk.count(-1)
             if misses:

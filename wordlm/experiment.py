@@ -29,9 +29,12 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 
 # Modules only used through others: named here so that Sacred records them among the run's sources.
 from wordlm import __version__, cache, download, files, fused, hidden, regularize  # noqa: F401, E402
-from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.api import load
+from wordlm.checkpoint import load_checkpoint, save_checkpoint
+from wordlm.checks import check_checkpoint_path, check_seed, resolve_device
+from wordlm.checks import check_positive_int as _check_positive_int
 from wordlm.corpora import load_dataset, resolve_dataset
-from wordlm.data import EOS, SPLITS, UNK, batchify
+from wordlm.data import SPLITS, UNK, batchify
 from wordlm.distributed import (
     launched_rank,
     launched_size,
@@ -50,10 +53,6 @@ from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
     format_samples,
-    generate_words,
-    score_lines,
-    target_log_probs,
-    tokenize_for_scoring,
 )
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
@@ -244,13 +243,6 @@ def smoke():
     log_interval = 10
 
 
-def _check_positive_int(key: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
-
-
 def _known_keys() -> set[str]:
     return {key for scope in ex.configurations for key in scope()} | {"seed"}
 
@@ -284,9 +276,10 @@ def _refuse_unknown_keys(config, command_name, logger):
 @ex.config_hook
 def _check_seed(config, command_name, logger):
     """Sacred seeds random, numpy and torch before any command runs: a bad seed is one line, not its assert."""
-    seed = config.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise error(f"seed={seed!r} must be an integer from 0 to 2**32 - 1 (numpy's range), e.g. seed=257")
+    try:
+        check_seed(config.get("seed"))
+    except UserError as problem:
+        raise error(str(problem)) from None
     return {}
 
 
@@ -474,19 +467,6 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     if cfg["amp"] not in (None, "bf16", "fp16"):
         raise UserError(f"amp={cfg['amp']!r} must be 'bf16', 'fp16' or None")
     return build_model_config(sys.maxsize, cfg)  # the vocabulary's size is checked once it is known
-
-
-def resolve_device(device: str) -> torch.device:
-    """Turn the ``device`` key into a torch device, refusing ones this machine lacks."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} asks for CUDA, which this machine lacks; use device=cpu or device=auto")
-    return chosen
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
@@ -966,18 +946,6 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
         raise error(str(problem)) from None
 
 
-def _check_checkpoint_key(checkpoint) -> None:
-    if not isinstance(checkpoint, str) or not checkpoint.strip():
-        raise UserError(f"checkpoint={checkpoint!r} must be a checkpoint file path, e.g. checkpoint=model.pt")
-
-
-def _load_model(checkpoint, device):
-    """The checkpoint's model on ``device`` (eval mode) and its vocabulary."""
-    _check_checkpoint_key(checkpoint)
-    model, vocab = model_from_checkpoint(load_checkpoint(checkpoint))
-    return model.to(resolve_device(device)), vocab
-
-
 @ex.command
 def generate(
     _log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device,
@@ -990,27 +958,23 @@ def generate(
 
 
 def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, samples, stop_at_eos, outf, seed, device):
-    check_sampling_options(words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples)
-    if not isinstance(stop_at_eos, bool):
-        raise UserError(f"stop_at_eos={stop_at_eos!r} must be True or False")
+    check_sampling_options(
+        words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples, stop_at_eos=stop_at_eos
+    )
     prompt = "" if prompt is None else str(prompt)
-    _check_checkpoint_key(checkpoint)
+    check_checkpoint_path(checkpoint)
     reads = ((f"checkpoint={checkpoint!r}", checkpoint),)
     target = _Output("outf", "-", "stdout") if outf == "-" else _output_file("outf", outf, inputs=reads)
-    model, vocab = _load_model(checkpoint, device)
-    _, unknown = encode_prompt(vocab, prompt)
+    lm = load(checkpoint, device)
+    _, unknown = encode_prompt(lm.vocab, prompt)
     if unknown:
         _log.warning(
             "prompt words not in the checkpoint's vocabulary, %s: %s",
-            f"read as {UNK}" if UNK in vocab else f"left out (it has no {UNK})", " ".join(unknown),
+            f"read as {UNK}" if UNK in lm.vocab else f"left out (it has no {UNK})", " ".join(unknown),
         )  # fmt: skip
-    generator = torch.Generator(device=model.encoder.weight.device).manual_seed(seed)
-    texts = generate_words(
-        model, vocab, words=words, prompt=prompt, samples=samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
-    )  # fmt: skip
-    output = format_samples(prompt, texts)
-    _write_output(target, output)
+    texts = lm.sample(words=words, prompt=prompt, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      samples=samples, stop_at_eos=stop_at_eos)  # fmt: skip
+    _write_output(target, format_samples(prompt, texts))
     if outf != "-":
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
 
@@ -1041,7 +1005,7 @@ def _evaluate(
     _check_positive_int("bptt", bptt)
     if text is None and split not in SPLITS:
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
-    _check_checkpoint_key(checkpoint)
+    check_checkpoint_path(checkpoint)
     if text is not None:
         _check_path("text", text, example="notes.txt")
         _check_input("text", text)
@@ -1052,9 +1016,9 @@ def _evaluate(
     scored = f"text={str(path)!r}" if text is not None else f"the {split} split {path}"
     reads = ((f"checkpoint={checkpoint!r}", checkpoint), (scored, path))
     scores_file = _output_file("line_scores", line_scores, inputs=reads) if line_scores else None
-    model, vocab = _load_model(checkpoint, device)
-    ids, unknown = tokenize_for_scoring(path, vocab, model.config.ntoken)
-    ids = ids.to(model.encoder.weight.device)
+    lm = load(checkpoint, device)
+    model = lm.model
+    ids, unknown = lm.tokenize(path)
     if unknown:
         _log.info("%d of %d tokens are not in the checkpoint's vocabulary and were read as <unk>", unknown, len(ids))
     if cache_window:
@@ -1064,15 +1028,13 @@ def _evaluate(
         loss, count = dynamic_evaluation_loss(model, ids, bptt, dynamic_lr, dynamic_decay)
         method = f" | dynamic evaluation (lr {dynamic_lr:g}, decay {dynamic_decay:g})"
     else:
-        loss, count = evaluate_loss(model, ids, eval_batch_size, bptt)
+        loss, count = lm.loss(ids, eval_batch_size, bptt)
         method = ""
     ppl = perplexity(loss)
     print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}{method}", flush=True)
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
     if scores_file:
-        if EOS not in vocab:
-            raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
-        scores = score_lines(ids, target_log_probs(model, ids, eval_batch_size, bptt), vocab.word2idx[EOS])
+        scores = lm.line_scores(ids, eval_batch_size, bptt)
         _write_output(scores_file, "".join(json.dumps(record) + "\n" for record in scores))
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl
@@ -1082,14 +1044,14 @@ def _evaluate(
 def export(_log, checkpoint, onnx_export):
     """Write a checkpoint's model as ONNX: `python main.py export with checkpoint=model.pt onnx_export=model.onnx`."""
     try:
-        _check_checkpoint_key(checkpoint)
+        check_checkpoint_path(checkpoint)
         check_export_available()
         target = str(onnx_export or Path(checkpoint).with_suffix(".onnx"))
         _output_file("onnx_export", target, example="model.onnx", text=False,
                      inputs=((f"checkpoint={checkpoint!r}", checkpoint),))  # fmt: skip
-        model, vocab = _load_model(checkpoint, "cpu")
+        lm = load(checkpoint, "cpu")
         try:
-            _log.info("wrote %s", export_onnx(model, target, vocab))
+            _log.info("wrote %s", export_onnx(lm.model, target, lm.vocab))
         except OSError as problem:
             raise UserError(f"cannot write onnx_export={target!r}: {_reason(problem)}") from None
         return target

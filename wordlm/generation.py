@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wordlm.data import EOS, UNK, Vocabulary, batchify_eval, get_batch, tokenize_file
+from wordlm.data import EOS, UNK, Vocabulary, batchify_eval, get_batch, tokenize_file, tokenize_text
 from wordlm.errors import UserError
 from wordlm.model import RNNModel
 
 
-def check_sampling_options(*, words: int, temperature: float, top_k: int, top_p: float, samples: int) -> None:
+def check_sampling_options(
+    *, words: int, temperature: float, top_k: int, top_p: float, samples: int, stop_at_eos: bool = False
+) -> None:
     """Raise ``UserError`` naming the first option whose value cannot be sampled with."""
     for key, value in (("words", words), ("samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -40,6 +43,8 @@ def check_sampling_options(*, words: int, temperature: float, top_k: int, top_p:
         raise UserError(f"top_k={top_k!r} must be a non-negative integer (0 = no limit)")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UserError(f"top_p={top_p!r} must be in (0, 1] (1.0 = no limit)")
+    if not isinstance(stop_at_eos, bool):
+        raise UserError(f"stop_at_eos={stop_at_eos!r} must be True or False")
 
 
 def encode_prompt(vocab: Vocabulary, prompt: str) -> tuple[list[int], list[str]]:
@@ -243,28 +248,35 @@ def format_samples(prompt: str, samples: list[list[str]]) -> str:
     return "".join(texts)
 
 
-def tokenize_for_scoring(path: Path, vocab: Vocabulary, ntoken: int) -> tuple[torch.Tensor, int]:
-    """Tokenize a text file with a checkpoint's vocabulary, which is never grown.
+def tokenize_for_scoring(source: str | os.PathLike, vocab: Vocabulary, ntoken: int) -> tuple[torch.Tensor, int]:
+    """Tokenize a text file, or text itself, with a checkpoint's vocabulary, which is never changed.
 
     Args:
-        path: a UTF-8 text file, tokenized as the training text was (``data.tokenize_file``).
+        source: a path (``os.PathLike``) names a UTF-8 text file; a ``str`` is the text itself. Either is
+            tokenized as the training text was (``data.tokenize_file``): each line's words, then ``<eos>``.
         vocab: the checkpoint's vocabulary; words it lacks become ``<unk>``.
         ntoken: the model's vocabulary size; a word the model cannot score is an error.
 
     Returns:
         ``(ids, unknown)``: ``(N,)`` int64 ids and how many tokens became ``<unk>``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file; give a plain UTF-8 text file to score")
-    ids, unknown = tokenize_file(path, vocab, grow=False)
-    if len(vocab) > ntoken:  # tokenize_file appended <unk>, a word the model never learned
+    if UNK not in vocab:  # tokenizing adds <unk> to the vocabulary it is given
+        vocab = Vocabulary.from_words(vocab.idx2word)
+    if isinstance(source, str):
+        name = "the text"
+        ids, unknown = tokenize_text(source, vocab)
+    else:
+        name = path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist or is not a file; give a plain UTF-8 text file to score")
+        ids, unknown = tokenize_file(path, vocab, grow=False)
+    if len(vocab) > ntoken:  # <unk> was appended, a word the model never learned
         raise UserError(
-            f"{path}: {unknown} tokens are not in the checkpoint's vocabulary, which has no {UNK} to stand for "
+            f"{name}: {unknown} tokens are not in the checkpoint's vocabulary, which has no {UNK} to stand for "
             "them, so their probability is undefined; score text of the training corpus' vocabulary"
         )
     if ids.size < 2:
-        raise UserError(f"{path} has {ids.size} token(s); scoring needs at least two (the first is only context)")
+        raise UserError(f"{name} has {ids.size} token(s); scoring needs at least two (the first is only context)")
     return torch.from_numpy(ids.astype(np.int64)), unknown
 
 

@@ -1,0 +1,191 @@
+"""The Python API (``wordlm.load``, ``wordlm.LanguageModel``) against the command line on one trained checkpoint.
+
+The CLI's ``generate`` and ``evaluate`` are thin clients of the API, so each figure and text is compared with
+what the scripts print in a subprocess, as a user would run them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, cut_corpus, run_cli
+
+import wordlm
+from wordlm.experiment import error, ex
+
+# A BOM, CRLF and a lone CR, a blank line, a word WikiText-2 lacks (-> <unk>), and no line break at the end:
+# the text as a str and as a file must tokenize alike.
+TEXT = "\ufeffthe first of the year zzqxw was\r\n\r\nit is a new game\rin the United States .\n = = Music = ="
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A checkpoint trained by the real pipeline (the smoke config on WikiText-2's first lines), and a text file."""
+    folder = tmp_path_factory.mktemp("api")
+    corpus = cut_corpus(folder / "corpus", tokens=(6_600, 900, 900))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORDLM_CACHE", str(folder / "cache"))
+        patch.setenv("WORDLM_OFFLINE", "1")
+        ex.run(named_configs=["smoke"], config_updates={"dataset": str(corpus), "save": str(folder / "m.pt")},
+               options={"--loglevel": "ERROR", "--unobserved": True})  # fmt: skip
+    text = folder / "text.txt"
+    text.write_bytes(TEXT.encode("utf-8"))
+    return {"folder": folder, "checkpoint": folder / "m.pt", "text": text}
+
+
+@pytest.fixture(scope="module")
+def lm(trained) -> wordlm.LanguageModel:
+    return wordlm.load(trained["checkpoint"], device="cpu")
+
+
+def cli(trained, script: str, *updates: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = () if script == "generate.py" else ("evaluate",)
+    return run_cli(*command, "-u", "with", f"checkpoint={trained['checkpoint']}", "device=cpu", *updates,
+                   cwd=trained["folder"], script=script, check=check)  # fmt: skip
+
+
+def printed_ppl(stdout: str) -> str:
+    (ppl,) = re.findall(r"\| ppl +([0-9.]+|inf)$", stdout, re.MULTILINE)
+    return ppl
+
+
+def test_load_gives_the_model_its_vocabulary_and_config(lm, trained):
+    assert isinstance(lm, wordlm.LanguageModel)
+    assert lm.config is lm.model.config and lm.config.ntoken == len(lm.vocab) > 100
+    assert (lm.config.nhid, lm.config.nlayers) == (32, 1)  # the smoke config
+    assert not lm.model.training
+    assert lm.meta["config"]["max_batches"] == 20  # what training recorded
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"words": 40},
+     {"words": 30, "prompt": "the zzqxw game", "temperature": 0.7, "top_k": 50, "top_p": 0.9, "seed": 5,
+      "samples": 3, "stop_at_eos": True}],
+)  # fmt: skip
+def test_generate_is_the_text_the_generate_script_writes(lm, trained, keys):
+    updates = [f"{key}={value!r}" for key, value in keys.items()]
+    assert lm.generate(**keys) == cli(trained, "generate.py", "outf=-", *updates).stdout
+    assert lm.generate(**keys) == lm.generate(**keys)
+    assert lm.generate(**{**keys, "seed": 99}) != lm.generate(**keys)
+
+
+def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained):
+    result = cli(trained, "main.py", f"text={trained['text']}", "eval_batch_size=3", "bptt=7", "line_scores=s.jsonl")
+    text = trained["text"].read_bytes().decode("utf-8")  # the BOM and CRs kept: the API reads them as a file's
+    ppl = lm.perplexity(text, eval_batch_size=3, bptt=7)
+    assert f"{ppl:.2f}" == printed_ppl(result.stdout)
+    assert ppl == lm.perplexity(trained["text"], eval_batch_size=3, bptt=7)  # a path is read as the file
+    records = [json.loads(line) for line in (trained["folder"] / "s.jsonl").read_text().splitlines()]
+    assert lm.line_scores(text, eval_batch_size=3, bptt=7) == records
+    scores = lm.score(text.removeprefix("\ufeff").splitlines(), eval_batch_size=3, bptt=7)
+    assert scores == [record["logprob"] for record in records] and len(scores) == 5
+    assert all(score < 0 for score in scores[1:])
+
+
+def test_perplexity_defaults_are_the_commands(lm, trained):
+    result = cli(trained, "main.py", f"text={trained['text']}")
+    assert f"{lm.perplexity(trained['text'].read_text(encoding='utf-8')):.2f}" == printed_ppl(result.stdout)
+
+
+def test_save_then_load_gives_the_same_model_that_the_commands_read(lm, trained, tmp_path):
+    saved = lm.save(tmp_path / "sub" / "copy.pt")
+    again = wordlm.load(str(saved))
+    assert again.vocab.idx2word == lm.vocab.idx2word and again.config == lm.config and again.meta == lm.meta
+    ids = torch.tensor(lm.vocab.encode("the year of the game".split())).view(-1, 1)
+    with torch.no_grad():
+        assert torch.equal(again.model(ids, again.model.init_hidden(1))[0], lm.model(ids, lm.model.init_hidden(1))[0])
+    result = run_cli("with", f"checkpoint={saved}", "words=25", "seed=3", "outf=-", "-u", cwd=tmp_path,
+                     script="generate.py")  # fmt: skip
+    assert result.stdout == lm.generate(words=25, seed=3)
+
+
+def user_error(call, *args) -> str:
+    with pytest.raises(wordlm.UserError) as caught:
+        call(*args)
+    return str(caught.value)
+
+
+def cli_error(command: str, **updates) -> str:
+    with pytest.raises(error) as caught:
+        ex.run(command, config_updates=updates, options={"--loglevel": "ERROR", "--unobserved": True})
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"words": 0}, {"top_p": 0.0}, {"temperature": -1.0}, {"top_k": 2.5}, {"samples": True}, {"stop_at_eos": "yes"},
+     {"seed": -1}],
+)  # fmt: skip
+def test_bad_generate_keys_raise_the_commands_message(lm, trained, tmp_path, keys):
+    message = user_error(lambda: lm.generate(**keys))
+    assert message == cli_error("generate", checkpoint=str(trained["checkpoint"]), outf=str(tmp_path / "o"), **keys)
+    (key,) = keys
+    assert message.startswith(f"{key}=")
+
+
+def test_bad_evaluate_input_raises_the_commands_message(lm, trained, tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    checkpoint, text = str(trained["checkpoint"]), str(trained["text"])
+    for call, updates in (
+        (lambda: lm.perplexity("the year", eval_batch_size=0), {"text": text, "eval_batch_size": 0}),
+        (lambda: lm.perplexity("the year", bptt=-2), {"text": text, "bptt": -2}),
+        (lambda: lm.perplexity(tmp_path / "empty.txt"), {"text": str(tmp_path / "empty.txt")}),
+        (lambda: lm.perplexity(tmp_path / "nowhere.txt"), {"text": str(tmp_path / "nowhere.txt")}),
+    ):
+        assert user_error(call) == cli_error("evaluate", checkpoint=checkpoint, **updates)
+    assert user_error(lambda: lm.perplexity("")) == (
+        "the text has 0 token(s); scoring needs at least two (the first is only context)"
+    )
+
+
+def test_bad_checkpoint_raises_the_commands_message(tmp_path):
+    for checkpoint in (tmp_path / "nowhere.pt", tmp_path, " "):
+        assert user_error(wordlm.load, checkpoint, "cpu") == cli_error(
+            "generate", checkpoint=str(checkpoint), device="cpu", outf=str(tmp_path / "o.txt")
+        )
+
+
+def test_bad_device_raises_the_commands_message(trained, tmp_path):
+    checkpoint = str(trained["checkpoint"])
+    message = user_error(lambda: wordlm.load(checkpoint, "gpu7"))
+    assert message == cli_error("evaluate", checkpoint=checkpoint, device="gpu7", text=str(trained["text"]))
+    assert message.startswith("device='gpu7' is not a device")
+
+
+def test_bad_score_and_save_arguments_are_user_errors(lm, tmp_path):
+    assert "not one string" in user_error(lambda: lm.score("the year"))
+    assert "line 2 of score's lines" in user_error(lambda: lm.score(["the", "a\nb"]))
+    assert "is a folder" in user_error(lambda: lm.save(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+def test_scoring_words_a_vocabulary_without_unk_lacks_leaves_the_vocabulary_as_it_was(tmp_path):
+    from wordlm.checkpoint import save_checkpoint
+    from wordlm.data import EOS, Vocabulary
+    from wordlm.model import ModelConfig, RNNModel
+
+    vocab = Vocabulary(["the", "cat", EOS])
+    save_checkpoint(tmp_path / "m.pt", RNNModel(ModelConfig(3, "GRU", 4, 4, 1, 0.0, False)), vocab)
+    small = wordlm.load(tmp_path / "m.pt", "cpu")
+    assert user_error(lambda: small.perplexity("the dog\n")).startswith("the text: 1 tokens are not in the checkpoint")
+    assert small.vocab.idx2word == ["the", "cat", EOS]
+    small.save(tmp_path / "again.pt")
+    assert wordlm.load(tmp_path / "again.pt").vocab.idx2word == ["the", "cat", EOS]
+
+
+def test_import_wordlm_and_the_api_import_no_sacred(trained):
+    code = (
+        "import sys, wordlm; assert 'torch' not in sys.modules; "
+        f"lm = wordlm.load({str(trained['checkpoint'])!r}, 'cpu'); lm.generate(words=5); lm.perplexity('the year\\n'); "
+        "assert 'sacred' not in sys.modules, 'sacred imported'; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.stdout == "ok\n", result.stderr
+    assert wordlm.__version__ and set(wordlm.__all__) == {"load", "LanguageModel", "UserError", "__version__"}

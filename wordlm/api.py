@@ -1,0 +1,206 @@
+"""The Python API over a trained model: load a checkpoint, sample text, score text, save it again.
+
+Lives here: ``load`` and ``LanguageModel``. Must not import Sacred: the ``generate`` and ``evaluate``
+commands of ``wordlm.experiment`` are thin clients of this module, so that the text ``generate.py``
+writes and the perplexity ``main.py evaluate`` prints are what these methods return.
+
+    lm = wordlm.load("model.pt")
+    print(lm.generate(words=50, prompt="the company", seed=1))
+    lm.perplexity(Path("notes.txt")), lm.score(["the cat sat", "a dog"])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.checks import check_checkpoint_path, check_positive_int, check_seed, resolve_device
+from wordlm.data import EOS, Vocabulary
+from wordlm.errors import UserError
+from wordlm.files import output_kind
+from wordlm.generation import (
+    check_sampling_options,
+    format_samples,
+    generate_words,
+    score_lines,
+    target_log_probs,
+    tokenize_for_scoring,
+)
+from wordlm.model import ModelConfig, RNNModel
+from wordlm.training import evaluate_loss, perplexity
+
+Text = str | os.PathLike | torch.Tensor  # text itself, a UTF-8 file, or the ids ``LanguageModel.tokenize`` gave
+
+
+def load(path: str | os.PathLike, device: str = "auto") -> LanguageModel:
+    """Load a checkpoint (written by training or by ``LanguageModel.save``); nothing in the file is run.
+
+    Args:
+        path: the checkpoint file.
+        device: where the model goes: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+
+    Raises:
+        UserError: the file is missing, damaged or no wordlm checkpoint, or the device is not here; the
+            message is the line ``generate.py``/``main.py evaluate`` print.
+    """
+    path = check_checkpoint_path(path)
+    payload = load_checkpoint(path)
+    model, vocab = model_from_checkpoint(payload)
+    meta = payload.get("meta")
+    return LanguageModel(model.to(resolve_device(device)), vocab, meta if isinstance(meta, dict) else None)
+
+
+class LanguageModel:
+    """A trained word-level language model and its vocabulary.
+
+    Attributes:
+        model: the ``RNNModel`` (in eval mode).
+        vocab: its ``Vocabulary`` (id = index into ``vocab.idx2word``).
+        config: the model's ``ModelConfig`` (``model.config``).
+        meta: what the checkpoint recorded beside the model (the training config, the validation loss), or ``{}``.
+    """
+
+    def __init__(self, model: RNNModel, vocab: Vocabulary, meta: dict | None = None) -> None:
+        if len(vocab) != model.config.ntoken:
+            raise UserError(f"the vocabulary has {len(vocab)} words, the model {model.config.ntoken}; they do not fit")
+        self.model = model.eval()
+        self.vocab = vocab
+        self.meta = dict(meta or {})
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.encoder.weight.device
+
+    def sample(
+        self, words: int = 1000, prompt: str = "", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int = 257, samples: int = 1, stop_at_eos: bool = False,
+    ) -> list[list[str]]:  # fmt: skip
+        """The words of each sample, the prompt excluded (``<eos>`` a word of its own); see ``generate``."""
+        check_sampling_options(
+            words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples, stop_at_eos=stop_at_eos
+        )
+        check_seed(seed)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generate_words(
+            self.model, self.vocab, words=words, prompt="" if prompt is None else str(prompt), samples=samples,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, generator=generator,
+        )  # fmt: skip
+
+    def generate(
+        self, words: int = 1000, prompt: str = "", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int = 257, samples: int = 1, stop_at_eos: bool = False,
+    ) -> str:  # fmt: skip
+        """Sample text after ``prompt``: the text ``generate.py with checkpoint=... outf=-`` writes with these keys.
+
+        Args:
+            words: tokens to sample per sample (an ``<eos>``, a line break, counts as one).
+            prompt: text that primes the model; its words the vocabulary lacks become ``<unk>``.
+            temperature: below 1 more likely words, above 1 more surprising ones.
+            top_k: sample among the k most likely words only (0 = all).
+            top_p: sample among the most likely words whose probabilities add up to ``top_p`` (1 = all).
+            seed: the same seed gives the same text (on the same device).
+            samples: texts sampled side by side; with more than one each is headed ``--- sample n of m ---``.
+            stop_at_eos: end each sample at its first ``<eos>``.
+
+        Returns:
+            The prompt and what follows it, ``<eos>`` written as a line break; the text ends with one.
+
+        Raises:
+            UserError: a value that cannot be sampled with, in the command line's words.
+        """
+        prompt = "" if prompt is None else str(prompt)
+        texts = self.sample(words=words, prompt=prompt, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, samples=samples, stop_at_eos=stop_at_eos)  # fmt: skip
+        return format_samples(prompt, texts)
+
+    def tokenize(self, text: str | os.PathLike) -> tuple[torch.Tensor, int]:
+        """Token ids of ``text`` (a ``str``) or of the UTF-8 file a path names, as training read its corpus.
+
+        Returns:
+            ``(ids, unknown)``: ``(N,)`` ids on the model's device, and how many tokens became ``<unk>``.
+
+        Raises:
+            UserError: no such file, fewer than two tokens, or words the vocabulary lacks and it has no ``<unk>``.
+        """
+        ids, unknown = tokenize_for_scoring(text, self.vocab, self.config.ntoken)
+        return ids.to(self.device), unknown
+
+    def loss(self, text: Text, eval_batch_size: int = 10, bptt: int = 35) -> tuple[float, int]:
+        """Mean cross-entropy (nats per token) of ``text`` and how many tokens it covers (all but the first).
+
+        ``text`` is a ``str`` of text, a path (``pathlib.Path``) of a UTF-8 file, or ids from ``tokenize``.
+        ``eval_batch_size`` and ``bptt`` are the command line's keys, with its defaults.
+        """
+        check_positive_int("eval_batch_size", eval_batch_size)
+        check_positive_int("bptt", bptt)
+        ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)[0]
+        return evaluate_loss(self.model, ids, eval_batch_size, bptt)
+
+    def perplexity(self, text: Text, eval_batch_size: int = 10, bptt: int = 35) -> float:
+        """Perplexity of ``text``: the figure ``main.py evaluate with text=FILE`` prints for a file of it.
+
+        ``text`` is a ``str`` of text (``lm.perplexity(Path("notes.txt").read_text())``), a path
+        (``lm.perplexity(Path("notes.txt"))``) or ids from ``tokenize``; a ``str`` is always text, never a path.
+        """
+        return perplexity(self.loss(text, eval_batch_size, bptt)[0])
+
+    def line_scores(self, text: Text, eval_batch_size: int = 10, bptt: int = 35) -> list[dict]:
+        """Per line of ``text`` (as for ``perplexity``): ``{"line", "tokens", "logprob"}``, as ``line_scores=`` writes.
+
+        A line's tokens are its words and its ``<eos>``; the text's first token is context only.
+        """
+        check_positive_int("eval_batch_size", eval_batch_size)
+        check_positive_int("bptt", bptt)
+        if EOS not in self.vocab:
+            raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
+        ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)[0]
+        return score_lines(ids, target_log_probs(self.model, ids, eval_batch_size, bptt), self.vocab.word2idx[EOS])
+
+    def score(self, lines: Iterable[str], eval_batch_size: int = 10, bptt: int = 35) -> list[float]:
+        """Each line's total natural-log probability, its ``<eos>`` included, the lines read as one text.
+
+        The first line's first word is context only (nothing comes before it), as in ``line_scores=``;
+        ``lm.score(Path("t.txt").read_text().splitlines())`` gives the ``logprob`` values that
+        ``main.py evaluate with text=t.txt line_scores=...`` writes.
+
+        Raises:
+            UserError: ``lines`` is one string, or a line holds a line break.
+        """
+        if isinstance(lines, (str, bytes)):
+            raise UserError("score takes a list of lines, not one string; split it first, e.g. text.splitlines()")
+        lines = list(lines)
+        for number, line in enumerate(lines, 1):
+            if not isinstance(line, str) or "\n" in line or "\r" in line:
+                raise UserError(f"line {number} of score's lines is {line!r}; each must be one line of text (a str)")
+        records = self.line_scores("".join(line + "\n" for line in lines), eval_batch_size, bptt)
+        return [record["logprob"] for record in records]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model, vocabulary and ``meta`` as a checkpoint that ``load`` and the command line read.
+
+        Written atomically: a reader sees the previous file or the complete new one; a symbolic link is
+        written through. The file holds no optimizer state, so it cannot be ``resume``d, only used.
+
+        Raises:
+            UserError: ``path`` is a folder, a device or FIFO, or cannot be written.
+        """
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if not isinstance(path, str) or not path.strip():
+            raise UserError(f"save path {path!r} must be a file path (a non-empty string)")
+        try:
+            kind = output_kind(path)
+            if kind not in ("new", "file"):
+                raise UserError(f"cannot write {path}: it is {kind}, not a file; save to a file path such as model.pt")
+            save_checkpoint(path, self.model, self.vocab, **({"meta": self.meta} if self.meta else {}))
+        except OSError as problem:
+            raise UserError(f"cannot write {path}: {problem.strerror or problem}") from None
+        return Path(path)
