@@ -216,3 +216,13 @@ def test_a_run_on_the_shipped_copy_resumes_elsewhere_and_after_the_cache_is_gone
     merged = resumed_config(config, {"resume"}, payload, "model.last.pt")
     assert merged["dataset"] == "./data" and resolve_dataset(merged["dataset"]) == folder
     assert sha256(folder / "train.txt") == SOURCES["wikitext-2"]["train.txt"][1]
+
+
+def test_a_dataset_that_cannot_be_looked_at_is_one_line_from_the_library_too(tmp_path):
+    """resolve_dataset itself (not only the command line) turns a link loop or an over-long name into UserError."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match=r"^cannot read dataset='.*loop': it is a symbolic link loop"):
+        resolve_dataset(loop)
+    with pytest.raises(UserError, match=r"^cannot read dataset='x+': the path is longer than this system allows"):
+        resolve_dataset("x" * 300)

@@ -1,12 +1,15 @@
 """Checks of values shared by the Python API and the command line, each raising one ``UserError`` line.
 
-Lives here: ``check_positive_int``, ``check_seed``, ``check_checkpoint_path`` and ``resolve_device``. Must not
-import Sacred: ``wordlm.experiment`` turns a ``UserError`` into its one-line ``error``.
+Lives here: ``check_positive_int``, ``check_seed``, ``check_checkpoint_path``, ``check_readable_path``,
+``path_problem`` and ``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError``
+into its one-line ``error``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import torch
 
@@ -34,6 +37,28 @@ def check_checkpoint_path(checkpoint) -> str:
     if not isinstance(checkpoint, str) or not checkpoint.strip():
         raise UserError(f"checkpoint={checkpoint!r} must be a checkpoint file path, e.g. checkpoint=model.pt")
     return checkpoint
+
+
+def path_problem(problem: OSError) -> str:
+    """Why a path cannot be used, in words a user can act on."""
+    if problem.errno == errno.ELOOP:
+        return "it is a symbolic link loop (a link that leads back to itself); point it at a real file or folder"
+    if problem.errno == errno.ENAMETOOLONG:
+        return "the path is longer than this system allows (255 bytes a name, 4096 a path on Linux); shorten it"
+    return problem.strerror or str(problem)
+
+
+def check_readable_path(key: str, path) -> None:
+    """A path that cannot even be looked at (a symbolic link loop, a name too long) is one line, before any work.
+
+    A missing path passes: what reads it says what is missing.
+    """
+    try:
+        os.stat(Path(str(path)).expanduser())
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as problem:
+        raise UserError(f"cannot read {key}={str(path)!r}: {path_problem(problem)}") from None
 
 
 def resolve_device(device: str) -> torch.device:

@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 
 from wordlm.cache import cache_folder, file_sha256, load_corpus_cached
+from wordlm.checks import check_readable_path
 from wordlm.data import SPLITS, Corpus
 from wordlm.download import SOURCES, download_corpus
 from wordlm.errors import UserError
@@ -194,6 +195,7 @@ def resolve_dataset(
     Raises:
         UserError: ``dataset`` is neither a corpus folder nor a known corpus, or the download failed.
     """
+    check_readable_path("dataset", dataset)  # a link loop or an over-long name: one line, not an OSError
     path = Path(dataset).expanduser()
     if _is_corpus(path):
         return path

@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 from wordlm import __version__, cache, download, files, fused, hidden, regularize  # noqa: F401, E402
 from wordlm.api import load
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
-from wordlm.checks import check_checkpoint_path, check_seed, resolve_device
+from wordlm.checks import check_checkpoint_path, check_readable_path, check_seed, path_problem, resolve_device
 from wordlm.checks import check_positive_int as _check_positive_int
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import SPLITS, UNK, batchify
@@ -283,28 +283,6 @@ def _check_seed(config, command_name, logger):
     return {}
 
 
-def _reason(problem: OSError) -> str:
-    """Why a path cannot be used, in words a user can act on."""
-    if problem.errno == errno.ELOOP:
-        return "it is a symbolic link loop (a link that leads back to itself); point it at a real file or folder"
-    if problem.errno == errno.ENAMETOOLONG:
-        return "the path is longer than this system allows (255 bytes a name, 4096 a path on Linux); shorten it"
-    return problem.strerror or str(problem)
-
-
-def _check_input(key: str, path) -> None:
-    """A path that cannot even be looked at (a symbolic link loop, a name too long) is one line, before any work.
-
-    A missing path passes: what reads it says what is missing.
-    """
-    try:
-        os.stat(Path(str(path)).expanduser())
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except OSError as problem:
-        raise UserError(f"cannot read {key}={str(path)!r}: {_reason(problem)}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class _Output:
     """An output path, checked: ``kind`` is "file" (written atomically, through symbolic links), "stdout" or
@@ -337,7 +315,7 @@ def _output_file(key: str, path, example: str = "out.txt", text: bool = True, in
         blocking = next((folder for folder in Path(path).parents if folder.is_file()), Path(path).parent)
         raise UserError(f"cannot write {shown}: {blocking} is a file, not a folder") from None
     except OSError as problem:
-        raise UserError(f"cannot write {shown}: {_reason(problem)}") from None
+        raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
     for what, source in inputs:
         if source is not None and same_file(path, source):
             raise UserError(f"{shown} is the same file as {what}, which this command reads; write {key} elsewhere")
@@ -350,7 +328,7 @@ def _output_file(key: str, path, example: str = "out.txt", text: bool = True, in
         except FileExistsError:
             raise UserError(f"cannot write {shown}: {target.parent} is a file, not a folder") from None
         except OSError as problem:
-            raise UserError(f"cannot write {shown}: {_reason(problem)}") from None
+            raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
         if not os.access(target.parent, os.W_OK):
             raise UserError(f"cannot write {shown}: its folder {target.parent} is not writable")
         return _Output(key, str(path), "file")
@@ -387,7 +365,7 @@ def _write_output(output: _Output, text: str) -> None:
                 stream.write(text.encode("utf-8"))
     except OSError as problem:
         reason = "no process reads that FIFO; start its reader first" if problem.errno == errno.ENXIO else None
-        raise UserError(f"cannot write {output.key}={output.path!r}: {reason or _reason(problem)}") from None
+        raise UserError(f"cannot write {output.key}={output.path!r}: {reason or path_problem(problem)}") from None
 
 
 _FLOAT32 = torch.finfo(torch.float32)  # what the weights, and so every number multiplied into them, can hold
@@ -655,7 +633,7 @@ def _train(_run, _log, cfg: dict):
         payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)
-    _check_input("dataset", cfg["dataset"])
+    check_readable_path("dataset", cfg["dataset"])
     _check_training_outputs(cfg)
     device = resolve_device(cfg["device"])
     if cfg["batch_size"] % launched_size():
@@ -850,7 +828,7 @@ def _train(_run, _log, cfg: dict):
         try:
             _log.info("wrote %s", export_onnx(model, cfg["onnx_export"], vocab))
         except OSError as problem:
-            _warn(f"could not write onnx_export={cfg['onnx_export']!r} ({_reason(problem)}); the model is in "
+            _warn(f"could not write onnx_export={cfg['onnx_export']!r} ({path_problem(problem)}); the model is in "
                   f"{cfg['save']}: `python main.py export with checkpoint={cfg['save']}` writes it later")  # fmt: skip
     title = f"run {_run._id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}"
     title += " · interrupted" if interrupted else ""
@@ -939,7 +917,7 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
         except ValueError:
             raise UserError("none of these runs finished an epoch: there is no validation curve to draw") from None
         except OSError as problem:
-            raise UserError(f"cannot write plot_path={plot_path!r}: {_reason(problem)}") from None
+            raise UserError(f"cannot write plot_path={plot_path!r}: {path_problem(problem)}") from None
         drawn = ", ".join(r.run_id for r in chosen if r.has_validation_curve)
         print(f"validation curves of runs {drawn} written to {path}")
     except UserError as problem:
@@ -1008,10 +986,10 @@ def _evaluate(
     check_checkpoint_path(checkpoint)
     if text is not None:
         _check_path("text", text, example="notes.txt")
-        _check_input("text", text)
+        check_readable_path("text", text)
         path = Path(text)
     else:
-        _check_input("dataset", dataset)
+        check_readable_path("dataset", dataset)
         path = resolve_dataset(dataset) / f"{split}.txt"
     scored = f"text={str(path)!r}" if text is not None else f"the {split} split {path}"
     reads = ((f"checkpoint={checkpoint!r}", checkpoint), (scored, path))
@@ -1053,7 +1031,7 @@ def export(_log, checkpoint, onnx_export):
         try:
             _log.info("wrote %s", export_onnx(lm.model, target, lm.vocab))
         except OSError as problem:
-            raise UserError(f"cannot write onnx_export={target!r}: {_reason(problem)}") from None
+            raise UserError(f"cannot write onnx_export={target!r}: {path_problem(problem)}") from None
         return target
     except UserError as problem:
         raise error(str(problem)) from None
