@@ -7,7 +7,9 @@ what the scripts print in a subprocess, as a user would run them.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -163,6 +165,10 @@ def test_bad_score_and_save_arguments_are_user_errors(lm, tmp_path):
     assert "line 2 of score's lines" in user_error(lambda: lm.score(["the", "a\nb"]))
     assert "is a folder" in user_error(lambda: lm.save(tmp_path))
     assert not list(tmp_path.iterdir())
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # the command line's policy for save=: a FIFO is refused, in its words, and stays a FIFO
+    assert user_error(lambda: lm.save(fifo)).startswith(f"save={str(fifo)!r} is a FIFO, not a file; save must name")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_scoring_words_a_vocabulary_without_unk_lacks_leaves_the_vocabulary_as_it_was(tmp_path):

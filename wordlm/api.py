@@ -18,10 +18,16 @@ from pathlib import Path
 import torch
 
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from wordlm.checks import check_checkpoint_path, check_positive_int, check_seed, resolve_device
+from wordlm.checks import (
+    check_checkpoint_path,
+    check_output,
+    check_positive_int,
+    check_seed,
+    path_problem,
+    resolve_device,
+)
 from wordlm.data import EOS, Vocabulary
 from wordlm.errors import UserError
-from wordlm.files import output_kind
 from wordlm.generation import (
     check_sampling_options,
     format_samples,
@@ -192,15 +198,10 @@ class LanguageModel:
         Raises:
             UserError: ``path`` is a folder, a device or FIFO, or cannot be written.
         """
-        if isinstance(path, os.PathLike):
-            path = os.fspath(path)
-        if not isinstance(path, str) or not path.strip():
-            raise UserError(f"save path {path!r} must be a file path (a non-empty string)")
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        check_output("save", path, example="model.pt", text=False)  # the command line's policy for save=
         try:
-            kind = output_kind(path)
-            if kind not in ("new", "file"):
-                raise UserError(f"cannot write {path}: it is {kind}, not a file; save to a file path such as model.pt")
             save_checkpoint(path, self.model, self.vocab, **({"meta": self.meta} if self.meta else {}))
         except OSError as problem:
-            raise UserError(f"cannot write {path}: {problem.strerror or problem}") from None
+            raise UserError(f"cannot write save={path!r}: {path_problem(problem)}") from None
         return Path(path)

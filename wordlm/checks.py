@@ -1,19 +1,23 @@
 """Checks of values shared by the Python API and the command line, each raising one ``UserError`` line.
 
 Lives here: ``check_positive_int``, ``check_seed``, ``check_checkpoint_path``, ``check_readable_path``,
+``check_path``, ``check_output`` and ``write_output`` (every output path, by the one policy of ``wordlm.files``),
 ``path_problem`` and ``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError``
 into its one-line ``error``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from wordlm.errors import UserError
+from wordlm.files import atomic_file, output_kind, same_file, write_target, write_through
 
 
 def check_positive_int(key: str, value, allow_none: bool = False) -> None:
@@ -59,6 +63,99 @@ def check_readable_path(key: str, path) -> None:
         pass
     except OSError as problem:
         raise UserError(f"cannot read {key}={str(path)!r}: {path_problem(problem)}") from None
+
+
+def check_path(key: str, value, example: str = "model.pt") -> None:
+    """``value`` a non-empty path string that is not a folder, else one line naming ``key``."""
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{key}={value!r} must be a file path (a non-empty string)")
+    if os.path.isdir(value):
+        raise UserError(f"{key}={value!r} is a folder; give a file path such as {os.path.join(value, example)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """An output path, checked: ``kind`` is "file" (written atomically, through symbolic links), "stdout" or
+    "stderr" (this process's own: ``-``, ``/dev/stdout``) or "special" (a device or FIFO, written into as it is)."""
+
+    key: str
+    path: str
+    kind: str
+
+
+def check_output(key: str, path, example: str = "out.txt", text: bool = True, inputs: tuple = ()) -> Output:
+    """Check an output path before any work, by the one policy of ``wordlm.files``, and make its folder.
+
+    Args:
+        key: the config key, named in the error.
+        path: its value.
+        example: a file name the error suggests.
+        text: a text output may be a device, FIFO or this process's stdout (written into); a binary one may not.
+        inputs: ``(what, path)`` of the files this command reads: an output that is one of them is refused.
+
+    Raises:
+        UserError: one line saying why ``path`` cannot be written and what to give instead.
+    """
+    check_path(key, path, example=example)
+    shown = f"{key}={str(path)!r}"
+    try:
+        kind = output_kind(path)
+        target = write_target(path) if kind in ("new", "file") else Path(path)
+    except NotADirectoryError:
+        blocking = next((folder for folder in Path(path).parents if folder.is_file()), Path(path).parent)
+        raise UserError(f"cannot write {shown}: {blocking} is a file, not a folder") from None
+    except OSError as problem:
+        raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
+    for what, source in inputs:
+        if source is not None and same_file(path, source):
+            raise UserError(f"{shown} is the same file as {what}, which this command reads; write {key} elsewhere")
+    stream = standard_stream(path) if text and kind != "new" else None
+    if stream:  # /dev/stdout, even when it is a file the shell opened: written into, never renamed over
+        return Output(key, str(path), stream)
+    if kind in ("new", "file"):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"cannot write {shown}: {target.parent} is a file, not a folder") from None
+        except OSError as problem:
+            raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
+        if not os.access(target.parent, os.W_OK):
+            raise UserError(f"cannot write {shown}: its folder {target.parent} is not writable")
+        return Output(key, str(path), "file")
+    if text and kind in ("a character device", "a FIFO", "a socket"):
+        return Output(key, str(path), "special")
+    allowed = "" if text else " (it is written to a temporary file, then renamed into place)"
+    raise UserError(f"{shown} is {kind}, not a file; {key} must name a file{allowed}, such as {example}")
+
+
+def standard_stream(path) -> str | None:
+    """The name "stdout" or "stderr" when ``path`` is where this process's stdout or stderr goes (``/dev/stdout``)."""
+    for name in ("stdout", "stderr"):
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(getattr(sys, name).fileno())):
+                return name
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def write_output(output: Output, text: str) -> None:
+    """Write ``text`` whole or not at all (an earlier file of that name stays until the new one is complete);
+    into this process's stdout, a device or a FIFO as it is."""
+    if output.kind in ("stdout", "stderr"):
+        stream = getattr(sys, output.kind)
+        stream.write(text)
+        stream.flush()
+        return
+    try:
+        if output.kind == "special":
+            write_through(output.path, text.encode("utf-8"))
+        else:
+            with atomic_file(output.path) as stream:
+                stream.write(text.encode("utf-8"))
+    except OSError as problem:
+        reason = "no process reads that FIFO; start its reader first" if problem.errno == errno.ENXIO else None
+        raise UserError(f"cannot write {output.key}={output.path!r}: {reason or path_problem(problem)}") from None
 
 
 def resolve_device(device: str) -> torch.device:

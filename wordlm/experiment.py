@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import json
 import logging
 import os
@@ -31,7 +30,17 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 from wordlm import __version__, cache, download, files, fused, hidden, regularize  # noqa: F401, E402
 from wordlm.api import load
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
-from wordlm.checks import check_checkpoint_path, check_readable_path, check_seed, path_problem, resolve_device
+from wordlm.checks import (
+    Output,
+    check_checkpoint_path,
+    check_output,
+    check_path,
+    check_readable_path,
+    check_seed,
+    path_problem,
+    resolve_device,
+    write_output,
+)
 from wordlm.checks import check_positive_int as _check_positive_int
 from wordlm.corpora import load_dataset, resolve_dataset
 from wordlm.data import SPLITS, UNK, batchify
@@ -48,7 +57,7 @@ from wordlm.distributed import (
 from wordlm.errors import UserError
 from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
 from wordlm.export import check_export_available, export_onnx
-from wordlm.files import atomic_file, output_kind, same_file, write_target, write_through
+from wordlm.files import same_file
 from wordlm.generation import (
     check_sampling_options,
     encode_prompt,
@@ -283,91 +292,6 @@ def _check_seed(config, command_name, logger):
     return {}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Output:
-    """An output path, checked: ``kind`` is "file" (written atomically, through symbolic links), "stdout" or
-    "stderr" (this process's own: ``-``, ``/dev/stdout``) or "special" (a device or FIFO, written into as it is)."""
-
-    key: str
-    path: str
-    kind: str
-
-
-def _output_file(key: str, path, example: str = "out.txt", text: bool = True, inputs: tuple = ()) -> _Output:
-    """Check an output path before any work, by the one policy of ``wordlm.files``, and make its folder.
-
-    Args:
-        key: the config key, named in the error.
-        path: its value.
-        example: a file name the error suggests.
-        text: a text output may be a device, FIFO or this process's stdout (written into); a binary one may not.
-        inputs: ``(what, path)`` of the files this command reads: an output that is one of them is refused.
-
-    Raises:
-        UserError: one line saying why ``path`` cannot be written and what to give instead.
-    """
-    _check_path(key, path, example=example)
-    shown = f"{key}={str(path)!r}"
-    try:
-        kind = output_kind(path)
-        target = write_target(path) if kind in ("new", "file") else Path(path)
-    except NotADirectoryError:
-        blocking = next((folder for folder in Path(path).parents if folder.is_file()), Path(path).parent)
-        raise UserError(f"cannot write {shown}: {blocking} is a file, not a folder") from None
-    except OSError as problem:
-        raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
-    for what, source in inputs:
-        if source is not None and same_file(path, source):
-            raise UserError(f"{shown} is the same file as {what}, which this command reads; write {key} elsewhere")
-    stream = _standard_stream(path) if text and kind != "new" else None
-    if stream:  # /dev/stdout, even when it is a file the shell opened: written into, never renamed over
-        return _Output(key, str(path), stream)
-    if kind in ("new", "file"):
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise UserError(f"cannot write {shown}: {target.parent} is a file, not a folder") from None
-        except OSError as problem:
-            raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
-        if not os.access(target.parent, os.W_OK):
-            raise UserError(f"cannot write {shown}: its folder {target.parent} is not writable")
-        return _Output(key, str(path), "file")
-    if text and kind in ("a character device", "a FIFO", "a socket"):
-        return _Output(key, str(path), "special")
-    allowed = "" if text else " (it is written to a temporary file, then renamed into place)"
-    raise UserError(f"{shown} is {kind}, not a file; {key} must name a file{allowed}, such as {example}")
-
-
-def _standard_stream(path) -> str | None:
-    """The name "stdout" or "stderr" when ``path`` is where this process's stdout or stderr goes (``/dev/stdout``)."""
-    for name in ("stdout", "stderr"):
-        try:
-            if os.path.samestat(os.stat(path), os.fstat(getattr(sys, name).fileno())):
-                return name
-        except (OSError, ValueError, AttributeError):
-            continue
-    return None
-
-
-def _write_output(output: _Output, text: str) -> None:
-    """Write ``text`` whole or not at all (an earlier file of that name stays until the new one is complete);
-    into this process's stdout, a device or a FIFO as it is."""
-    if output.kind in ("stdout", "stderr"):
-        stream = getattr(sys, output.kind)
-        stream.write(text)
-        stream.flush()
-        return
-    try:
-        if output.kind == "special":
-            write_through(output.path, text.encode("utf-8"))
-        else:
-            with atomic_file(output.path) as stream:
-                stream.write(text.encode("utf-8"))
-    except OSError as problem:
-        reason = "no process reads that FIFO; start its reader first" if problem.errno == errno.ENXIO else None
-        raise UserError(f"cannot write {output.key}={output.path!r}: {reason or path_problem(problem)}") from None
-
-
 _FLOAT32 = torch.finfo(torch.float32)  # what the weights, and so every number multiplied into them, can hold
 
 
@@ -398,13 +322,6 @@ def _check_number_in(key: str, value, low: float = 0.0, high: float = float("inf
         _beyond_float32(key, value)
 
 
-def _check_path(key: str, value, example: str = "model.pt") -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{key}={value!r} must be a file path (a non-empty string)")
-    if os.path.isdir(value):
-        raise UserError(f"{key}={value!r} is a folder; give a file path such as {os.path.join(value, example)}")
-
-
 def validate_training_config(cfg: dict) -> ModelConfig:
     """Check every training key where it enters; one line naming the key, value and what is allowed."""
     for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
@@ -413,10 +330,10 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     _check_positive_number("lr", cfg["lr"])
     _check_positive_number("clip", cfg["clip"])
     _check_positive_number("checkpoint_every", cfg["checkpoint_every"], allow_none=True)
-    _check_path("save", cfg["save"])
-    _check_path("save_last", cfg["save_last"])
+    check_path("save", cfg["save"])
+    check_path("save_last", cfg["save_last"])
     if cfg["onnx_export"]:
-        _check_path("onnx_export", cfg["onnx_export"], example="model.onnx")
+        check_path("onnx_export", cfg["onnx_export"], example="model.onnx")
     if os.path.abspath(cfg["save"]) == os.path.abspath(cfg["save_last"]):
         raise UserError(
             f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart"
@@ -546,7 +463,7 @@ def _check_training_outputs(cfg: dict) -> None:
     resume = ((f"resume={cfg['resume']!r}", cfg["resume"]),) if cfg["resume"] else ()
     for key in keys:  # save and save_last may well be the resumed file: it is read whole before they are written
         example = "model.onnx" if key == "onnx_export" else "model.pt"
-        _output_file(key, cfg[key], example=example, text=False, inputs=resume if key == "onnx_export" else ())
+        check_output(key, cfg[key], example=example, text=False, inputs=resume if key == "onnx_export" else ())
     for i, key in enumerate(keys):
         for other in keys[:i]:
             if os.path.abspath(cfg[key]) == os.path.abspath(cfg[other]) or same_file(cfg[key], cfg[other]):
@@ -629,7 +546,7 @@ def _add_model_artifact(_run, path: str, written: tuple[int, int] | None, rewrit
 
 def _train(_run, _log, cfg: dict):
     if cfg["resume"] is not None:
-        _check_path("resume", cfg["resume"])
+        check_path("resume", cfg["resume"])
         payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, set(_run.config_modifications.modified), payload, cfg["resume"])
     validate_training_config(cfg)
@@ -907,7 +824,7 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
     try:
         if runs_db:
             raise UserError("Sacred's SQL observer stores no metrics: plot needs run folders (runs/ or -F DIR)")
-        _output_file("plot_path", plot_path, example="curves.png", text=False)
+        check_output("plot_path", plot_path, example="curves.png", text=False)
         chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None)
         for record in chosen:
             if not record.has_validation_curve:
@@ -942,7 +859,7 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
     prompt = "" if prompt is None else str(prompt)
     check_checkpoint_path(checkpoint)
     reads = ((f"checkpoint={checkpoint!r}", checkpoint),)
-    target = _Output("outf", "-", "stdout") if outf == "-" else _output_file("outf", outf, inputs=reads)
+    target = Output("outf", "-", "stdout") if outf == "-" else check_output("outf", outf, inputs=reads)
     lm = load(checkpoint, device)
     _, unknown = encode_prompt(lm.vocab, prompt)
     if unknown:
@@ -952,7 +869,7 @@ def _generate(_log, checkpoint, words, temperature, top_k, top_p, prompt, sample
         )  # fmt: skip
     texts = lm.sample(words=words, prompt=prompt, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       samples=samples, stop_at_eos=stop_at_eos)  # fmt: skip
-    _write_output(target, format_samples(prompt, texts))
+    write_output(target, format_samples(prompt, texts))
     if outf != "-":
         _log.info("wrote %d sample(s), %d words, to %s", samples, sum(map(len, texts)), outf)
 
@@ -985,7 +902,7 @@ def _evaluate(
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
     check_checkpoint_path(checkpoint)
     if text is not None:
-        _check_path("text", text, example="notes.txt")
+        check_path("text", text, example="notes.txt")
         check_readable_path("text", text)
         path = Path(text)
     else:
@@ -993,7 +910,7 @@ def _evaluate(
         path = resolve_dataset(dataset) / f"{split}.txt"
     scored = f"text={str(path)!r}" if text is not None else f"the {split} split {path}"
     reads = ((f"checkpoint={checkpoint!r}", checkpoint), (scored, path))
-    scores_file = _output_file("line_scores", line_scores, inputs=reads) if line_scores else None
+    scores_file = check_output("line_scores", line_scores, inputs=reads) if line_scores else None
     lm = load(checkpoint, device)
     model = lm.model
     ids, unknown = lm.tokenize(path)
@@ -1013,7 +930,7 @@ def _evaluate(
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
     if scores_file:
         scores = lm.line_scores(ids, eval_batch_size, bptt)
-        _write_output(scores_file, "".join(json.dumps(record) + "\n" for record in scores))
+        write_output(scores_file, "".join(json.dumps(record) + "\n" for record in scores))
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl
 
@@ -1025,7 +942,7 @@ def export(_log, checkpoint, onnx_export):
         check_checkpoint_path(checkpoint)
         check_export_available()
         target = str(onnx_export or Path(checkpoint).with_suffix(".onnx"))
-        _output_file("onnx_export", target, example="model.onnx", text=False,
+        check_output("onnx_export", target, example="model.onnx", text=False,
                      inputs=((f"checkpoint={checkpoint!r}", checkpoint),))  # fmt: skip
         lm = load(checkpoint, "cpu")
         try:
