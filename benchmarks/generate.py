@@ -20,7 +20,7 @@ import time
 import torch
 
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint
-from wordlm.experiment import resolve_device
+from wordlm.checks import resolve_device
 from wordlm.generation import sample_ids
 from wordlm.model import ModelConfig, RNNModel
 

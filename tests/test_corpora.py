@@ -201,7 +201,7 @@ def test_the_shipped_files_readme_gives_the_pinned_sums_and_the_credit():
 
 
 def test_a_run_on_the_shipped_copy_resumes_elsewhere_and_after_the_cache_is_gone(tmp_path, monkeypatch, corpus_cache):
-    from wordlm.experiment import resumed_config
+    from wordlm.config import resumed_config
 
     (tmp_path / "here").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -233,6 +233,7 @@ sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
 import wordlm.experiment as experiment
+import wordlm.training as training
 
 def unpickling(*args, **kwargs):
     raise AssertionError("something was unpickled")
@@ -244,14 +245,14 @@ for module, name in [(dist, "all_gather_object"), (dist, "broadcast_object_list"
                      (pickle, "loads"), (pickle, "load")]:
     setattr(module, name, unpickling)
 pickle.Unpickler = Unpickler
-capture, rank = experiment.capture_rng_state, os.environ["RANK"]
+capture, rank = training.capture_rng_state, os.environ["RANK"]
 
 def kept_capture():
     state = capture()
     torch.save(state, f"rng.{{rank}}.pt")
     return state
 
-experiment.capture_rng_state = kept_capture
+training.capture_rng_state = kept_capture
 if rank == "1":
     clip, calls = torch.nn.utils.clip_grad_norm_, []
 

@@ -381,14 +381,16 @@ def test_a_run_records_its_own_model_when_another_run_replaced_the_shared_save(w
     from wordlm.model import ModelConfig, RNNModel
 
     save = tmp_path / "model.pt"
-    real_evaluate = experiment.evaluate_loss
+    from wordlm import run as training_run
+
+    real_evaluate = training_run.evaluate_loss
 
     def another_run_saves_meanwhile(*args, **kwargs):
         other = RNNModel(ModelConfig(ntoken=3, emsize=4, nhid=4, nlayers=1))
         save_checkpoint(save, other, Vocabulary(["a", "b", "c"]), meta={"config": {"seed": 99}})
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "evaluate_loss", another_run_saves_meanwhile)  # (the test split's: after fit)
+    monkeypatch.setattr(training_run, "evaluate_loss", another_run_saves_meanwhile)  # (the test split's: after fit)
     run = train_in_process(workdir, {"--file_storage": str(tmp_path / "runs")}, save=str(save), seed=5)
     assert load_checkpoint(save)["meta"]["config"]["seed"] == 99  # the file is the other run's now
     recorded = load_checkpoint(tmp_path / "runs" / str(run._id) / "model.pt")

@@ -10,7 +10,7 @@ from conftest import write_corpus
 from wordlm import training
 from wordlm.data import batchify, load_corpus
 from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Reporter, TrainState, averaging_optimizer, evaluate_loss, fit, make_optimizer, train_epoch
+from wordlm.training import Reporter, Trainer, TrainOptions, TrainState, evaluate_loss, make_optimizer, train_epoch
 
 
 def make_model(ntoken, seed=0, model_type="LSTM"):
@@ -64,6 +64,21 @@ def test_same_seed_gives_the_same_losses_bit_for_bit(tiny_corpus):
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
+class BestEpochs:
+    """A checkpoint keeper that notes the best epoch of each ``write_best`` and writes nothing."""
+
+    best_weights = None
+
+    def __init__(self, saved: list) -> None:
+        self.saved = saved
+
+    def write_best(self, trainer) -> None:
+        self.saved.append(trainer.state.best_epoch)
+
+    def write_last(self, trainer) -> None:
+        pass
+
+
 def test_learning_rate_is_divided_by_four_when_validation_does_not_improve(tiny_corpus, monkeypatch):
     corpus = load_corpus(tiny_corpus)
     model = make_model(len(corpus.vocab))
@@ -72,9 +87,10 @@ def test_learning_rate_is_divided_by_four_when_validation_does_not_improve(tiny_
     monkeypatch.setattr(training, "evaluate_loss", lambda *args: (next(valid_losses), 1))
     saved = []
     reporter = Recorder()
-    state = fit(model, batchify(corpus.train, 8), corpus.valid, optimizer, TrainState(lr=20.0),
-                epochs=5, bptt=10, clip=0.25, eval_batch_size=10, log_interval=100, max_batches=2,
-                save_best=lambda s: saved.append(s.best_epoch), reporter=reporter)  # fmt: skip
+    keeper = BestEpochs(saved)
+    options = TrainOptions(epochs=5, bptt=10, clip=0.25, eval_batch_size=10, log_interval=100, max_batches=2)
+    state = Trainer(model, batchify(corpus.train, 8), corpus.valid, optimizer, TrainState(lr=20.0), options,
+                    reporter=reporter, checkpoints=keeper).fit()  # fmt: skip
     assert saved == [1, 2, 4]
     assert [v for name, v, _ in reporter.metrics if name == "lr"] == [
         20.0,
@@ -186,25 +202,32 @@ class WeightsAtValidation(Recorder):
 
 def nt_asgd_fit(corpus, lr, epochs, nonmono=1, max_batches=None) -> SimpleNamespace:
     """Train with NT-ASGD and say what happened: the epochs it switched at, the iterates after each averaged
-    step, the weights each validation saw and each ``save_best`` got, the metrics, the model and its state."""
+    step, the weights each validation saw and each best-model write got, the metrics, the model and its state."""
     model = make_model(len(corpus.vocab))
     parameters = list(model.parameters())
     run = SimpleNamespace(model=model, state=TrainState(lr=lr), switches=[], iterates=[], saved=[])
 
-    def switch_to_averaging():
-        run.switches.append(run.state.epoch)
-        optimizer = averaging_optimizer(parameters, run.state.lr)
-        step = optimizer.step
-        optimizer.step = lambda: (step(), run.iterates.append([p.detach().clone() for p in parameters]))
-        return optimizer
+    class Watched(Trainer):
+        def switch_to_averaging(self):
+            run.switches.append(run.state.epoch)
+            super().switch_to_averaging()
+            step = self.optimizer.step
+            self.optimizer.step = lambda: (step(), run.iterates.append([p.detach().clone() for p in parameters]))
 
-    def save_best(state):
-        run.saved.append((state.best_epoch, [p.detach().clone() for p in parameters]))
+    class Saved:
+        best_weights = None
+
+        def write_best(self, trainer):
+            run.saved.append((trainer.state.best_epoch, [p.detach().clone() for p in parameters]))
+
+        def write_last(self, trainer):
+            pass
 
     reporter = WeightsAtValidation(model)
-    fit(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(parameters, lr=lr), run.state,
-        epochs=epochs, bptt=10, clip=0.25, eval_batch_size=10, log_interval=1000, max_batches=max_batches,
-        save_best=save_best, reporter=reporter, nonmono=nonmono, switch_to_averaging=switch_to_averaging)  # fmt: skip
+    options = TrainOptions(epochs=epochs, bptt=10, clip=0.25, eval_batch_size=10, log_interval=1000,
+                           max_batches=max_batches, nonmono=nonmono)  # fmt: skip
+    Watched(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(parameters, lr=lr), run.state, options,
+            reporter=reporter, checkpoints=Saved()).fit()  # fmt: skip
     run.validated = reporter.validated
     run.metrics = {name: [v for n, v, _ in reporter.metrics if n == name] for name in ("valid.loss", "lr")}
     run.per_epoch = training.count_batches(batchify(corpus.train, 8).size(0), 10, max_batches)
@@ -288,9 +311,9 @@ def test_lr_decay_reaches_every_optimizer_and_each_lowers_the_loss(tiny_corpus, 
     optimizer.step = lambda: (used.append((state.epoch, optimizer.param_groups[0]["lr"])), step())
     before, _ = evaluate_loss(model, corpus.valid, 10)
     reporter = Recorder()
-    fit(model, batchify(corpus.train, 8), corpus.valid, optimizer, state, epochs=4, bptt=10, clip=0.25,
-        eval_batch_size=10, log_interval=100, max_batches=5, save_best=lambda s: None, reporter=reporter,
-        lr_decay=0.5, lr_decay_start=2)  # fmt: skip
+    options = TrainOptions(epochs=4, bptt=10, clip=0.25, eval_batch_size=10, log_interval=100, max_batches=5,
+                           lr_decay=0.5, lr_decay_start=2)  # fmt: skip
+    Trainer(model, batchify(corpus.train, 8), corpus.valid, optimizer, state, options, reporter=reporter).fit()
     # lr * 0.5 after each epoch from the 2nd on, whether validation improved or not
     assert [v for n, v, _ in reporter.metrics if n == "lr"] == [lr, lr, lr / 2, lr / 4]
     assert used == [(epoch, lr * 0.5 ** max(0, epoch - 2)) for epoch in range(1, 5) for _ in range(5)]

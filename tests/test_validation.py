@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wordlm.errors import UserError
-from wordlm.experiment import ex, validate_training_config
+from wordlm.config import validate_training_config
+from wordlm.experiment import ex
 from wordlm.model import ModelConfig
 
 DEFAULTS = dict(ex.configurations[0]())  # every key of the experiment, as Sacred builds them: never stale

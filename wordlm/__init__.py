@@ -1,22 +1,31 @@
 """wordlm: word-level recurrent language models (RNN, GRU, LSTM) trained, tracked and sampled.
 
-The package is plain PyTorch and knows nothing of Sacred: ``wordlm.experiment`` is the one module
-that reads config keys and wires the pieces (``data``, ``model``, ``training``, ``checkpoint``).
+The Python API (the command line is a thin client of it):
 
-The Python API: ``wordlm.load(path)`` gives a ``wordlm.LanguageModel`` (``generate``, ``perplexity``,
-``score``, ``save``); bad input raises ``wordlm.UserError``. ``import wordlm`` alone imports no torch:
-``load`` and ``LanguageModel`` are imported from ``wordlm.api`` when first used.
+    import wordlm
+    run = wordlm.train(preset="smoke", dataset="wikitext-2")   # any key of `main.py with ...`
+    run.test_ppl, run.best_valid_ppl, run.history["valid.ppl"]
+    lm = run.model                     # or wordlm.load("model.pt"): a wordlm.LanguageModel
+    lm.generate(words=50, prompt="the", seed=1), lm.perplexity("some text"), lm.score(["a line"]), lm.save("m.pt")
+
+Bad input raises ``wordlm.UserError`` (an unknown key ``TypeError``). ``import wordlm`` alone imports no torch:
+the names below are imported from ``wordlm.api`` and ``wordlm.config`` when first used. The package knows
+nothing of Sacred: ``wordlm.experiment`` is the one module that does.
 """
 
 from wordlm.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["LanguageModel", "UserError", "__version__", "load"]
+__all__ = ["PRESETS", "LanguageModel", "TrainingRun", "UserError", "__version__", "load", "train"]
 
 
 def __getattr__(name: str):
-    if name in ("load", "LanguageModel"):
+    if name in ("train", "TrainingRun", "load", "LanguageModel"):
         from wordlm import api
 
         return getattr(api, name)
+    if name == "PRESETS":
+        from wordlm.config import PRESETS
+
+        return PRESETS
     raise AttributeError(f"module 'wordlm' has no attribute {name!r}")

@@ -1,9 +1,12 @@
-"""The Python API over a trained model: load a checkpoint, sample text, score text, save it again.
+"""The Python API: train a model, load a checkpoint, sample text, score text, save it again.
 
-Lives here: ``load`` and ``LanguageModel``. Must not import Sacred: the ``generate`` and ``evaluate``
-commands of ``wordlm.experiment`` are thin clients of this module, so that the text ``generate.py``
-writes and the perplexity ``main.py evaluate`` prints are what these methods return.
+Lives here: ``train`` (and its ``TrainingRun``), ``load`` and ``LanguageModel``. Must not import Sacred: the
+commands of ``wordlm.experiment`` are thin clients of the same code, so that a run of ``main.py with ...``
+and ``train(...)`` with the same keys train alike, and the text ``generate.py`` writes and the perplexity
+``main.py evaluate`` prints are what these methods return.
 
+    run = wordlm.train(preset="smoke", dataset="wikitext-2")
+    run.test_ppl, run.history["valid.ppl"]
     lm = wordlm.load("model.pt")
     print(lm.generate(words=50, prompt="the company", seed=1))
     lm.perplexity(Path("notes.txt")), lm.score(["the cat sat", "a dog"])
@@ -12,9 +15,12 @@ writes and the perplexity ``main.py evaluate`` prints are what these methods ret
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -26,6 +32,7 @@ from wordlm.checks import (
     path_problem,
     resolve_device,
 )
+from wordlm.config import make_config
 from wordlm.data import EOS, Vocabulary
 from wordlm.errors import UserError
 from wordlm.generation import (
@@ -37,9 +44,61 @@ from wordlm.generation import (
     tokenize_for_scoring,
 )
 from wordlm.model import ModelConfig, RNNModel
+from wordlm.run import train_run
 from wordlm.training import evaluate_loss, perplexity
 
 Text = str | os.PathLike | torch.Tensor  # text itself, a UTF-8 file, or the ids ``LanguageModel.tokenize`` gave
+
+
+def train(preset: str | None = None, **config) -> TrainingRun:
+    """Train a model: what ``main.py with [preset] key=value ...`` does, without recording a Sacred run.
+
+    The keys, their defaults and their checks are the command line's (``python main.py print_config``). The
+    progress lines go to stdout as there; Ctrl-C stops training, and the model is tested and returned.
+
+    Args:
+        preset: a name of ``wordlm.PRESETS`` (``print_named_configs``), e.g. ``"zaremba_small"``; keys given
+            here take over from it.
+        **config: training keys, e.g. ``dataset="penn", epochs=5, save="small.pt"``.
+
+    Raises:
+        TypeError: a key that is not a training key.
+        UserError: a bad value, data or path, in the command line's words.
+    """
+    cfg, modified = make_config(preset, **config)
+    check_seed(cfg["seed"])
+    random.seed(cfg["seed"])  # as Sacred seeds a run of the command line
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    result = train_run(cfg, modified=modified)
+    history = {name: list(zip(series.steps, series.values)) for name, series in result.history.metrics.items()}
+    lm = LanguageModel(result.model, result.vocab, result.meta)
+    return TrainingRun(lm, result.test_ppl, result.info.get("best_valid_ppl"), history, Path(result.config["save"]),
+                       result.config, result.info)  # fmt: skip
+
+
+@dataclass
+class TrainingRun:
+    """What ``train`` gives back.
+
+    Attributes:
+        model: the tested model (the best by validation loss) as a ``LanguageModel``.
+        test_ppl: its test perplexity.
+        best_valid_ppl: the best validation perplexity (None when no epoch finished).
+        history: every metric as ``(step, value)`` pairs, e.g. ``history["valid.ppl"]`` (step: the epoch),
+            ``history["train.ppl"]`` (step: tokens seen).
+        checkpoint: the file holding the best model (``save``).
+        config: every key the run trained with.
+        info: what a run record's info holds: ``best_epoch``, ``interrupted``, ``training_seconds``, ...
+    """
+
+    model: LanguageModel
+    test_ppl: float
+    best_valid_ppl: float | None
+    history: dict[str, list[tuple[int, float]]]
+    checkpoint: Path
+    config: dict
+    info: dict = field(default_factory=dict)
 
 
 def load(path: str | os.PathLike, device: str = "auto") -> LanguageModel:

@@ -1,6 +1,7 @@
 """Checkpoints as plain data: written atomically, loaded without ever running code from the file.
 
-Lives here: ``save_checkpoint``, ``load_checkpoint``, ``model_from_checkpoint``. Must not import Sacred.
+Lives here: ``save_checkpoint``, ``load_checkpoint``, ``model_from_checkpoint``, and the ``CheckpointKeeper`` of a
+training run (best, latest and stopped states). Must not import Sacred.
 
 A checkpoint is one ``torch.save`` file holding a dict of tensors, numbers, strings and lists:
 
@@ -21,6 +22,7 @@ import io
 import os
 import pickle
 import pickletools
+import shutil
 import stat
 import warnings
 import zipfile
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from wordlm.data import Vocabulary
-from wordlm.errors import UserError
+from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
 from wordlm.model import ModelConfig, RNNModel
 
@@ -205,3 +207,91 @@ def model_from_checkpoint(payload: dict) -> tuple[RNNModel, Vocabulary]:
         )
     model.eval()
     return model, vocab
+
+
+class CheckpointKeeper:
+    """The checkpoints of one training run: the best model (``save``), the latest state (``save_last``), and the
+    model at a stop before any epoch finished. Every rank calls the ``write_*`` methods (they gather each rank's
+    columns and random streams); rank 0 writes.
+
+    A failed write is one warning line and leaves the previous file in place: training goes on. The best weights
+    are also kept in memory, on the CPU (``best_weights``), for the final test and a reload after a divergence.
+    ``meta`` (the config, the corpus folder, the version) goes into every file.
+    """
+
+    def __init__(self, save: str, save_last: str, model: RNNModel, vocab: Vocabulary, meta: dict, world) -> None:
+        self.save, self.save_last = save, save_last
+        self.model, self.vocab, self.meta, self.world = model, vocab, meta, world
+        self.best_weights: dict | None = None
+        self.written: tuple[int, int] | None = None  # identity of the file this run last wrote to save ...
+        self.written_meta = meta  # ... and the meta it holds
+
+    def resume_best(self, best_epoch: int) -> None:
+        """A resumed run's best model so far: from ``save``, if that file holds the epoch the state names."""
+        if not best_epoch or not os.path.isfile(self.save):
+            return
+        try:
+            payload = load_checkpoint(self.save)
+        except UserError:
+            return
+        if (payload.get("meta") or {}).get("epoch") == best_epoch:
+            self.best_weights = payload["model_state"]
+
+    def write_best(self, trainer) -> None:
+        """Keep the model as the best so far (it just improved validation), with the state to resume from."""
+        state = trainer.state
+        self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        meta = {**self.meta, "valid_loss": state.best_val_loss, "epoch": state.best_epoch}
+        training = trainer.training_payload()
+        if self.world.is_main:
+            self.written, self.written_meta = self._write(self.save, meta=meta, training=training), meta
+
+    def write_last(self, trainer) -> None:
+        """Write the latest state, to resume from."""
+        training = trainer.training_payload()
+        if self.world.is_main:
+            self._write(self.save_last, meta={**self.meta, "epoch": trainer.state.epoch}, training=training)
+
+    def write_stopped(self, trainer) -> None:
+        """At a stop: the latest state, and before any epoch finished the current model as ``save`` (to test)."""
+        self.write_last(trainer)
+        print(f"The latest state is in {self.save_last}: continue with `with resume={self.save_last}`")
+        if self.best_weights is None:
+            print(f"No epoch finished yet: saving the current model to {self.save} and testing it")
+            stopped_at = trainer.whole_state()
+            if self.world.is_main:
+                meta = {**self.meta, "epoch": 0, "interrupted_at": stopped_at}
+                self.written, self.written_meta = self._write(self.save, meta=meta), meta
+
+    def load_best(self) -> None:
+        """Put the best weights into the model (for the test), if there are any."""
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+
+    def copy_for_record(self, folder: str) -> str:
+        """A copy of this run's model in ``folder`` under ``save``'s name, for the run's record.
+
+        ``save`` may hold another process's model by now (two runs started with one ``save``): the file is copied
+        only if it is still the one this run wrote, else this run's model is written from memory. It is copied
+        first, so a replacement during the copy changes nothing.
+        """
+        copy = os.path.join(folder, os.path.basename(self.save))
+        try:
+            with open(self.save, "rb") as source:
+                found = os.fstat(source.fileno())
+                if self.written is not None and (found.st_dev, found.st_ino) != self.written:
+                    raise FileNotFoundError(self.save)
+                with open(copy, "wb") as target:
+                    shutil.copyfileobj(source, target)
+        except OSError:
+            save_checkpoint(copy, self.model, self.vocab, meta=self.written_meta)
+            warn(f"{self.save} was replaced since this run wrote it (another run with save={self.save}?); the run's "
+                 "record keeps this run's own model")  # fmt: skip
+        return copy
+
+    def _write(self, path: str, **extra) -> tuple[int, int] | None:
+        try:
+            return save_checkpoint(path, self.model, self.vocab, **extra)
+        except OSError as problem:
+            warn(f"could not write {path} ({problem.strerror or problem}); the previous file is kept, training goes on")
+            return None

@@ -1,4 +1,6 @@
-"""The one exception type users see as a single line instead of a traceback."""
+"""The one exception type users see as a single line instead of a traceback, and the warning line."""
+
+import sys
 
 
 class UserError(Exception):
@@ -7,3 +9,8 @@ class UserError(Exception):
     The command-line entry points print ``error: <message>`` and exit with status 1; the message
     must say what is wrong and how to fix it, in one line.
     """
+
+
+def warn(message: str) -> None:
+    """One ``warning: <message>`` line on stderr, for what goes on despite a problem."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,24 +1,28 @@
 """Truncated-BPTT training and exact evaluation of a language model.
 
-Lives here: ``TrainState`` (everything a resume needs besides weights), ``fit``, ``train_epoch``,
+Lives here: ``TrainState`` (everything a resume needs besides weights), ``train_epoch`` (one pass of truncated
+BPTT), the ``Trainer`` (the loop and its policies: lr schedule, NT-ASGD, divergence, stops, checkpoints),
 ``evaluate_loss`` and the console reporter. Must not import Sacred: every knob is an argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
 from wordlm.data import batchify_eval, get_batch
 from wordlm.distributed import SINGLE, World
+from wordlm.errors import UserError, warn
 from wordlm.fused import frozen_decoder
 from wordlm.hidden import Hidden, map_hidden
 from wordlm.model import RNNModel, detach_hidden
@@ -377,93 +381,185 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def fit(
-    model: RNNModel,
-    train_data: torch.Tensor,
-    valid_ids: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    *,
-    epochs: int,
-    bptt: int,
-    clip: float,
-    eval_batch_size: int,
-    log_interval: int,
-    max_batches: int | None,
-    save_best: Callable[[TrainState], None],
-    reporter: Reporter,
-    anneal: float = 4.0,
-    lr_decay: float | None = None,
-    lr_decay_start: int = 0,
-    after_batch: BatchHook | None = None,
-    after_epoch: Callable[[TrainState], None] | None = None,
-    on_diverged: Callable[[Diverged], None] | None = None,
-    pause_deferral: Callable[[], AbstractContextManager] = nullcontext,
-    variable_bptt: bool = False,
-    nonmono: int | None = None,
-    switch_to_averaging: Callable[[], torch.optim.Optimizer] | None = None,
-    world: World = SINGLE,
-    precision: Precision = FLOAT32,
-) -> TrainState:
-    """Train for ``state.epoch .. epochs``, validating after each epoch.
+@dataclass
+class TrainOptions:
+    """How the loop trains: the config keys it reads, as plain values (``from_config`` picks them from a config)."""
 
-    The model is saved (``save_best``) whenever validation loss improves. The learning rate is divided
-    by ``anneal`` when it does not, as in the classic example; or, with ``lr_decay``, multiplied by it
-    after every epoch from epoch ``lr_decay_start`` on, as in Zaremba et al. (2014). ``after_epoch`` runs
-    once the epoch's bookkeeping is done (the state then points at the next epoch). A ``KeyboardInterrupt``
-    propagates with ``state`` telling where training stood. On divergence ``on_diverged`` may restore weights and
-    lower ``state.lr`` to carry on (it re-raises to stop); without it, ``Diverged`` propagates. In a
-    ``world`` of several processes ``model`` is the DistributedDataParallel wrapper and every rank
-    validates on its share and sees the same validation loss, so all take the same decisions.
+    epochs: int
+    bptt: int = 35
+    clip: float = 0.25
+    eval_batch_size: int = 10
+    log_interval: int = 200
+    max_batches: int | None = None
+    lr_decay: float | None = None  # multiply lr by this after each epoch from lr_decay_start on
+    lr_decay_start: int = 1
+    variable_bptt: bool = False
+    nonmono: int | None = None  # NT-ASGD's patience, in epochs (None: no switch to averaging)
+    wdecay: float = 0.0
+    on_divergence: str = "stop"  # or "reload": the best model, lr / 4
+    checkpoint_every: float | None = None  # minutes between writes of the latest state within an epoch
+    anneal: float = 4.0  # without lr_decay, lr / anneal after an epoch that did not improve (the classic example)
 
-    With ``nonmono`` (NT-ASGD) and no ``lr_decay`` the learning rate is never divided by ``anneal``: it
-    stays as it is, before the switch to averaging and after, as in Merity et al. (2017).
+    @classmethod
+    def from_config(cls, cfg: dict) -> TrainOptions:
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+
+
+MAX_RELOADS = 3  # on_divergence="reload" gives up after this many reloads in one run
+
+
+class Trainer:
+    """The training loop and every policy it follows, in one place.
+
+    ``fit`` trains for ``state.epoch .. options.epochs``, validating after each epoch. It owns:
+
+    - the lr schedule: lr / ``anneal`` after an epoch that did not improve, as in the classic example; or, with
+      ``lr_decay``, lr * ``lr_decay`` after every epoch from ``lr_decay_start`` on, as in Zaremba et al. (2014).
+      With ``nonmono`` (NT-ASGD) and no ``lr_decay`` the lr is kept, before the switch and after (Merity et al. 2017);
+    - the NT-ASGD switch to averaged SGD once validation is worse than the best before the last ``nonmono`` epochs
+      (validation and the best model then use the average);
+    - divergence: a NaN/inf loss stops with one line, or with ``on_divergence="reload"`` reloads the best model
+      and divides the lr by 4 (at most ``MAX_RELOADS`` times);
+    - stop requests: a signal to any rank stops every rank at the same batch (``KeyboardInterrupt``), ``state``
+      telling where training stood;
+    - checkpoints (``checkpoints``, a ``wordlm.checkpoint.CheckpointKeeper``): the best model when validation
+      improves, the latest state after each epoch and every ``checkpoint_every`` minutes.
+
+    In a ``world`` of several processes ``network`` is the DistributedDataParallel wrapper (``model`` the model
+    inside it), ``train_data`` this rank's block of columns, and every rank sees the same losses, so all take
+    the same decisions. ``network`` may also be ``torch.compile``'s wrapper.
     """
-    while state.epoch <= epochs:
-        start = time.perf_counter()
-        tokens_before = state.tokens_seen
-        set_lr(optimizer, state.lr)
+
+    def __init__(
+        self, model: RNNModel, train_data: torch.Tensor, valid_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
+        state: TrainState, options: TrainOptions, *, reporter: Reporter | None = None, checkpoints=None,
+        world: World = SINGLE, precision: Precision = FLOAT32, network: torch.nn.Module | None = None,
+        stop=None, log: Callable[..., None] | None = None,
+    ) -> None:  # fmt: skip
+        self.model, self.network = model, network if network is not None else model
+        self.train_data, self.valid_ids = train_data, valid_ids
+        self.optimizer, self.state, self.options = optimizer, state, options
+        self.reporter = reporter or Reporter()
+        self.checkpoints, self.world, self.precision, self.stop = checkpoints, world, precision, stop
+        self.log = log or (lambda *args: None)
+        self._last_write = time.monotonic()
+
+    def fit(self) -> TrainState:
+        """Train to the last epoch (or until a stop request, which propagates as ``KeyboardInterrupt``)."""
+        state, options = self.state, self.options
+        while state.epoch <= options.epochs:
+            start = time.perf_counter()
+            tokens_before = state.tokens_seen
+            set_lr(self.optimizer, state.lr)
+            try:
+                train_epoch(
+                    self.network, self.train_data, self.optimizer, state,
+                    bptt=options.bptt, clip=options.clip, log_interval=options.log_interval,
+                    max_batches=options.max_batches, reporter=self.reporter, after_batch=self.after_batch,
+                    variable_bptt=options.variable_bptt, world=self.world, precision=self.precision,
+                )  # fmt: skip
+            except Diverged as divergence:
+                self.recover(divergence)
+                continue
+            train_seconds = time.perf_counter() - start
+            with averaged_weights(self.optimizer):  # NT-ASGD: validation and the best model see the average
+                with self.stop.immediate() if self.stop is not None and self.world.size == 1 else nullcontext():
+                    val_loss, _ = evaluate_loss(self.network, self.valid_ids, options.eval_batch_size, options.bptt,
+                                                self.world)  # fmt: skip
+                seconds = time.perf_counter() - start
+                self.reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
+                if self.end_epoch(val_loss) and self.checkpoints is not None:
+                    self.checkpoints.write_best(self)  # with the next epoch's start: it resumes like save_last
+            if self.checkpoints is not None:
+                self.checkpoints.write_last(self)
+        return state
+
+    def end_epoch(self, val_loss: float) -> bool:
+        """Take the epoch's validation loss: the best so far, the lr schedule, the NT-ASGD switch; the state then
+        points at the next epoch's start. Returns whether validation improved."""
+        state, options = self.state, self.options
+        improved = val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch = val_loss, state.epoch
+        if options.lr_decay is not None:
+            if state.epoch >= options.lr_decay_start:
+                state.lr *= options.lr_decay
+        elif not improved and not options.nonmono and not state.averaging:  # NT-ASGD keeps the lr (Merity et al.)
+            state.lr /= options.anneal
+        set_lr(self.optimizer, state.lr)
+        history, patience = state.val_history, options.nonmono
+        if patience and not state.averaging and len(history) > patience and val_loss > min(history[:-patience]):
+            self.switch_to_averaging()
+        history.append(val_loss)
+        state.epoch += 1
+        state.batch = state.position = 0
+        state.hidden = None
+        return improved
+
+    def switch_to_averaging(self) -> None:
+        """NT-ASGD's switch: averaged SGD from the next step on, at the current lr."""
+        self.state.averaging = True
+        self.optimizer = averaging_optimizer(self.model.parameters(), self.state.lr, self.options.wdecay)
+        self.log("NT-ASGD: validation stopped improving; averaging the weights from epoch %d on", self.state.epoch + 1)
+
+    def recover(self, divergence: Diverged) -> None:
+        """After a NaN/inf loss: reload the best model at lr / 4 (``on_divergence="reload"``), else one line."""
+        state, keeper = self.state, self.checkpoints
+        best = keeper.best_weights if keeper is not None else None
+        if self.options.on_divergence == "stop" or best is None or state.divergences >= MAX_RELOADS:
+            kept = f"{keeper.save} keeps the best model (epoch {state.best_epoch})" if best else "no model was saved"
+            if self.options.on_divergence == "stop":
+                raise UserError(f"{divergence}; {kept}; lower lr or clip, or set on_divergence=reload")
+            tried = f"still diverging after {state.divergences} reloads of the best model" if best else ""
+            raise UserError(f"{divergence}; {tried or 'no best model to reload yet'}; {kept}; lower lr or clip")
+        self.model.load_state_dict(best)
+        self.optimizer.state.clear()  # (an averaging optimizer restarts its average too)
+        state.lr /= 4
+        if self.world.is_main:  # every rank reloads alike; one says so
+            warn(f"{divergence}: reloaded the best model (epoch {state.best_epoch}), lr now {state.lr:g}")
+        state.divergences += 1
+        state.hidden = None  # the carried state came from the diverged weights
+        state.interval_loss, state.interval_batches = 0.0, 0
+
+    def after_batch(self) -> None:
+        """Stop every rank at this batch if any got a signal; write the latest state when ``checkpoint_every``
+        minutes have passed. Decided on values all ranks agree on."""
+        every = self.options.checkpoint_every
+        due = every is not None and time.monotonic() - self._last_write >= 60 * every
+        requested = self.stop.requested if self.stop is not None else None
+        signum, due = self.world.agree(requested or 0, due)
+        if signum:  # a signal landing after the agreement waits for the next batch
+            self.stop.request(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        if due and self.checkpoints is not None:
+            self.checkpoints.write_last(self)
+
+    def run(self) -> bool:
+        """``fit``, with stop requests taken at batch boundaries. A stop ends training with the latest state
+        written (and, before any epoch finished, the current model as the best). Returns whether it stopped."""
         try:
-            train_epoch(
-                model, train_data, optimizer, state,
-                bptt=bptt, clip=clip, log_interval=log_interval, max_batches=max_batches,
-                reporter=reporter, after_batch=after_batch, variable_bptt=variable_bptt, world=world,
-                precision=precision,
-            )  # fmt: skip
-        except Diverged as divergence:
-            if on_diverged is None:
+            with self.stop.deferred() if self.stop is not None else nullcontext():
+                self.fit()
+            return False
+        except KeyboardInterrupt:
+            self.reporter.close()
+            how = f" by {self.stop.name}" if self.stop is not None and self.stop.name else ""
+            self.reporter.write("-" * 89)
+            self.reporter.write(
+                f"Exiting from training early{how} (epoch {self.state.epoch}, batch {self.state.batch})"
+            )
+            if self.checkpoints is None:
                 raise
-            on_diverged(divergence)  # restores weights and lowers state.lr, or re-raises
-            state.divergences += 1
-            state.hidden = None  # the carried state came from the diverged weights
-            state.interval_loss, state.interval_batches = 0.0, 0
-            continue
-        train_seconds = time.perf_counter() - start
-        with averaged_weights(optimizer):
-            with pause_deferral():
-                val_loss, _ = evaluate_loss(model, valid_ids, eval_batch_size, bptt, world)
-            seconds = time.perf_counter() - start
-            reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
-            improved = val_loss < state.best_val_loss
-            if improved:
-                state.best_val_loss = val_loss
-                state.best_epoch = state.epoch
-            if lr_decay is not None:
-                if state.epoch >= lr_decay_start:
-                    state.lr *= lr_decay
-            elif not improved and not nonmono and not state.averaging:  # NT-ASGD keeps the lr (Merity et al.)
-                state.lr /= anneal
-            set_lr(optimizer, state.lr)
-            history = state.val_history
-            if nonmono and not state.averaging and len(history) > nonmono and val_loss > min(history[:-nonmono]):
-                state.averaging = True
-                optimizer = switch_to_averaging()
-            history.append(val_loss)
-            state.epoch += 1
-            state.batch = state.position = 0
-            state.hidden = None
-            if improved:  # saved with the state of the next epoch's start, so it resumes like save_last
-                save_best(state)
-        if after_epoch is not None:
-            after_epoch(state)
-    return state
+            self.checkpoints.write_stopped(self)
+            return True
+
+    def whole_state(self) -> dict:
+        """The state as checkpoint data, with every rank's columns of the hidden state (a collective)."""
+        return dataclasses.replace(self.state, hidden=self.world.gather_columns(self.state.hidden)).to_dict()
+
+    def training_payload(self) -> dict:
+        """What a resume needs besides the weights: optimizer, state, every rank's RNG states (a collective)."""
+        self._last_write = time.monotonic()
+        rng = self.world.gather_data(capture_rng_state())
+        by_rank = {"rng_by_rank": rng} if self.world.size > 1 else {}
+        return {"optimizer": self.optimizer.state_dict(), "state": self.whole_state(), "rng": rng[0], **by_rank}

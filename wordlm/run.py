@@ -1,0 +1,353 @@
+"""One training run from a config: check, set up, train, test, save, record.
+
+Lives here: ``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``RunResult``, and the
+``Recorder`` a run reports its figures to: in memory here; the command line's forwards them to Sacred's run.
+Must not import Sacred.
+
+    cfg, modified = make_config("smoke", dataset="wikitext-2")
+    result = train_run(cfg, modified=modified)
+    result.test_ppl, result.history.metrics["valid.ppl"]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wordlm import __version__
+from wordlm.checkpoint import CheckpointKeeper, load_checkpoint
+from wordlm.checks import check_output, check_path, check_readable_path, path_problem, resolve_device
+from wordlm.config import build_model_config, resumed_config, validate_training_config
+from wordlm.corpora import load_dataset, resolve_dataset
+from wordlm.data import SPLITS, Corpus, batchify
+from wordlm.distributed import (
+    World,
+    launched_size,
+    lost_contact,
+    lost_contact_message,
+    rank_rng_state,
+    split_rng_streams,
+    start_world,
+    stop_world,
+)
+from wordlm.errors import UserError, warn
+from wordlm.export import check_export_available, export_onnx
+from wordlm.files import same_file
+from wordlm.model import ModelConfig, RNNModel
+from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
+from wordlm.runs import MetricHistory
+from wordlm.signals import StopRequests, ignore_termination
+from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
+from wordlm.training import (
+    Precision,
+    Reporter,
+    Trainer,
+    TrainOptions,
+    TrainState,
+    averaging_optimizer,
+    evaluate_loss,
+    make_optimizer,
+    perplexity,
+    restore_rng_state,
+)
+
+
+class Recorder:
+    """Where a run's figures go besides the console. This one keeps them in memory (``history``, ``info``) and
+    has nowhere to keep files; the command line's subclass also hands everything to Sacred's run record."""
+
+    run_id: str | None = None
+    observed = False  # whether artifacts (the model, the learning curves) are kept anywhere
+
+    def __init__(self) -> None:
+        self.history = MetricHistory()
+        self.info: dict = {}
+
+    def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
+        self.history.log(name, value, step)
+
+    def update_info(self, **info) -> None:
+        self.info.update(info)
+
+    def add_artifact(self, path: str, name: str) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a training run gives back: the best model (or the stopped one) with its vocabulary and figures."""
+
+    config: dict  # the keys the run trained with (a resumed run's merged with the checkpoint's)
+    model: RNNModel  # the tested model, in eval mode
+    vocab: object
+    meta: dict  # what the save file holds beside the model
+    test_loss: float
+    test_ppl: float
+    info: dict = field(default_factory=dict)  # the run record's info: best epoch and valid ppl, tokens, seconds ...
+    history: MetricHistory = field(default_factory=MetricHistory)
+
+
+def train_run(
+    cfg: dict, *, modified: set[str] = frozenset(), recorder: Recorder | None = None,
+    log: logging.Logger | None = None, interactive: bool = False,
+) -> RunResult:  # fmt: skip
+    """Train a model as the config says, keep the best one by validation loss, test it, and record the run.
+
+    Args:
+        cfg: every training key (``wordlm.config.make_config``, or Sacred's config).
+        modified: the keys the user set: with ``resume`` they take over from the checkpoint's.
+        recorder: where the figures and files go (default: in memory only).
+        log: where the info lines go (default: the ``wordlm`` logger).
+        interactive: draw a progress bar (a terminal).
+
+    Raises:
+        UserError: bad config, data or paths; a divergence; another process of a distributed run lost.
+    """
+    recorder = recorder or Recorder()
+    log = log or logging.getLogger("wordlm")
+    try:
+        return _train_run(cfg, set(modified), recorder, log, interactive)
+    except Exception as problem:
+        if not lost_contact(problem):
+            raise
+        ignore_termination()  # (as StopRequests does): torchrun's SIGTERM must not cut off this line and the record
+        raise UserError(
+            f"{lost_contact_message(problem)}: another process failed, was killed or hung, and its own output "
+            f"says which; resume={cfg['save_last']} continues from the latest state written"
+        ) from None
+    finally:
+        stop_world()
+
+
+def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interactive: bool) -> RunResult:
+    payload = None
+    if cfg["resume"] is not None:
+        check_path("resume", cfg["resume"])
+        payload = load_checkpoint(cfg["resume"])
+        cfg = resumed_config(cfg, modified, payload, cfg["resume"])
+    validate_training_config(cfg)
+    check_readable_path("dataset", cfg["dataset"])
+    _check_outputs(cfg)
+    world, device = _start(cfg)
+    with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
+        folder = resolve_dataset(cfg["dataset"], log=log.info)
+        corpus = load_dataset(folder, log=log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
+    _not_a_corpus_file(cfg, folder)
+    model_config = _model_config(cfg, corpus)
+    _check_memory(model_config, cfg, device)
+    model = RNNModel(model_config).to(device)
+    if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
+        model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
+    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
+    meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve())}
+    keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
+    state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
+    if payload is not None:
+        state, optimizer, own_rng = _resume(cfg, modified, payload, corpus, model, world, keeper)
+        log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
+    if not own_rng:
+        split_rng_streams(world)  # ranks > 0: dropout masks of their own
+    log.info(
+        "model: %s, %d parameters, vocabulary %d, device %s",
+        cfg["model_type"], sum(p.numel() for p in model.parameters()), len(corpus.vocab), device,
+    )  # fmt: skip
+    train_data = batchify(corpus.train, cfg["batch_size"])[:, world.share(cfg["batch_size"])]  # (rows, B/N)
+    network = world.wrap(model)  # what training calls: DDP's wrapper across processes, torch.compile's on top
+    if cfg["compile"]:
+        network = torch.compile(network)
+    reporter = Reporter(interactive=interactive and world.is_main, log_metric=recorder.log_scalar)
+    started = time.perf_counter()
+    with StopRequests(second_interrupts=world.size == 1, ignore_term_after_error=world.size > 1) as stop:
+        trainer = Trainer(
+            model, train_data.contiguous().to(device), corpus.valid.to(device), optimizer, state,
+            TrainOptions.from_config(cfg), reporter=reporter, checkpoints=keeper, world=world,
+            precision=Precision(cfg["amp"], device.type), network=network, stop=stop, log=log.info,
+        )  # fmt: skip
+        interrupted = trainer.run()
+        training_seconds = time.perf_counter() - started
+        keeper.load_best()
+        test_loss, test_tokens = evaluate_loss(
+            model, corpus.test.to(device), cfg["eval_batch_size"], cfg["bptt"], world
+        )
+    test_ppl = perplexity(test_loss)
+    print("=" * 89)
+    print(f"| End of training | test loss {test_loss:5.2f} | test ppl {test_ppl:8.2f}")
+    print("=" * 89, flush=True)
+    recorder.log_scalar("test.loss", test_loss)
+    recorder.log_scalar("test.ppl", test_ppl)
+    recorder.update_info(
+        interrupted=interrupted,
+        stop_signal=stop.name or None,
+        stopped_at={"epoch": state.epoch, "batch": state.batch} if interrupted else None,
+        resumed_from=cfg["resume"],
+        best_epoch=state.best_epoch,
+        best_valid_ppl=perplexity(state.best_val_loss) if state.best_epoch else None,
+        test_ppl=test_ppl,
+        test_tokens=test_tokens,
+        training_seconds=training_seconds,
+        tokens_seen=state.tokens_seen,
+        tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
+    )
+    if world.is_main:  # rank 0 records the run and writes the files
+        _record(cfg, recorder, keeper, state, interrupted, test_ppl, log)
+    return RunResult(cfg, model.eval(), corpus.vocab, keeper.written_meta, test_loss, test_ppl,
+                     dict(recorder.info), recorder.history)  # fmt: skip
+
+
+def _start(cfg: dict) -> tuple[World, torch.device]:
+    """The device and, under torchrun, the process group; one line for what this machine cannot do."""
+    device = resolve_device(cfg["device"])
+    if cfg["batch_size"] % launched_size():
+        raise UserError(
+            f"batch_size={cfg['batch_size']} must be a multiple of the {launched_size()} processes: each one "
+            "trains an equal block of the batch's columns"
+        )
+    world, device = start_world(device)  # several processes under torchrun; else World() and device as is
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise UserError("amp='fp16' needs a CUDA device (half precision with loss scaling); on a CPU use amp='bf16'")
+    if cfg["amp"] == "bf16" and device.type == "cpu" and (lacking := bfloat16_unavailable()):
+        raise UserError(f"amp='bf16' cannot train on this CPU: {lacking}; leave amp unset to train in float32")
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return world, device
+
+
+def _model_config(cfg: dict, corpus: Corpus) -> ModelConfig:
+    if corpus.train.numel() // cfg["batch_size"] < 2:
+        raise UserError(
+            f"batch_size={cfg['batch_size']} needs at least {2 * cfg['batch_size']} training tokens, "
+            f"but the training split has {corpus.train.numel()}; lower batch_size"
+        )
+    return build_model_config(len(corpus.vocab), cfg)
+
+
+def _resume(cfg, modified, payload, corpus, model, world, keeper) -> tuple[TrainState, torch.optim.Optimizer, bool]:
+    """Load a checkpoint's weights, optimizer, state and random streams; returns the state, the optimizer, and
+    whether this rank goes on with the random stream it saved."""
+    if payload["vocab"] != corpus.vocab.idx2word:
+        raise UserError(
+            f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)"
+        )
+    device = next(model.parameters()).device
+    model.load_state_dict(payload["model_state"])
+    state = TrainState.from_dict(payload["training"]["state"], device)
+    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
+    if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
+        state.averaging, state.val_history = True, []
+        optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+    else:
+        if state.averaging:
+            optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+        optimizer.load_state_dict(payload["training"]["optimizer"])
+    state.hidden = world.take_columns(state.hidden)  # the checkpoint holds every column's state
+    if "lr" in modified:
+        state.lr = cfg["lr"]
+    rng, own_rng = rank_rng_state(payload["training"], world)
+    restore_rng_state(rng)
+    keeper.resume_best(state.best_epoch)
+    return state, optimizer, own_rng
+
+
+def _record(cfg, recorder: Recorder, keeper: CheckpointKeeper, state, interrupted, test_ppl, log) -> None:
+    """Keep this run's model and learning curves with its record, and write the ONNX export if asked."""
+    if keeper.written is None and not os.path.isfile(cfg["save"]):
+        warn(f"{cfg['save']} could not be written: the model of this run was not saved")
+    elif recorder.observed:
+        with tempfile.TemporaryDirectory() as folder:
+            recorder.add_artifact(keeper.copy_for_record(folder), name=os.path.basename(cfg["save"]))
+    if cfg["onnx_export"]:
+        try:
+            log.info("wrote %s", export_onnx(keeper.model, cfg["onnx_export"], keeper.vocab))
+        except OSError as problem:
+            warn(f"could not write onnx_export={cfg['onnx_export']!r} ({path_problem(problem)}); the model is in "
+                 f"{cfg['save']}: `python main.py export with checkpoint={cfg['save']}` writes it later")  # fmt: skip
+    if recorder.observed:
+        title = f"run {recorder.run_id} · {cfg['model_type']} {cfg['nlayers']}x{cfg['nhid']}"
+        title += " · interrupted" if interrupted else ""
+        _add_learning_curves(recorder, log, title=title, best_epoch=state.best_epoch, test_ppl=test_ppl)
+
+
+def _add_learning_curves(recorder: Recorder, log, **plot_options) -> None:
+    """Keep a PNG of the learning curves with the run's records; a failure to draw is one warning line."""
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_learning_curves(recorder.history.metrics, os.path.join(folder, LEARNING_CURVES_PNG),
+                                        **plot_options)  # fmt: skip
+            recorder.add_artifact(str(path), name=LEARNING_CURVES_PNG)
+    except Exception as problem:  # noqa: BLE001 - a picture must never cost the run
+        reason = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+        log.warning("learning curves not drawn: %s", reason)
+
+
+_OUTPUTS = ("save", "save_last", "onnx_export")  # what training writes: checked before it starts
+
+
+def _check_outputs(cfg: dict) -> None:
+    """Every output of a training run checked before any work: writable, a file, each its own, no input."""
+    if cfg["onnx_export"]:
+        check_export_available()
+    keys = [key for key in _OUTPUTS if cfg[key]]
+    resume = ((f"resume={cfg['resume']!r}", cfg["resume"]),) if cfg["resume"] else ()
+    for key in keys:  # save and save_last may well be the resumed file: it is read whole before they are written
+        example = "model.onnx" if key == "onnx_export" else "model.pt"
+        check_output(key, cfg[key], example=example, text=False, inputs=resume if key == "onnx_export" else ())
+    for i, key in enumerate(keys):
+        for other in keys[:i]:
+            if os.path.abspath(cfg[key]) == os.path.abspath(cfg[other]) or same_file(cfg[key], cfg[other]):
+                raise UserError(f"{key}={cfg[key]!r} is the same file as {other}={cfg[other]!r}; give each its own")
+
+
+def _not_a_corpus_file(cfg: dict, folder: Path) -> None:
+    for key in _OUTPUTS:
+        for split in SPLITS:
+            if cfg[key] and same_file(cfg[key], folder / f"{split}.txt"):
+                raise UserError(
+                    f"{key}={cfg[key]!r} is the corpus's {split}.txt ({folder / f'{split}.txt'}), which training "
+                    f"reads; write {key} elsewhere"
+                )
+
+
+def _check_memory(config: ModelConfig, cfg: dict, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone exceed the memory this machine has free.
+
+    Activations come on top (they grow with batch_size and bptt), so a model that passes may still not fit;
+    one that fails cannot. The parameters are counted on the meta device, which allocates nothing.
+    """
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in RNNModel(config).parameters())
+    copies = 2 + {"adam": 2, "adamw": 2}.get(cfg["optimizer"], 0) + (cfg["nonmono"] is not None)  # weights, grads
+    on_device, on_host = parameters * 4 * copies, parameters * 4  # + the host's copy of the best model
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        needs, where = on_device, f"{device} has {free / 1e9:.1f} GB free"
+    else:
+        free = _available_memory()
+        needs, where = on_device + on_host, f"this machine has {free / 1e9:.1f} GB of memory available"
+    if free is not None and needs > free:
+        raise UserError(
+            f"the model (model_type={cfg['model_type']}, nlayers={cfg['nlayers']}, nhid={cfg['nhid']}, "
+            f"emsize={cfg['emsize']}, tied={cfg['tied']}, vocabulary {config.ntoken}) has {parameters:,} parameters, "
+            f"which need at least {needs / 1e9:.1f} GB for weights, gradients, optimizer state and the best model's "
+            f"copy, but {where}; make it smaller (nhid, emsize, nlayers, max_vocab)"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: Linux's MemAvailable, else free pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
