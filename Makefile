@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup train test clean
 
-# A torch already in .venv (e.g. the CPU-only wheel, README "Requirements") satisfies torch==2.13.0 and is kept.
+# A torch already in .venv (e.g. the CPU-only wheel, as the README shows) satisfies torch==2.13.0 and is kept.
 $(VENV)/.installed-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e .
