@@ -1,4 +1,4 @@
-"""The Python API (``wordlm.load``, ``wordlm.LanguageModel``) against the command line on one trained checkpoint.
+"""The Python API (``wordlm.train``, ``wordlm.load``, ``wordlm.LanguageModel``) against the command line.
 
 The CLI's ``generate`` and ``evaluate`` are thin clients of the API, so each figure and text is compared with
 what the scripts print in a subprocess, as a user would run them.
@@ -12,6 +12,7 @@ import re
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,4 +195,79 @@ def test_import_wordlm_and_the_api_import_no_sacred(trained):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.stdout == "ok\n", result.stderr
-    assert wordlm.__version__ and set(wordlm.__all__) == {"load", "LanguageModel", "UserError", "__version__"}
+    assert wordlm.__version__ and set(wordlm.__all__) == {
+        "load",
+        "LanguageModel",
+        "UserError",
+        "__version__",
+        "train",
+        "TrainingRun",
+        "PRESETS",
+    }
+
+
+# -- wordlm.train: the command line's training, from Python
+
+
+@pytest.fixture(scope="module")
+def api_run(trained):
+    """``wordlm.train`` with the smoke preset, two epochs, in a folder of its own (no observer: no runs/)."""
+    folder = trained["folder"] / "train"
+    folder.mkdir()
+    corpus = trained["folder"] / "corpus"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        run = wordlm.train(preset="smoke", dataset=str(corpus), epochs=2, seed=5, save="api.pt")
+    return {"run": run, "folder": folder, "corpus": corpus}
+
+
+def test_train_gives_the_tested_model_its_figures_and_history(api_run):
+    run, folder = api_run["run"], api_run["folder"]
+    assert isinstance(run, wordlm.TrainingRun) and isinstance(run.model, wordlm.LanguageModel)
+    valid = [value for _, value in run.history["valid.ppl"]]
+    assert [step for step, _ in run.history["valid.ppl"]] == [1, 2] and run.best_valid_ppl == min(valid)
+    assert run.history["test.ppl"][-1][1] == run.test_ppl and run.info["best_epoch"] in (1, 2)
+    assert run.checkpoint == Path("api.pt") and (folder / "api.pt").is_file() and (folder / "api.last.pt").is_file()
+    assert run.config["save_last"] == "api.last.pt" and run.config["epochs"] == 2 and run.config["emsize"] == 32
+    assert not (folder / "runs").exists()  # no Sacred observer unless asked for
+    # the returned model is the saved best one, and scores the test split as the run did
+    test_ppl = run.model.perplexity(api_run["corpus"] / "test.txt")
+    assert test_ppl == pytest.approx(run.test_ppl, rel=1e-9)
+    assert wordlm.load(folder / "api.pt").perplexity(api_run["corpus"] / "test.txt") == pytest.approx(test_ppl)
+
+
+def test_train_and_the_command_line_train_alike(api_run, tmp_path):
+    """The same keys and seed through ``main.py with`` give the same figures, bit for bit."""
+    result = run_cli("-F", "runs", "with", "smoke", f"dataset={api_run['corpus']}", "epochs=2", "seed=5",
+                     "save=cli.pt", cwd=tmp_path)  # fmt: skip
+    metrics = json.loads((tmp_path / "runs" / "1" / "metrics.json").read_text())
+    run = api_run["run"]
+    assert metrics["valid.ppl"]["values"] == [value for _, value in run.history["valid.ppl"]]
+    assert metrics["train.loss"]["values"] == [value for _, value in run.history["train.loss"]]
+    assert metrics["test.ppl"]["values"] == [run.test_ppl]
+    assert f"test ppl {run.test_ppl:8.2f}" in result.stdout
+
+
+def test_train_refuses_an_unknown_key_and_a_bad_value_as_the_command_line_does(tmp_path):
+    with pytest.raises(TypeError, match=r"'bptt_len' \(did you mean bptt\?\) is not a training key"):
+        wordlm.train(bptt_len=20)
+    with pytest.raises(TypeError, match="'words' is not a training key"):  # a generate key: not training's
+        wordlm.train(words=5)
+    with pytest.raises(wordlm.UserError, match="preset='zaremba' is not a preset; use one of zaremba_small"):
+        wordlm.train(preset="zaremba")
+    for keys in ({"lr": -1}, {"nonmono": 3, "optimizer": "adam"}, {"save": "same.pt", "save_last": "same.pt"}):
+        said = run_cli("-u", "with", "smoke", *(f"{k}={v}" for k, v in keys.items()), cwd=tmp_path, check=False)
+        message = said.stderr.strip().splitlines()[-1].removeprefix("error: ")
+        with pytest.raises(wordlm.UserError) as raised:
+            wordlm.train(preset="smoke", **keys)
+        assert said.returncode == 1 and str(raised.value) == message, keys
+
+
+def test_the_training_defaults_are_the_command_lines():
+    from wordlm.config import PRESETS, defaults
+
+    assert wordlm.PRESETS is PRESETS and PRESETS["smoke"]["emsize"] == 32
+    sacred = ex.run("print_config", options={"--loglevel": "ERROR", "--unobserved": True}).config
+    ours = defaults()
+    assert ours == {key: sacred[key] for key in ours}
+    assert defaults(save="x/b.pt")["save_last"] == "x/b.last.pt" and defaults(save="b")["save_last"] == "b.last.pt"

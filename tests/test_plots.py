@@ -10,6 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 import wordlm.experiment as experiment
+import wordlm.run
 from wordlm.plots import (
     LEARNING_CURVES_PNG,
     epochs_at_tokens,
@@ -121,7 +122,7 @@ def test_a_failing_plot_is_one_warning_line_and_the_run_completes(tiny_corpus, t
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts here\nsecond line of a long story")
 
-    monkeypatch.setattr(experiment, "plot_learning_curves", broken)
+    monkeypatch.setattr(wordlm.run, "plot_learning_curves", broken)
     with caplog.at_level(logging.WARNING):
         run = train_in_process(tiny_corpus, tmp_path, epochs=1)
     assert run.status == "COMPLETED" and math.isfinite(run.result)

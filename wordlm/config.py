@@ -44,6 +44,8 @@ def training_config():
     eval_batch_size = 10  # batch size of validation and test evaluation
     lr_decay = None  # multiply lr by this after each epoch from lr_decay_start on (None = lr / 4 on no improvement)
     lr_decay_start = 1  # the first epoch after which lr_decay applies
+    lr_schedule = None  # 'cosine': lr falls to 0 along a half cosine over the epochs, or over time_budget (None = off)
+    time_budget = None  # minutes to train (validation included): then the epoch under way ends early (None = no limit)
     init_range = None  # initialise every weight uniform(-r, r) (None = the classic init)
     # -- regularization and optimization of AWD-LSTM (Merity et al. 2017); all off by default
     locked_dropout = False  # variational dropout: one mask per sequence on inputs, between layers, on outputs
@@ -193,6 +195,12 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     if cfg["lr_decay"] is not None:
         check_positive_number("lr_decay", cfg["lr_decay"])
     check_positive_int("lr_decay_start", cfg["lr_decay_start"])
+    check_positive_number("time_budget", cfg["time_budget"], allow_none=True)
+    if cfg["lr_schedule"] not in (None, "cosine"):
+        raise UserError(f"lr_schedule={cfg['lr_schedule']!r} must be 'cosine' or None")
+    for other in ("lr_decay", "nonmono"):
+        if cfg["lr_schedule"] and cfg[other] is not None:
+            raise UserError(f"lr_schedule={cfg['lr_schedule']!r} and {other}={cfg[other]!r} both steer the lr; set one")
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         raise UserError(f"optimizer={cfg['optimizer']!r} must be 'sgd', 'adam' or 'adamw'")
     if isinstance(cfg["wdecay"], bool) or not isinstance(cfg["wdecay"], (int, float)) or not 0 <= cfg["wdecay"] < 1:

@@ -193,6 +193,8 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
         training_seconds=training_seconds,
         tokens_seen=state.tokens_seen,
         tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
+        time_budget_spent=trainer.budget_spent,
+        seconds_trained=state.seconds,  # over every session of a resumed run
     )
     if world.is_main:  # rank 0 records the run and writes the files
         _record(cfg, recorder, keeper, state, interrupted, test_ppl, log)

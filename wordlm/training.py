@@ -53,6 +53,7 @@ class TrainState:
     hidden: Hidden | None = None  # state carried into batch ``batch`` (None: start of an epoch)
     interval_loss: float | torch.Tensor = 0.0  # sum of batch losses since the last progress line
     interval_batches: int = 0
+    seconds: float = 0.0  # time spent training and validating, over every session of the run (time_budget's)
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (the hidden state as CPU tensors)."""
@@ -399,6 +400,9 @@ class TrainOptions:
     on_divergence: str = "stop"  # or "reload": the best model, lr / 4
     checkpoint_every: float | None = None  # minutes between writes of the latest state within an epoch
     anneal: float = 4.0  # without lr_decay, lr / anneal after an epoch that did not improve (the classic example)
+    lr: float = 20.0  # the initial lr: where lr_schedule="cosine" starts
+    lr_schedule: str | None = None  # "cosine": lr falls along a half cosine to 0 over the epochs or time_budget
+    time_budget: float | None = None  # minutes of training and validation; then the epoch ends and training stops
 
     @classmethod
     def from_config(cls, cfg: dict) -> TrainOptions:
@@ -406,6 +410,10 @@ class TrainOptions:
 
 
 MAX_RELOADS = 3  # on_divergence="reload" gives up after this many reloads in one run
+
+
+class _BudgetSpent(Exception):
+    """The time budget is spent: the epoch under way ends at this batch."""
 
 
 class Trainer:
@@ -418,6 +426,10 @@ class Trainer:
       With ``nonmono`` (NT-ASGD) and no ``lr_decay`` the lr is kept, before the switch and after (Merity et al. 2017);
     - the NT-ASGD switch to averaged SGD once validation is worse than the best before the last ``nonmono`` epochs
       (validation and the best model then use the average);
+    - the time budget: with ``time_budget``, training ends when its minutes (over every session of a resumed run)
+      are spent, keeping enough for one more validation: the epoch under way ends early, is validated, and the
+      best model is kept as after any epoch. With ``lr_schedule="cosine"`` the lr falls from ``lr`` to 0 along a
+      half cosine over the budget (else over the epochs), updated after every batch;
     - divergence: a NaN/inf loss stops with one line, or with ``on_divergence="reload"`` reloads the best model
       and divides the lr by 4 (at most ``MAX_RELOADS`` times);
     - stop requests: a signal to any rank stops every rank at the same batch (``KeyboardInterrupt``), ``state``
@@ -443,14 +455,20 @@ class Trainer:
         self.checkpoints, self.world, self.precision, self.stop = checkpoints, world, precision, stop
         self.log = log or (lambda *args: None)
         self._last_write = time.monotonic()
+        self.budget_spent = False  # whether the time budget ended training
+        self._clock = (time.perf_counter(), state.seconds, state.tokens_seen)  # this session's start
+        self._valid_seconds: float | None = None  # how long the last validation took
 
     def fit(self) -> TrainState:
-        """Train to the last epoch (or until a stop request, which propagates as ``KeyboardInterrupt``)."""
+        """Train to the last epoch or the time budget's end (a stop request propagates as ``KeyboardInterrupt``)."""
         state, options = self.state, self.options
-        while state.epoch <= options.epochs:
+        while state.epoch <= options.epochs and not self.budget_spent:
+            if self._budget_left() is not None and self._budget_left() <= 0:
+                self.budget_spent = True  # (a resumed run whose budget was spent)
+                break
             start = time.perf_counter()
             tokens_before = state.tokens_seen
-            set_lr(self.optimizer, state.lr)
+            self._schedule_lr()
             try:
                 train_epoch(
                     self.network, self.train_data, self.optimizer, state,
@@ -461,11 +479,15 @@ class Trainer:
             except Diverged as divergence:
                 self.recover(divergence)
                 continue
+            except _BudgetSpent:
+                self._end_early()
             train_seconds = time.perf_counter() - start
             with averaged_weights(self.optimizer):  # NT-ASGD: validation and the best model see the average
                 with self.stop.immediate() if self.stop is not None and self.world.size == 1 else nullcontext():
+                    valid_start = time.perf_counter()
                     val_loss, _ = evaluate_loss(self.network, self.valid_ids, options.eval_batch_size, options.bptt,
                                                 self.world)  # fmt: skip
+                    self._valid_seconds = self._agreed_clock(time.perf_counter() - valid_start)
                 seconds = time.perf_counter() - start
                 self.reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
                 if self.end_epoch(val_loss) and self.checkpoints is not None:
@@ -484,8 +506,8 @@ class Trainer:
         if options.lr_decay is not None:
             if state.epoch >= options.lr_decay_start:
                 state.lr *= options.lr_decay
-        elif not improved and not options.nonmono and not state.averaging:  # NT-ASGD keeps the lr (Merity et al.)
-            state.lr /= options.anneal
+        elif not improved and not options.nonmono and not state.averaging and not options.lr_schedule:
+            state.lr /= options.anneal  # (NT-ASGD keeps the lr, as Merity et al.; a cosine follows its curve)
         set_lr(self.optimizer, state.lr)
         history, patience = state.val_history, options.nonmono
         if patience and not state.averaging and len(history) > patience and val_loss > min(history[:-patience]):
@@ -522,17 +544,74 @@ class Trainer:
         state.interval_loss, state.interval_batches = 0.0, 0
 
     def after_batch(self) -> None:
-        """Stop every rank at this batch if any got a signal; write the latest state when ``checkpoint_every``
-        minutes have passed. Decided on values all ranks agree on."""
+        """Stop every rank at this batch if any got a signal, or end the epoch here if the time budget is spent;
+        write the latest state when ``checkpoint_every`` minutes have passed; set the next batch's lr. Decided
+        on values all ranks agree on."""
         every = self.options.checkpoint_every
         due = every is not None and time.monotonic() - self._last_write >= 60 * every
         requested = self.stop.requested if self.stop is not None else None
-        signum, due = self.world.agree(requested or 0, due)
+        started, seconds, _ = self._clock
+        signum, due, milliseconds = self.world.agree(
+            requested or 0, due, round(1000 * (seconds + time.perf_counter() - started))
+        )
+        self.state.seconds = milliseconds / 1000  # every rank's clock alike: the budget and lr follow it
         if signum:  # a signal landing after the agreement waits for the next batch
             self.stop.request(signum)
             raise KeyboardInterrupt(signal.Signals(signum).name)
+        left = self._budget_left()
+        if left is not None and left <= self._validation_estimate():
+            raise _BudgetSpent
         if due and self.checkpoints is not None:
             self.checkpoints.write_last(self)
+        if self.options.lr_schedule:
+            self._schedule_lr()
+
+    def _agreed_clock(self, valid_seconds: float) -> float:
+        """Bring ``state.seconds`` up to now after a validation, and return how long it took, as every rank sees
+        them (the slowest rank's)."""
+        started, seconds, _ = self._clock
+        now, valid = self.world.agree(
+            round(1000 * (seconds + time.perf_counter() - started)), round(1000 * valid_seconds)
+        )
+        self.state.seconds = now / 1000
+        return valid / 1000
+
+    def _budget_left(self) -> float | None:
+        """Seconds of the time budget left (None: no budget)."""
+        if self.options.time_budget is None:
+            return None
+        return 60 * self.options.time_budget - self.state.seconds
+
+    def _validation_estimate(self) -> float:
+        """Seconds the next validation will take: as long as the last one, or before any, a forward pass over the
+        validation tokens at a third of this session's training time per token."""
+        if self._valid_seconds is not None:
+            return self._valid_seconds
+        started, seconds, tokens = self._clock
+        trained = self.state.tokens_seen - tokens
+        return self.valid_ids.numel() * (self.state.seconds - seconds) / max(trained, 1) / 3
+
+    def _schedule_lr(self) -> None:
+        """The lr for the next batch: ``state.lr``, or where the cosine schedule has come to."""
+        state, options = self.state, self.options
+        if options.lr_schedule == "cosine":
+            if options.time_budget is not None:
+                progress = state.seconds / (60 * options.time_budget)
+            else:
+                progress = (state.epoch - 1 + state.position / max(self.train_data.size(0) - 1, 1)) / options.epochs
+            state.lr = options.lr * 0.25**state.divergences * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        set_lr(self.optimizer, state.lr)
+
+    def _end_early(self) -> None:
+        """The time budget is spent: this epoch ends here, to be validated like any other."""
+        self.budget_spent = True
+        self.reporter.close()
+        minutes = self.state.seconds / 60
+        self.reporter.write(f"| time budget spent ({minutes:.1f} of {self.options.time_budget:g} minutes): epoch "
+                            f"{self.state.epoch} ends at batch {self.state.batch} |")  # fmt: skip
+        if self.options.variable_bptt:
+            set_lr(self.optimizer, self.state.lr)
+        self.state.interval_loss, self.state.interval_batches = 0.0, 0
 
     def run(self) -> bool:
         """``fit``, with stop requests taken at batch boundaries. A stop ends training with the latest state
