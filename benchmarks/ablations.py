@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.evaluation import evaluate_loss  # noqa: E402
 from wordlm.model import ModelConfig, RNNModel, detach_hidden  # noqa: E402
 from wordlm.system import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, tune_cpu_allocator  # noqa: E402
-from wordlm.training import evaluate_loss  # noqa: E402
 
 GLIBC_DEFAULT_THRESHOLD = 128 << 10  # glibc's initial mmap threshold (set explicitly, it stays fixed)
 

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from wordlm import fused  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.evaluation import eval_chunk_tokens  # noqa: E402
 from wordlm.system import bfloat16_unavailable  # noqa: E402
-from wordlm.training import eval_chunk_tokens  # noqa: E402
 
 CONFIGS = {
     "default": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2, batch_size=32, bptt=35, lr=20.0, clip=0.25),
@@ -185,9 +185,10 @@ def worker(args) -> None:
         model = ClassicModel(ntoken, cfg["emsize"], cfg["nhid"], cfg["nlayers"], cfg["dropout"])
         train, evaluate = classic_train, classic_evaluate
     else:
+        from wordlm.evaluation import evaluate_loss
         from wordlm.model import ModelConfig, RNNModel
         from wordlm.system import tune_cpu_allocator
-        from wordlm.training import Precision, evaluate_loss
+        from wordlm.training import Precision
 
         if args.impl != "wordlm-no-allocator":
             tune_cpu_allocator()  # what `python main.py` does on a CPU

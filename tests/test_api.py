@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT, cli_env, cut_corpus, run_cli
 
 import wordlm
+from wordlm.evaluation import evaluate_text, perplexity
 from wordlm.experiment import error, ex
 
 # A BOM, CRLF and a lone CR, a blank line, a word WikiText-2 lacks (-> <unk>), and no line break at the end:
@@ -94,6 +95,21 @@ def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained):
 def test_perplexity_defaults_are_the_commands(lm, trained):
     result = cli(trained, "main.py", f"text={trained['text']}")
     assert f"{lm.perplexity(trained['text'].read_text(encoding='utf-8')):.2f}" == printed_ppl(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "keys", [{}, {"eval_batch_size": 4}, {"cache_window": 50}, {"dynamic_lr": 0.2, "bptt": 12}], ids=str
+)
+def test_evaluate_computes_what_the_api_does_to_the_last_bit(lm, trained, keys):
+    """The command's perplexity and run record are ``lm.perplexity`` of the file (and ``evaluate_text`` of its ids
+    for the cache pointer and dynamic evaluation), exactly."""
+    updates = {"checkpoint": str(trained["checkpoint"]), "text": str(trained["text"]), "device": "cpu", **keys}
+    run = ex.run("evaluate", config_updates=updates, options={"--loglevel": "ERROR", "--unobserved": True})
+    ids, _ = lm.tokenize(Path(trained["text"]))
+    loss, count, _ = evaluate_text(lm.model, ids, **keys)
+    assert run.result == run.info["ppl"] == perplexity(loss) and run.info["tokens"] == count
+    if "cache_window" not in keys and "dynamic_lr" not in keys:
+        assert run.result == lm.perplexity(Path(trained["text"]), **keys)
 
 
 def test_save_then_load_gives_the_same_model_that_the_commands_read(lm, trained, tmp_path):

@@ -16,9 +16,9 @@ from conftest import ROOT, cli_env, run_cli
 from test_reliability import read_until
 
 from wordlm.distributed import World
+from wordlm.evaluation import evaluate_loss
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.signals import StopRequests
-from wordlm.training import evaluate_loss
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
 VALID = re.compile(r"\| end of epoch +(\d+) \|.*\| valid loss +([\d.]+) \|")

@@ -1,4 +1,5 @@
-"""Scoring text with a checkpoint: every target exactly once, by hand; per-line scores; bad input."""
+"""The evaluate command: a text file or a split scored with a checkpoint, per-line scores, the cache pointer and
+dynamic evaluation, bad input in one line (the scoring itself is tests/test_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,11 @@ import math
 import pytest
 import torch
 from conftest import run_cli
+from test_evaluation import TEXT, VOCAB, context_free_model, hand_ids
 
 from wordlm.checkpoint import save_checkpoint
-from wordlm.data import EOS, UNK, Vocabulary
+from wordlm.data import EOS, Vocabulary
 from wordlm.experiment import error, ex
-from wordlm.generation import score_lines, target_log_probs
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import evaluate_loss
-
-# Blank line, a word the vocabulary lacks (-> <unk>), and lines of different lengths.
-TEXT = "the cat sat\n\non the mat with a hat\nthe zebra sat\na cat\n"
-VOCAB = ["hat", "a", "with", EOS, "sat", "on", "cat", UNK, "mat", "the"]  # not in the text's order
-
-
-def context_free_model(vocab: Vocabulary) -> RNNModel:
-    """A model whose next-word distribution is softmax(bias) whatever came before: decoder weight 0."""
-    torch.manual_seed(0)
-    model = RNNModel(ModelConfig(len(vocab), "GRU", emsize=6, nhid=6, nlayers=1, dropout=0.0, tied=False))
-    with torch.no_grad():
-        model.decoder.weight.zero_()
-        model.decoder.bias.copy_(torch.linspace(-2.0, 3.0, len(vocab)))  # a distinct probability per word
-    return model.eval()
-
-
-def hand_ids(text: str, vocab: Vocabulary) -> list[int]:
-    words = text.replace("\n", f" {EOS} ").split()
-    return [vocab.word2idx.get(word, vocab.word2idx[UNK]) for word in words]
 
 
 @pytest.fixture
@@ -50,41 +30,6 @@ def scored(tmp_path):
     per_target = [float(log_p[i]) for i in ids[1:]]  # the first token is context only
     return {"model": model, "vocab": vocab, "checkpoint": checkpoint, "text": text, "ids": ids,
             "per_target": per_target}  # fmt: skip
-
-
-@pytest.mark.parametrize("batch_size, bptt", [(1, 35), (1, 1), (3, 2), (4, 35), (5, 3), (30, 4), (1000, 35)])
-def test_every_target_is_scored_exactly_once(scored, batch_size, bptt):
-    """Against a hand sum over all N-1 targets: a skipped or doubled target changes the total."""
-    ids = torch.tensor(scored["ids"])
-    loss, count = evaluate_loss(scored["model"], ids, batch_size, bptt)
-    assert count == len(ids) - 1 == 18
-    assert loss * count == pytest.approx(-sum(scored["per_target"]), rel=1e-6)
-    per_token = target_log_probs(scored["model"], ids, batch_size, bptt)
-    assert per_token.tolist() == pytest.approx(scored["per_target"], rel=1e-6)  # in text order
-
-
-@pytest.mark.parametrize("model_type", ["LSTM", "RNN_RELU"])
-def test_per_token_scores_add_up_to_evaluate_loss_for_a_model_with_memory(model_type):
-    torch.manual_seed(1)
-    model = RNNModel(ModelConfig(20, model_type, emsize=8, nhid=8, nlayers=2, dropout=0.0, tied=True)).eval()
-    ids = torch.randint(0, 20, (103,))
-    for batch_size, bptt in ((1, 7), (4, 5), (10, 35)):
-        loss, count = evaluate_loss(model, ids, batch_size, bptt)
-        per_token = target_log_probs(model, ids, batch_size, bptt)
-        assert per_token.numel() == count == 102
-        assert float(per_token.sum()) == pytest.approx(-loss * count, rel=1e-6)  # loss sums float32 chunks
-
-
-def test_line_scores_split_the_total_by_line():
-    eos = 0
-    ids = torch.tensor([5, 6, eos, eos, 7, eos, 8])  # lines: "5 6", "", "7", "8" (no final <eos>)
-    log_probs = torch.tensor([-1.0, -2.0, -4.0, -8.0, -16.0, -32.0], dtype=torch.float64)
-    assert score_lines(ids, log_probs, eos) == [
-        {"line": 1, "tokens": 2, "logprob": -3.0},  # 6 and <eos>: the first token is context only
-        {"line": 2, "tokens": 1, "logprob": -4.0},
-        {"line": 3, "tokens": 2, "logprob": -24.0},
-        {"line": 4, "tokens": 1, "logprob": -32.0},
-    ]
 
 
 def test_cli_scores_a_text_file_with_line_scores(scored, tmp_path):
@@ -116,7 +61,10 @@ def test_dataset_split_is_scored_with_the_checkpoints_vocabulary(scored, tiny_co
 @pytest.mark.parametrize(
     "updates, fragment",
     [({"split": "dev"}, "split='dev' is not a split"), ({"text": "nowhere.txt"}, "nowhere.txt does not exist"),
-     ({"eval_batch_size": 0}, "eval_batch_size=0 must be"), ({"text": "empty.txt"}, "needs at least two")],
+     ({"eval_batch_size": 0}, "eval_batch_size=0 must be"), ({"text": "empty.txt"}, "needs at least two"),
+     ({"cache_window": -1}, r"^cache_window=-1 must be an integer >= 0$"),
+     ({"cache_lambda": 1.5}, r"^cache_lambda=1.5 must be a number between 0 and 1$"),
+     ({"dynamic_decay": -0.5}, r"^dynamic_decay=-0.5 must be a number >= 0$")],
 )  # fmt: skip
 def test_bad_evaluate_input_is_a_user_error(scored, tmp_path, monkeypatch, updates, fragment):
     monkeypatch.chdir(tmp_path)
@@ -136,3 +84,17 @@ def test_words_a_vocabulary_without_unk_cannot_score_are_one_error_line(tmp_path
         "error: t.txt: 1 tokens are not in the checkpoint's vocabulary, which has no <unk> to stand for them, "
         "so their probability is undefined; score text of the training corpus' vocabulary"
     ]
+
+
+def test_evaluate_command_options(tmp_path, tiny_corpus):
+    run_cli("with", "smoke", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    plain = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "eval_batch_size=1", "-u", cwd=tmp_path).stdout
+    cached = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=100", "cache_lambda=0.0", "-u",
+                     cwd=tmp_path).stdout  # fmt: skip
+    dynamic = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "dynamic_lr=0.5", "-u", cwd=tmp_path).stdout
+    ppl = lambda out: float(out.split("| ppl")[1].split()[0])  # noqa: E731
+    assert ppl(cached) == pytest.approx(ppl(plain), rel=1e-4) and "cache pointer (window 100" in cached
+    assert "dynamic evaluation (lr 0.5" in dynamic
+    both = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=5", "dynamic_lr=0.1", "-u",
+                   cwd=tmp_path, check=False)  # fmt: skip
+    assert both.returncode != 0 and "error: use the cache pointer" in both.stderr

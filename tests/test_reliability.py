@@ -19,8 +19,8 @@ from conftest import ROOT, cli_env, cut_corpus, read_until, run_cli
 
 from wordlm import checkpoint as checkpoint_module
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
-from wordlm.data import Vocabulary
 from wordlm.config import resumed_config
+from wordlm.data import Vocabulary
 from wordlm.model import ModelConfig, RNNModel
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")

@@ -1,4 +1,4 @@
-"""The training loop: loss falls, the learning rate anneals, runs repeat bit for bit, evaluation is exact."""
+"""The training loop: loss falls, the learning rate anneals, runs repeat bit for bit (evaluation: test_evaluation)."""
 
 import math
 from types import SimpleNamespace
@@ -9,8 +9,9 @@ from conftest import write_corpus
 
 from wordlm import training
 from wordlm.data import batchify, load_corpus
+from wordlm.evaluation import evaluate_loss
 from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Reporter, Trainer, TrainOptions, TrainState, evaluate_loss, make_optimizer, train_epoch
+from wordlm.training import Reporter, Trainer, TrainOptions, TrainState, make_optimizer, train_epoch
 
 
 def make_model(ntoken, seed=0, model_type="LSTM"):
@@ -101,55 +102,6 @@ def test_learning_rate_is_divided_by_four_when_validation_does_not_improve(tiny_
     ]  # the lr each epoch trained with
     assert state.lr == 1.25 and optimizer.param_groups[0]["lr"] == 1.25
     assert state.best_val_loss == 3.0 and state.best_epoch == 4 and state.epoch == 6
-
-
-def test_evaluation_covers_every_target_once_and_matches_a_direct_sum():
-    torch.manual_seed(0)
-    model = make_model(13).eval()
-    ids = torch.randint(13, (103,))
-    loss, count = evaluate_loss(model, ids, batch_size=4, bptt=7)
-    assert count == 102
-    # Direct computation: the same columns, each run in one piece from a zero state.
-    columns = [ids[j * 25 : j * 25 + 26] for j in range(4)] + [ids[100:]]
-    total = 0.0
-    with torch.no_grad():
-        for column in columns:
-            logits, _ = model(column[:-1].view(-1, 1), model.init_hidden(1))
-            total += torch.nn.functional.cross_entropy(logits.view(-1, 13), column[1:], reduction="sum").item()
-    assert loss == __import__("pytest").approx(total / 102, rel=1e-6)
-
-
-def test_evaluation_does_not_depend_on_its_chunk_size(monkeypatch):
-    torch.manual_seed(7)
-    model = make_model(17).eval()
-    ids = torch.randint(17, (401,))
-    reference, count = evaluate_loss(model, ids, batch_size=3)
-    monkeypatch.setattr(training, "EVAL_TOKENS", 7)  # many short chunks instead of one long one
-    chunked, chunked_count = evaluate_loss(model, ids, batch_size=3)
-    assert chunked_count == count == 400
-    assert chunked == __import__("pytest").approx(reference, rel=1e-6)
-
-
-def test_eval_chunks_keep_the_logits_buffer_bounded():
-    assert training.eval_chunk_tokens(10_000) == training.EVAL_TOKENS
-    assert training.eval_chunk_tokens(33_278) == training.EVAL_BUFFER_BYTES // (4 * 33_278)
-    assert training.eval_chunk_tokens(267_735) * 267_735 * 4 <= training.EVAL_BUFFER_BYTES
-    assert training.eval_chunk_tokens(10**9) == 64  # never fewer than 64 tokens
-
-
-def test_an_evaluation_pass_builds_the_decoders_augmented_weight_once(monkeypatch):
-    """Columns and tail, every chunk: one augmented copy of the decoder weight for the whole pass."""
-    import wordlm.fused as fused
-
-    built = []
-    original = fused._scaled_augmented
-    monkeypatch.setattr(fused, "_scaled_augmented", lambda w, b: built.append(1) or original(w, b))
-    monkeypatch.setattr(training, "EVAL_TOKENS", 7)  # many chunks
-    torch.manual_seed(3)
-    model = make_model(17).eval()
-    loss, count = evaluate_loss(model, torch.randint(17, (103,)), batch_size=4)  # 4 columns of 25 and a tail
-    assert count == 102 and math.isfinite(loss)
-    assert len(built) == 1
 
 
 # -- NT-ASGD, the lr schedules and the optimizers on real training runs

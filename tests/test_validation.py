@@ -10,8 +10,8 @@ from conftest import cut_corpus, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wordlm.errors import UserError
 from wordlm.config import validate_training_config
+from wordlm.errors import UserError
 from wordlm.experiment import ex
 from wordlm.model import ModelConfig
 

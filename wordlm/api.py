@@ -35,17 +35,10 @@ from wordlm.checks import (
 from wordlm.config import make_config
 from wordlm.data import EOS, Vocabulary
 from wordlm.errors import UserError
-from wordlm.generation import (
-    check_sampling_options,
-    format_samples,
-    generate_words,
-    score_lines,
-    target_log_probs,
-    tokenize_for_scoring,
-)
+from wordlm.evaluation import evaluate_text, perplexity, score_lines, target_log_probs, tokenize_for_scoring
+from wordlm.generation import check_sampling_options, format_samples, generate_words
 from wordlm.model import ModelConfig, RNNModel
 from wordlm.run import train_run
-from wordlm.training import evaluate_loss, perplexity
 
 Text = str | os.PathLike | torch.Tensor  # text itself, a UTF-8 file, or the ids ``LanguageModel.tokenize`` gave
 
@@ -207,7 +200,7 @@ class LanguageModel:
         check_positive_int("eval_batch_size", eval_batch_size)
         check_positive_int("bptt", bptt)
         ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)[0]
-        return evaluate_loss(self.model, ids, eval_batch_size, bptt)
+        return evaluate_text(self.model, ids, eval_batch_size=eval_batch_size, bptt=bptt)[:2]
 
     def perplexity(self, text: Text, eval_batch_size: int = 10, bptt: int = 35) -> float:
         """Perplexity of ``text``: the figure ``main.py evaluate with text=FILE`` prints for a file of it.
@@ -227,7 +220,7 @@ class LanguageModel:
         if EOS not in self.vocab:
             raise UserError(f"line_scores needs {EOS} in the checkpoint's vocabulary to find the lines; it has none")
         ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)[0]
-        return score_lines(ids, target_log_probs(self.model, ids, eval_batch_size, bptt), self.vocab.word2idx[EOS])
+        return score_lines(ids, target_log_probs(self.model, ids, eval_batch_size), self.vocab.word2idx[EOS])
 
     def score(self, lines: Iterable[str], eval_batch_size: int = 10, bptt: int = 35) -> list[float]:
         """Each line's total natural-log probability, its ``<eos>`` included, the lines read as one text.

@@ -1,10 +1,9 @@
 """Checks of values shared by the Python API and the command line, each raising one ``UserError`` line.
 
-Lives here: ``check_positive_int``, ``check_positive_number``, ``check_number_in``, ``check_seed``,
-``check_checkpoint_path``, ``check_readable_path``,
-``check_path``, ``check_output`` and ``write_output`` (every output path, by the one policy of ``wordlm.files``),
-``path_problem`` and ``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError``
-into its one-line ``error``.
+Lives here: ``check_positive_int``, ``check_positive_number``, ``check_number_in``, ``check_within_float32``,
+``check_seed``, ``check_checkpoint_path``, ``check_readable_path``, ``check_path``, ``check_output`` and
+``write_output`` (every output path, by the one policy of ``wordlm.files``), ``path_problem`` and
+``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError`` into its one-line ``error``.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ def check_positive_int(key: str, value, allow_none: bool = False) -> None:
 _FLOAT32 = torch.finfo(torch.float32)  # what the weights, and so every number multiplied into them, can hold
 
 
-def beyond_float32(key: str, value) -> None:
-    """A number the float32 training math would turn into inf or 0 is one line."""
+def check_within_float32(key: str, value) -> None:
+    """A number float32 holds (0, or between its smallest normal and its largest), else one line naming ``key``."""
     if value > _FLOAT32.max or 0 < value < _FLOAT32.smallest_normal:
         raise UserError(
             f"{key}={value!r} is beyond what float32 holds ({_FLOAT32.smallest_normal:.3g} to {_FLOAT32.max:.3g}): "
@@ -47,7 +46,7 @@ def check_positive_number(key: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise UserError(f"{key}={value!r} must be a positive, finite number" + (" or None" if allow_none else ""))
-    beyond_float32(key, value)
+    check_within_float32(key, value)
 
 
 def check_number_in(key: str, value, low: float = 0.0, high: float = float("inf"), integer: bool = False) -> None:
@@ -58,7 +57,7 @@ def check_number_in(key: str, value, low: float = 0.0, high: float = float("inf"
         bounds = f">= {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
         raise UserError(f"{key}={value!r} must be {what} {bounds}")
     if not integer:
-        beyond_float32(key, value)
+        check_within_float32(key, value)
 
 
 def check_seed(seed) -> None:

@@ -36,14 +36,12 @@ from wordlm.checks import (
     path_problem,
     write_output,
 )
-from wordlm.checks import check_number_in as _check_number_in
-from wordlm.checks import check_positive_int as _check_positive_int
 from wordlm.config import PRESETS, training_config
 from wordlm.corpora import resolve_dataset
 from wordlm.data import SPLITS, UNK
 from wordlm.distributed import launched_rank
 from wordlm.errors import UserError
-from wordlm.evaltime import cache_pointer_loss, dynamic_evaluation_loss
+from wordlm.evaluation import check_evaluation_options, evaluate_text, perplexity
 from wordlm.export import check_export_available, export_onnx
 from wordlm.generation import (
     check_sampling_options,
@@ -60,7 +58,6 @@ from wordlm.runs import (
     read_runs_dir,
     select_runs,
 )
-from wordlm.training import perplexity
 
 
 def _has_git_commit(path: str) -> bool:
@@ -316,14 +313,9 @@ def _evaluate(
     _run, _log, checkpoint, dataset, split, text, line_scores, eval_batch_size, bptt, device, cache_window,
     cache_theta, cache_lambda, dynamic_lr, dynamic_decay,
 ):  # fmt: skip
-    _check_positive_int("eval_batch_size", eval_batch_size)
-    _check_number_in("cache_window", cache_window, integer=True)  # 0: no cache
-    _check_number_in("cache_lambda", cache_lambda, high=1.0)
-    for key, value in (("cache_theta", cache_theta), ("dynamic_lr", dynamic_lr), ("dynamic_decay", dynamic_decay)):
-        _check_number_in(key, value)
-    if cache_window and (dynamic_lr or dynamic_decay):
-        raise UserError("use the cache pointer (cache_window) or dynamic evaluation (dynamic_lr), not both at once")
-    _check_positive_int("bptt", bptt)
+    options = dict(eval_batch_size=eval_batch_size, bptt=bptt, cache_window=cache_window, cache_theta=cache_theta,
+                   cache_lambda=cache_lambda, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay)  # fmt: skip
+    check_evaluation_options(**options)  # before any work
     if text is None and split not in SPLITS:
         raise UserError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
     check_checkpoint_path(checkpoint)
@@ -338,19 +330,10 @@ def _evaluate(
     reads = ((f"checkpoint={checkpoint!r}", checkpoint), (scored, path))
     scores_file = check_output("line_scores", line_scores, inputs=reads) if line_scores else None
     lm = load(checkpoint, device)
-    model = lm.model
     ids, unknown = lm.tokenize(path)
     if unknown:
         _log.info("%d of %d tokens are not in the checkpoint's vocabulary and were read as <unk>", unknown, len(ids))
-    if cache_window:
-        loss, count = cache_pointer_loss(model, ids, cache_window, cache_theta, cache_lambda)
-        method = f" | cache pointer (window {cache_window}, theta {cache_theta:g}, lambda {cache_lambda:g})"
-    elif dynamic_lr or dynamic_decay:
-        loss, count = dynamic_evaluation_loss(model, ids, bptt, dynamic_lr, dynamic_decay)
-        method = f" | dynamic evaluation (lr {dynamic_lr:g}, decay {dynamic_decay:g})"
-    else:
-        loss, count = lm.loss(ids, eval_batch_size, bptt)
-        method = ""
+    loss, count, method = evaluate_text(lm.model, ids, **options)
     ppl = perplexity(loss)
     print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}{method}", flush=True)
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)

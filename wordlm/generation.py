@@ -1,8 +1,7 @@
-"""What a trained model does with text: sample new text, and score given text token by token.
+"""Sampling new text from a trained model (scoring given text is ``wordlm.evaluation``).
 
 Lives here: ``check_sampling_options``, ``encode_prompt``, ``filter_logits``, ``sample_next``,
-``sample_ids``, ``generate_words``, ``format_samples``, ``tokenize_for_scoring``, ``target_log_probs``
-and ``score_lines``.
+``sample_ids``, ``generate_words`` and ``format_samples``.
 Must not import Sacred: every knob is an argument, and randomness comes from an optional
 ``torch.Generator`` (the global generator when it is ``None``).
 
@@ -10,22 +9,17 @@ Sampling keeps the recurrent state: the context (``<eos>`` and the prompt) runs 
 once, then each step feeds only the token just sampled, so a step costs the same at word 10 and at
 word 10,000. Samples run side by side as the columns of one batch.
 
-Shape letters: ``P`` context length, ``S`` steps sampled, ``B`` samples (columns), ``V`` vocabulary,
-``N`` tokens in a scored text.
+Shape letters: ``P`` context length, ``S`` steps sampled, ``B`` samples (columns), ``V`` vocabulary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from wordlm.data import EOS, UNK, Vocabulary, batchify_eval, get_batch, tokenize_file, tokenize_text
+from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.model import RNNModel
 
@@ -246,87 +240,3 @@ def format_samples(prompt: str, samples: list[list[str]]) -> str:
     if len(texts) > 1:
         texts = [f"--- sample {n} of {len(texts)} ---\n{text}" for n, text in enumerate(texts, 1)]
     return "".join(texts)
-
-
-def tokenize_for_scoring(source: str | os.PathLike, vocab: Vocabulary, ntoken: int) -> tuple[torch.Tensor, int]:
-    """Tokenize a text file, or text itself, with a checkpoint's vocabulary, which is never changed.
-
-    Args:
-        source: a path (``os.PathLike``) names a UTF-8 text file; a ``str`` is the text itself. Either is
-            tokenized as the training text was (``data.tokenize_file``): each line's words, then ``<eos>``.
-        vocab: the checkpoint's vocabulary; words it lacks become ``<unk>``.
-        ntoken: the model's vocabulary size; a word the model cannot score is an error.
-
-    Returns:
-        ``(ids, unknown)``: ``(N,)`` int64 ids and how many tokens became ``<unk>``.
-    """
-    if UNK not in vocab:  # tokenizing adds <unk> to the vocabulary it is given
-        vocab = Vocabulary.from_words(vocab.idx2word)
-    if isinstance(source, str):
-        name = "the text"
-        ids, unknown = tokenize_text(source, vocab)
-    else:
-        name = path = Path(source)
-        if not path.is_file():
-            raise UserError(f"{path} does not exist or is not a file; give a plain UTF-8 text file to score")
-        ids, unknown = tokenize_file(path, vocab, grow=False)
-    if len(vocab) > ntoken:  # <unk> was appended, a word the model never learned
-        raise UserError(
-            f"{name}: {unknown} tokens are not in the checkpoint's vocabulary, which has no {UNK} to stand for "
-            "them, so their probability is undefined; score text of the training corpus' vocabulary"
-        )
-    if ids.size < 2:
-        raise UserError(f"{name} has {ids.size} token(s); scoring needs at least two (the first is only context)")
-    return torch.from_numpy(ids.astype(np.int64)), unknown
-
-
-@torch.inference_mode()
-def target_log_probs(model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int) -> torch.Tensor:
-    """Log-probability (nats) of every token of ``ids`` (N,) but the first, in text order.
-
-    The text is laid out as ``training.evaluate_loss`` lays it out (``data.batchify_eval``), so each
-    value is that token's exact share of the loss ``evaluate_loss`` reports: their mean is ``-loss``.
-
-    Returns:
-        ``(N-1,)`` float64 log-probabilities; entry ``i`` scores ``ids[i + 1]``.
-    """
-    was_training = model.training
-    model.eval()
-    pieces = []
-    for source in batchify_eval(ids, batch_size):  # columns, then the tail
-        if source is None:
-            continue
-        hidden = model.init_hidden(source.size(1))
-        chunks = []
-        for i in range(0, source.size(0) - 1, bptt):
-            inputs, targets = get_batch(source, i, bptt)  # (T, B) each
-            logits, hidden = model(inputs, hidden)  # (T, B, V)
-            scores = F.log_softmax(logits.double(), dim=-1).gather(-1, targets.unsqueeze(-1))  # (T, B, 1)
-            chunks.append(scores.squeeze(-1))
-        pieces.append(torch.cat(chunks).t().reshape(-1))  # column after column is text order
-    model.train(was_training)
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=ids.device)
-
-
-def score_lines(ids: torch.Tensor, log_probs: torch.Tensor, eos_id: int) -> list[dict]:
-    """Sum per-token log-probabilities by line; a line's tokens are its words and its ``<eos>``.
-
-    Args:
-        ids: ``(N,)`` token ids of the text.
-        log_probs: ``(N-1,)`` from ``target_log_probs``; the text's first token is never a target, so
-            line 1 has one scored token fewer than it has tokens.
-        eos_id: the id of ``<eos>``.
-
-    Returns:
-        One dict per line: ``line`` (1-based), ``tokens`` (how many were scored) and ``logprob``
-        (their summed log-probability, nats).
-    """
-    ends = (ids == eos_id).long()  # (N,)
-    line_of = (ends.cumsum(0) - ends)[1:].cpu()  # (N-1,): the line of each target
-    lines = int(line_of[-1]) + 1 if line_of.numel() else 1
-    totals = torch.zeros(lines, dtype=torch.float64).index_add_(0, line_of, log_probs.cpu().double())
-    counts = torch.bincount(line_of, minlength=lines)
-    return [
-        {"line": n + 1, "tokens": int(count), "logprob": float(total)}
-        for n, (total, count) in enumerate(zip(totals, counts, strict=True))
-    ]

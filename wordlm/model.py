@@ -1,7 +1,7 @@
 """The recurrent language model: embedding → dropout → RNN/GRU/LSTM → dropout → linear decoder.
 
-Lives here: ``ModelConfig`` (what a checkpoint stores to rebuild the model), ``RNNModel`` and
-``detach_hidden``. Must not import Sacred. Every ``model_type`` branch of the project is in this file.
+Lives here: ``ModelConfig`` (what a checkpoint stores to rebuild the model), ``RNNModel``,
+``unwrap`` and ``detach_hidden``. Must not import Sacred. Every ``model_type`` branch of the project is in this file.
 
 Shape letters: ``T`` time steps, ``B`` batch, ``V`` vocabulary, ``E`` emsize, ``H`` nhid, ``L`` nlayers.
 """
@@ -290,6 +290,12 @@ def _fused_dtype(features: torch.Tensor) -> torch.dtype | None:
     if torch.get_autocast_dtype("cpu") == torch.bfloat16 and features.dtype in (torch.float32, torch.bfloat16):
         return torch.bfloat16
     return None
+
+
+def unwrap(model: nn.Module) -> RNNModel:
+    """The ``RNNModel`` inside ``torch.compile``'s and DistributedDataParallel's wrappers (or ``model`` itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

@@ -37,6 +37,7 @@ from wordlm.distributed import (
     stop_world,
 )
 from wordlm.errors import UserError, warn
+from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.export import check_export_available, export_onnx
 from wordlm.files import same_file
 from wordlm.model import ModelConfig, RNNModel
@@ -51,9 +52,7 @@ from wordlm.training import (
     TrainOptions,
     TrainState,
     averaging_optimizer,
-    evaluate_loss,
     make_optimizer,
-    perplexity,
     restore_rng_state,
 )
 

@@ -1,8 +1,9 @@
-"""Truncated-BPTT training and exact evaluation of a language model.
+"""Truncated-BPTT training of a language model.
 
 Lives here: ``TrainState`` (everything a resume needs besides weights), ``train_epoch`` (one pass of truncated
-BPTT), the ``Trainer`` (the loop and its policies: lr schedule, NT-ASGD, divergence, stops, checkpoints),
-``evaluate_loss`` and the console reporter. Must not import Sacred: every knob is an argument.
+BPTT), the ``Trainer`` (the loop and its policies: lr schedule, NT-ASGD, divergence, stops, checkpoints) and
+the console reporter; validation is ``wordlm.evaluation.evaluate_loss``. Must not import Sacred: every knob is
+an argument.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from wordlm.data import batchify_eval, get_batch
+from wordlm.data import get_batch
 from wordlm.distributed import SINGLE, World
 from wordlm.errors import UserError, warn
-from wordlm.fused import frozen_decoder
+from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.hidden import Hidden, map_hidden
-from wordlm.model import RNNModel, detach_hidden
+from wordlm.model import RNNModel, detach_hidden, unwrap
 
 MetricLogger = Callable[[str, float, int], None]
 BatchHook = Callable[[], None]
@@ -97,11 +98,6 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), or inf where that overflows."""
-    return math.exp(loss) if loss < 709 else math.inf
 
 
 class Reporter:
@@ -277,7 +273,7 @@ def train_epoch(
     model.train()
     total = count_batches(data.size(0), bptt, max_batches)
     if state.hidden is None:
-        state.hidden = _unwrapped(model).init_hidden(data.size(1))
+        state.hidden = unwrap(model).init_hidden(data.size(1))
     parameters = [p for p in model.parameters() if p.requires_grad]
     # The running loss stays on the device (no sync per batch); state holds the same tensor.
     interval_loss = torch.tensor(float(state.interval_loss), dtype=torch.float64, device=data.device)
@@ -320,61 +316,6 @@ def train_epoch(
     if variable_bptt:
         set_lr(optimizer, state.lr)
     state.interval_loss, state.interval_batches = 0.0, 0
-
-
-EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: matmul-sized, yet a modest buffer ...
-EVAL_BUFFER_BYTES = 128 << 20  # ... unless the (V, tokens) float32 buffer would pass this
-
-
-def eval_chunk_tokens(ntoken: int) -> int:
-    """Tokens per decoder call in evaluation: ``EVAL_TOKENS``, fewer for vocabularies so large that the
-    logits buffer would pass ``EVAL_BUFFER_BYTES`` (at least 64)."""
-    return max(64, min(EVAL_TOKENS, EVAL_BUFFER_BYTES // (4 * ntoken)))
-
-
-def _unwrapped(model: torch.nn.Module) -> RNNModel:
-    """The ``RNNModel`` inside ``torch.compile``'s and DistributedDataParallel's wrappers (or ``model`` itself)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-@torch.inference_mode()
-def evaluate_loss(
-    model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None, world: World = SINGLE
-) -> tuple[float, int]:
-    """Mean cross-entropy (nats per token) of ``ids`` (1-D) with every token but the first a target once.
-
-    The hidden state is carried through each column, so the result does not depend on how the columns
-    are cut into chunks (``bptt`` is accepted for symmetry with training and ignored): chunks of about
-    ``EVAL_TOKENS`` tokens keep the decoder's matrix products large. In a ``world`` of several processes
-    each rank scores its block of the ``batch_size`` columns (the last rank also the tail) and the sums
-    are added up: every rank returns the figure one process would, scoring each token once.
-
-    Returns:
-        ``(loss, targets)``: the mean loss and how many targets it covers (``len(ids) - 1``).
-    """
-    model = _unwrapped(model)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=ids.device)
-    count = 0
-    columns, tail = batchify_eval(ids, batch_size)
-    if columns is not None:
-        columns = columns[:, world.share(columns.size(1))]
-    with frozen_decoder():  # the weights stay as they are for the whole pass: columns and tail
-        for source in (columns, tail if world.rank == world.size - 1 else None):
-            if source is None or source.size(1) == 0:
-                continue
-            hidden = model.init_hidden(source.size(1))
-            steps = max(1, eval_chunk_tokens(model.config.ntoken) // source.size(1))
-            for i in range(0, source.size(0) - 1, steps):
-                inputs, targets = get_batch(source, i, steps)
-                features, hidden = model.features(inputs, hidden)
-                total += model.decoder_nll_sum(features, targets)
-                count += targets.numel()
-    model.train(was_training)
-    total, count = world.total(torch.stack([total, total.new_tensor(count)])).tolist()
-    return (total / count if count else math.nan), int(count)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
