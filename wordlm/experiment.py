@@ -63,7 +63,7 @@ from wordlm.generation import (
     encode_prompt,
     format_samples,
 )
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.model import TRANSFORMER, ModelConfig, build_model
 from wordlm.plots import LEARNING_CURVES_PNG, has_display, plot_learning_curves, plot_validation_curves
 from wordlm.runs import (
     SQL_LACKS,
@@ -133,9 +133,10 @@ def config():
     epochs = 40  # upper epoch limit
     log_interval = 200  # report interval
     lr = 20.0  # initial learning rate
-    model_type = "LSTM"  # type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU)
+    model_type = "LSTM"  # type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU) or Transformer
     nhid = 200  # number of hidden units per layer
     nlayers = 2  # number of layers
+    nhead = 2  # Transformer: attention heads (emsize divisible by it); nhid is its feed-forward width
     save = "model.pt"  # path to save the final model
     seed = 257  # the random seed for this experiment
     tied = True  # tie the word embedding and softmax weights
@@ -365,20 +366,21 @@ def validate_training_config(cfg: dict) -> ModelConfig:
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
-              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax")  # fmt: skip
+              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax", "nhead")  # fmt: skip
 
 
 def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:
     """The model's config from the config keys, or one line naming the bad key."""
     try:
-        return ModelConfig(ntoken, **{key: cfg[key] for key in MODEL_KEYS})
+        window = {"window": cfg["bptt"]} if cfg["model_type"] == TRANSFORMER else {}  # it attends over bptt words
+        return ModelConfig(ntoken, **{key: cfg[key] for key in MODEL_KEYS}, **window)
     except (ValueError, TypeError) as problem:
         raise UserError(str(problem)) from None
 
 
 # Keys that define the model or the batch layout: a resumed run must keep them.
 FIXED_ON_RESUME = ("dataset", "min_freq", "max_vocab", "batch_size", "bptt", "model_type", "emsize", "nhid",
-                   "nlayers", "tied", "tied_projection", "adaptive_softmax", "optimizer")  # fmt: skip
+                   "nlayers", "tied", "tied_projection", "adaptive_softmax", "optimizer", "nhead")  # fmt: skip
 
 
 def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:
@@ -487,7 +489,7 @@ def _check_memory(config: ModelConfig, cfg: dict, device: torch.device) -> None:
     one that fails cannot. The parameters are counted on the meta device, which allocates nothing.
     """
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in RNNModel(config).parameters())
+        parameters = sum(p.numel() for p in build_model(config).parameters())
     copies = 2 + {"adam": 2, "adamw": 2}.get(cfg["optimizer"], 0) + (cfg["nonmono"] is not None)  # weights, grads
     on_device, on_host = parameters * 4 * copies, parameters * 4  # + the host's copy of the best model
     if device.type == "cuda":
@@ -578,7 +580,7 @@ def _train(_run, _log, cfg: dict):
         )
     model_config = build_model_config(len(vocab), cfg)
     _check_memory(model_config, cfg, device)
-    model = RNNModel(model_config).to(device)
+    model = build_model(model_config).to(device)
     if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
         model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
