@@ -27,7 +27,7 @@ from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 # Modules only used through others: named here so that Sacred records them among the run's sources.
-from wordlm import __version__, cache, download, files, fused, hidden, regularize  # noqa: F401, E402
+from wordlm import __version__, cache, download, files, fused, hidden, regularize, transformer  # noqa: F401, E402
 from wordlm.api import load
 from wordlm.checkpoint import load_checkpoint, save_checkpoint
 from wordlm.checks import (
@@ -366,7 +366,8 @@ def validate_training_config(cfg: dict) -> ModelConfig:
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
-              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax", "nhead")  # fmt: skip
+              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax",
+              "nhead")  # fmt: skip
 
 
 def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:

@@ -142,7 +142,8 @@ class ModelConfig:
         }
         for key, (given, why) in refused.items():
             if given:
-                raise ValueError(f"{key}={getattr(self, key)!r} is for the RNNs ({why}); drop it for model_type=Transformer")
+                value = getattr(self, key)
+                raise ValueError(f"{key}={value!r} is for the RNNs ({why}); drop it for model_type=Transformer")
 
     def to_dict(self) -> dict:
         return asdict(self)
