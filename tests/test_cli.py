@@ -27,7 +27,7 @@ SPEC = {  # key: (default as printed, one-line doc) -- exactly the spec's
     "epochs": ("40", "upper epoch limit"),
     "log_interval": ("200", "report interval"),
     "lr": ("20.0", "initial learning rate"),
-    "model_type": ("'LSTM'", "type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU)"),
+    "model_type": ("'LSTM'", "type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU) or Transformer"),
     "nhid": ("200", "number of hidden units per layer"),
     "nlayers": ("2", "number of layers"),
     "save": ("'model.pt'", "path to save the final model"),

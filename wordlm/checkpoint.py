@@ -33,7 +33,7 @@ import torch
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.model import ModelConfig, RNNModel, build_model
 
 FORMAT_VERSION = 1
 
@@ -193,7 +193,7 @@ def model_from_checkpoint(payload: dict) -> tuple[RNNModel, Vocabulary]:
         UserError: the checkpoint's parts do not fit together (a damaged or hand-made file).
     """
     try:
-        model = RNNModel(ModelConfig(**payload["model_config"]))
+        model = build_model(ModelConfig(**payload["model_config"]))
         model.load_state_dict(payload["model_state"])
         vocab = Vocabulary(payload["vocab"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

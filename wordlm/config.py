@@ -17,7 +17,7 @@ from pathlib import Path
 
 from wordlm.checks import check_path, check_positive_int, check_positive_number
 from wordlm.errors import UserError
-from wordlm.model import ModelConfig
+from wordlm.model import TRANSFORMER, ModelConfig
 
 
 # The training keys, their defaults and one-line docs: a config scope (``print_config`` shows the comments), so
@@ -32,9 +32,10 @@ def training_config():
     epochs = 40  # upper epoch limit
     log_interval = 200  # report interval
     lr = 20.0  # initial learning rate
-    model_type = "LSTM"  # type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU)
+    model_type = "LSTM"  # type of recurrent net (RNN_TANH, RNN_RELU, LSTM, GRU) or Transformer
     nhid = 200  # number of hidden units per layer
     nlayers = 2  # number of layers
+    nhead = 2  # Transformer: attention heads (emsize divisible by it); nhid is its feed-forward width
     save = "model.pt"  # path to save the final model
     seed = 257  # the random seed for this experiment
     tied = True  # tie the word embedding and softmax weights
@@ -219,20 +220,22 @@ def validate_training_config(cfg: dict) -> ModelConfig:
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",
-              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax")  # fmt: skip
+              "dropouth", "dropoute", "wdrop", "alpha", "beta", "tied_projection", "adaptive_softmax",
+              "nhead")  # fmt: skip
 
 
 def build_model_config(ntoken: int, cfg: dict) -> ModelConfig:
     """The model's config from the config keys, or one line naming the bad key."""
     try:
-        return ModelConfig(ntoken, **{key: cfg[key] for key in MODEL_KEYS})
+        window = {"window": cfg["bptt"]} if cfg["model_type"] == TRANSFORMER else {}  # it attends over bptt words
+        return ModelConfig(ntoken, **{key: cfg[key] for key in MODEL_KEYS}, **window)
     except (ValueError, TypeError) as problem:
         raise UserError(str(problem)) from None
 
 
 # Keys that define the model or the batch layout: a resumed run must keep them.
 FIXED_ON_RESUME = ("dataset", "min_freq", "max_vocab", "batch_size", "bptt", "model_type", "emsize", "nhid",
-                   "nlayers", "tied", "tied_projection", "adaptive_softmax", "optimizer")  # fmt: skip
+                   "nlayers", "tied", "tied_projection", "adaptive_softmax", "optimizer", "nhead")  # fmt: skip
 
 
 def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -> dict:

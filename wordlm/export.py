@@ -15,7 +15,8 @@ generation (or scoring) one token at a time, exactly as ``generation.sample_ids`
 
 A layered model (locked dropout, weight drop, ``tied_projection``) keeps one state per layer, of its own
 width: its inputs are ``hidden_0`` (1, B, H_0), ``cell_0`` (LSTM only), ``hidden_1``, ... and its outputs
-the same names with ``_out``, layer by layer (``state_names`` lists them in order).
+the same names with ``_out``, layer by layer (``state_names`` lists them in order). The Transformer's
+state is its memory, ``hidden_0`` ... ``hidden_{L-1}`` (window - 1, B, E), zeros to start, as for training.
 
 ``B`` is dynamic. The model runs in eval mode (no dropout). The file's metadata holds the
 vocabulary (``wordlm.vocab``, a JSON list, index = id) and the model config (``wordlm.model_config``),

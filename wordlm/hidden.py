@@ -5,7 +5,8 @@ every module can import it.
 
 A hidden state has one of three shapes: a tensor (L, B, H) for RNN and GRU; the LSTM's pair ``(h, c)``
 of them; and, for the layered models (locked dropout, weight drop, a last layer of emsize units), a list
-with one such state per layer, each a tensor (1, B, H_l) or a pair of them. Whatever is done to a state
+with one such state per layer, each a tensor (1, B, H_l) or a pair of them. The Transformer's is a list too:
+per layer, its inputs at the last window - 1 positions (window - 1, B, E). Whatever is done to a state
 (detached, moved, saved, split among processes) is done to each of its tensors, keeping the shape.
 """
 

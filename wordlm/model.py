@@ -1,7 +1,9 @@
 """The recurrent language model: embedding → dropout → RNN/GRU/LSTM → dropout → linear decoder.
 
-Lives here: ``ModelConfig`` (what a checkpoint stores to rebuild the model), ``RNNModel``,
-``unwrap`` and ``detach_hidden``. Must not import Sacred. Every ``model_type`` branch of the project is in this file.
+Lives here: ``ModelConfig`` (what a checkpoint stores to rebuild the model), ``RNNModel``, ``build_model``
+(an ``RNNModel`` or, for ``model_type='Transformer'``, a ``wordlm.transformer.TransformerModel``), ``unwrap``
+and ``detach_hidden``. Must not import Sacred. Every ``model_type`` branch of the project is here or in
+``build_model``'s choice.
 
 Shape letters: ``T`` time steps, ``B`` batch, ``V`` vocabulary, ``E`` emsize, ``H`` nhid, ``L`` nlayers.
 """
@@ -19,12 +21,13 @@ from wordlm.fused import linear_cross_entropy, linear_nll_sum
 from wordlm.hidden import Hidden, map_hidden
 from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
 
-MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")  # the recurrent ones
+TRANSFORMER = "Transformer"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild an ``RNNModel``; stored in every checkpoint as a plain dict."""
+    """Everything needed to rebuild a model (``build_model``); stored in every checkpoint as a plain dict."""
 
     ntoken: int
     model_type: str = "LSTM"
@@ -46,6 +49,9 @@ class ModelConfig:
     # Adaptive softmax (Grave et al. 2017): cluster boundaries over the words sorted by frequency, e.g.
     # (2000, 10000); None is the full softmax. Its probabilities are exact and normalised.
     adaptive_softmax: tuple[int, ...] | None = None
+    # The Transformer's (model_type='Transformer'; the RNNs ignore them): nhid is its feed-forward width.
+    nhead: int = 2  # attention heads; emsize must be divisible by it
+    window: int = 35  # each word attends to itself and the window - 1 words before it (training sets bptt)
 
     @property
     def layered(self) -> bool:
@@ -63,9 +69,9 @@ class ModelConfig:
         return sizes
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
-        for key in ("ntoken", "emsize", "nhid", "nlayers"):
+        if self.model_type not in (*MODEL_TYPES, TRANSFORMER):
+            raise ValueError(f"model_type={self.model_type!r} is not one of {', '.join((*MODEL_TYPES, TRANSFORMER))}")
+        for key in ("ntoken", "emsize", "nhid", "nlayers", "nhead", "window"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
@@ -113,14 +119,47 @@ class ModelConfig:
                 )
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
-        if self.tied and self.emsize != self.nhid and not self.tied_projection:
+        if self.model_type == TRANSFORMER:
+            self._check_transformer()
+        elif self.tied and self.emsize != self.nhid and not self.tied_projection:
             raise ValueError(
                 f"tied=True needs emsize == nhid (got emsize={self.emsize}, nhid={self.nhid}); "
                 "set them equal, use tied=False, or tied_projection=True (the last layer gets emsize units)"
             )
 
+    def _check_transformer(self) -> None:
+        """Refuse what the Transformer cannot take, one line each (its decoder reads emsize-wide features, so
+        ``tied`` needs no ``emsize == nhid``)."""
+        if self.emsize % self.nhead:
+            raise ValueError(
+                f"emsize={self.emsize} must be divisible by nhead={self.nhead} (each head gets emsize / nhead "
+                "dimensions); change emsize or nhead"
+            )
+        refused = {
+            "wdrop": (self.wdrop > 0, "DropConnect on recurrent weights; the Transformer has none"),
+            "locked_dropout": (self.locked_dropout, "one dropout mask per sequence of recurrent steps"),
+            "tied_projection": (self.tied_projection, "its output is emsize wide already, so tied needs no projection"),
+        }
+        for key, (given, why) in refused.items():
+            if given:
+                value = getattr(self, key)
+                raise ValueError(f"{key}={value!r} is for the RNNs ({why}); drop it for model_type=Transformer")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model ``config`` describes: an ``RNNModel``, or a ``TransformerModel`` for ``model_type='Transformer'``.
+
+    Both offer the same interface to the rest of wordlm: ``config``, ``encoder``, ``forward``, ``features``,
+    ``scores``, ``decoder_loss``, ``decoder_nll_sum``, ``init_hidden`` and ``sort_words_by_frequency``.
+    """
+    if config.model_type == TRANSFORMER:
+        from wordlm.transformer import TransformerModel  # it builds on this module
+
+        return TransformerModel(config)
+    return RNNModel(config)
 
 
 class RNNModel(nn.Module):

@@ -40,7 +40,7 @@ from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.export import check_export_available, export_onnx
 from wordlm.files import same_file
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.model import ModelConfig, RNNModel, build_model
 from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
 from wordlm.runs import MetricHistory
 from wordlm.signals import StopRequests, ignore_termination
@@ -140,7 +140,7 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
     _not_a_corpus_file(cfg, folder)
     model_config = _model_config(cfg, corpus)
     _check_memory(model_config, cfg, device)
-    model = RNNModel(model_config).to(device)
+    model = build_model(model_config).to(device)
     if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
         model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
@@ -321,7 +321,7 @@ def _check_memory(config: ModelConfig, cfg: dict, device: torch.device) -> None:
     one that fails cannot. The parameters are counted on the meta device, which allocates nothing.
     """
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in RNNModel(config).parameters())
+        parameters = sum(p.numel() for p in build_model(config).parameters())
     copies = 2 + {"adam": 2, "adamw": 2}.get(cfg["optimizer"], 0) + (cfg["nonmono"] is not None)  # weights, grads
     on_device, on_host = parameters * 4 * copies, parameters * 4  # + the host's copy of the best model
     if device.type == "cuda":
