@@ -271,7 +271,14 @@ def test_train_refuses_an_unknown_key_and_a_bad_value_as_the_command_line_does(t
         wordlm.train(words=5)
     with pytest.raises(wordlm.UserError, match="preset='zaremba' is not a preset; use one of zaremba_small"):
         wordlm.train(preset="zaremba")
-    for keys in ({"lr": -1}, {"nonmono": 3, "optimizer": "adam"}, {"save": "same.pt", "save_last": "same.pt"}):
+    for keys in (
+        {"lr": -1},
+        {"nonmono": 3, "optimizer": "adam"},
+        {"save": "same.pt", "save_last": "same.pt"},
+        {"time_budget": 0},
+        {"lr_schedule": "cosine", "lr_decay": 0.5},
+        {"lr_schedule": "linear"},
+    ):
         said = run_cli("-u", "with", "smoke", *(f"{k}={v}" for k, v in keys.items()), cwd=tmp_path, check=False)
         message = said.stderr.strip().splitlines()[-1].removeprefix("error: ")
         with pytest.raises(wordlm.UserError) as raised:

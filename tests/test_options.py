@@ -316,3 +316,20 @@ def test_same_seed_same_losses_bit_for_bit_at_the_default_model_size(tmp_path, s
     assert same["train.loss"] == again["train.loss"] and same["valid.loss"] == again["valid.loss"]
     assert same["test.loss"] == again["test.loss"]
     assert [loss for _, loss in same["train.loss"]] != [loss for _, loss in other["train.loss"]]
+
+
+def test_time_budget_through_the_cli_ends_in_time_tests_records_and_resumes_counting_the_time_spent(
+    tmp_path, tiny_corpus
+):
+    keys = ["with", "smoke", f"dataset={tiny_corpus}", "max_batches=None", "epochs=1000", "log_interval=1000"]
+    first = run_cli("-F", "runs", *keys, "time_budget=0.1", cwd=tmp_path)  # 6 seconds
+    info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
+    run = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
+    assert run["status"] == "COMPLETED" and "| End of training | test loss" in first.stdout
+    assert "time budget spent" in first.stdout and info["time_budget_spent"] and info["best_epoch"] >= 1
+    assert 5 <= info["seconds_trained"] <= 6 + 2  # a batch and a validation of 900 tokens past the check at most
+    second = run_cli("-F", "runs", "with", "resume=model.last.pt", "time_budget=0.2", cwd=tmp_path)
+    again = json.loads((tmp_path / "runs" / "2" / "info.json").read_text())
+    assert "resumed from model.last.pt" in second.stderr and again["time_budget_spent"]
+    assert 11 <= again["seconds_trained"] <= 12 + 2  # the budget counts the first run's 6 seconds
+    assert again["tokens_seen"] > info["tokens_seen"] and again["training_seconds"] < 6 + 2

@@ -1,6 +1,9 @@
 """The training loop: loss falls, the learning rate anneals, runs repeat bit for bit (evaluation: test_evaluation)."""
 
+import dataclasses
 import math
+import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -272,3 +275,67 @@ def test_lr_decay_reaches_every_optimizer_and_each_lowers_the_loss(tiny_corpus, 
     assert state.lr == lr / 8 and optimizer.param_groups[0]["lr"] == lr / 8
     after, _ = evaluate_loss(model, corpus.valid, 10)
     assert after < before - 0.5
+
+
+class Clock:
+    """A ``time.perf_counter`` for training.py alone that moves ``step`` seconds at every reading: training time
+    as a count of the loop's events, the same on every machine."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_the_time_budget_ends_the_epoch_under_way_validates_it_and_stops(tiny_corpus, monkeypatch):
+    corpus = load_corpus(tiny_corpus)
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=Clock(0.25), monotonic=time.monotonic))
+    model = make_model(len(corpus.vocab))
+    reporter, saved = Recorder(), []
+    options = TrainOptions(epochs=100, bptt=10, clip=0.25, eval_batch_size=10, log_interval=1000, time_budget=0.5)
+    trainer = Trainer(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(model.parameters(), lr=20.0),
+                      TrainState(lr=20.0), options, reporter=reporter, checkpoints=BestEpochs(saved))  # fmt: skip
+    state = trainer.fit()
+    per_epoch = training.count_batches(batchify(corpus.train, 8).size(0), 10)
+    assert trainer.budget_spent and 1 < state.epoch < 100
+    valid = [step for name, _, step in reporter.metrics if name == "valid.loss"]
+    assert valid == list(range(1, state.epoch))  # every epoch validated, the cut one too
+    assert state.seconds <= 30 + 4 * 0.25  # within the budget (to the clock's readings), the last validation included
+    (line,) = [line for line in reporter.lines if "time budget spent" in line]
+    batch = int(re.search(r"ends at batch (\d+)", line).group(1))
+    assert 0 < batch < per_epoch  # the epoch under way ended early
+    # resumed with the same budget, what is left is a batch or so; with more, training goes on from there
+    again = Trainer(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(model.parameters(), lr=20.0),
+                    state, options, reporter=Recorder())  # fmt: skip
+    seen = state.tokens_seen
+    again.fit()
+    assert again.budget_spent and state.tokens_seen - seen <= 2 * 8 * 10 and state.seconds <= 30 + 4 * 0.25
+    seen = state.tokens_seen
+    more = Trainer(model, batchify(corpus.train, 8), corpus.valid, torch.optim.SGD(model.parameters(), lr=20.0),
+                   state, dataclasses.replace(options, time_budget=1.0), reporter=Recorder())  # fmt: skip
+    more.fit()
+    assert more.budget_spent and state.tokens_seen > seen and 30 < state.seconds <= 60 + 4 * 0.25  # (4 readings)
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_the_cosine_schedule_falls_from_lr_to_zero_over_the_epochs_or_over_the_budget(tiny_corpus, monkeypatch, budget):
+    corpus = load_corpus(tiny_corpus)
+    data = batchify(corpus.train, 8)
+    if budget:
+        monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=Clock(0.05), monotonic=time.monotonic))
+    model = make_model(len(corpus.vocab))
+    optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
+    used = []
+    step = optimizer.step
+    optimizer.step = lambda: (used.append(optimizer.param_groups[0]["lr"]), step())
+    options = TrainOptions(epochs=3 if budget is None else 100, bptt=10, clip=0.25, log_interval=1000, lr=20.0,
+                           lr_schedule="cosine", time_budget=budget)  # fmt: skip
+    Trainer(model, data, corpus.valid, optimizer, TrainState(lr=20.0), options, reporter=Recorder()).fit()
+    assert used[0] == 20.0 and all(later <= earlier for earlier, later in zip(used, used[1:]))
+    assert used[-1] < 0.5 and any(abs(lr - 10.0) < 1.0 for lr in used)  # passes the midpoint on its way to 0
+    if budget is None:
+        assert len(used) == 3 * training.count_batches(data.size(0), 10)
+        middle = used[len(used) // 2]  # the step at half the epochs: lr / 2
+        assert middle == pytest.approx(10.0, abs=20 * math.pi / len(used))
