@@ -13,9 +13,10 @@ from test_distributed import LOSS, TEST_PPL, VALID, figures, torchrun, weights
 from test_reliability import losses, popen, same_weights
 
 import wordlm
-from wordlm import training
+from wordlm import evaluation
 from wordlm.checkpoint import load_checkpoint
-from wordlm.generation import sample_ids, target_log_probs
+from wordlm.evaluation import target_log_probs
+from wordlm.generation import sample_ids
 from wordlm.model import ModelConfig, build_model, detach_hidden
 from wordlm.training import Precision, Reporter, TrainState, evaluate_loss, train_epoch
 from wordlm.transformer import TransformerModel
@@ -73,12 +74,12 @@ def test_evaluation_scores_every_target_once_however_the_columns_are_cut(monkeyp
     ids = torch.randint(0, V, (203,))
     figures = []
     for tokens in (1024, 64, 7):
-        monkeypatch.setattr(training, "EVAL_TOKENS", tokens)
+        monkeypatch.setattr(evaluation, "EVAL_TOKENS", tokens)
         figures.append(evaluate_loss(model, ids, batch_size=3))
     assert all(count == 202 for _, count in figures)
     assert figures[1][0] == pytest.approx(figures[0][0], rel=1e-6)
     assert figures[2][0] == pytest.approx(figures[0][0], rel=1e-6)
-    per_token = target_log_probs(model, ids, batch_size=3, bptt=5)  # another cut: bptt-long chunks
+    per_token = target_log_probs(model, ids, batch_size=3)  # another cut: its own chunks
     assert per_token.numel() == 202 and -per_token.mean().item() == pytest.approx(figures[0][0], rel=1e-6)
 
 
