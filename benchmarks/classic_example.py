@@ -25,7 +25,9 @@ from wordlm.corpora import resolve_dataset
 from wordlm.data import batchify, get_batch, load_corpus
 
 
-def train_epoch(model, data, bptt, lr, clip, log_interval=200) -> None:
+def train_epoch(model, data, bptt, lr, clip, log_interval=200, should_stop=None) -> int:
+    """One epoch of the classic loop; with ``should_stop`` (called with the batches done) it ends at the first
+    batch where that says so. Returns the batches trained."""
     criterion = torch.nn.NLLLoss()
     model.train()
     hidden = model.init_hidden(data.size(1))
@@ -45,6 +47,9 @@ def train_epoch(model, data, bptt, lr, clip, log_interval=200) -> None:
             ms = (time.perf_counter() - start) * 1000 / log_interval
             print(f"| batch {batch:5d} | lr {lr:g} | ms/batch {ms:6.1f} | loss {total / log_interval:5.2f}", flush=True)
             total, start = 0.0, time.perf_counter()
+        if should_stop is not None and should_stop(batch):
+            return batch
+    return len(range(0, data.size(0) - 1, bptt))
 
 
 def main() -> None:

@@ -1,0 +1,26 @@
+"""benchmarks/budget.py runs both sides for the same short budget and writes the record RESULTS.md reads."""
+
+import json
+
+from conftest import cut_corpus, run_cli
+
+
+def test_the_budget_benchmark_trains_both_for_the_budget_and_writes_its_record(tmp_path):
+    corpus = cut_corpus(tmp_path / "corpus", lines=(300, 60, 60))
+    out = tmp_path / "runs" / "budget.json"
+    result = run_cli("--minutes", "0.15", "--dataset", str(corpus), "--preset", "smoke", "--out", str(out),
+                     "max_batches=None", "optimizer=adam", "lr=0.003", "lr_schedule=cosine",
+                     cwd=tmp_path, script="benchmarks/budget.py", timeout=600)  # fmt: skip
+    record = json.loads(out.read_text())
+    for key in ("minutes", "dataset", "cpu", "torch", "classic_test_ppl", "classic_epochs", "wordlm_test_ppl",
+                "wordlm_epochs", "wordlm_config", "commit"):  # fmt: skip
+        assert record[key] is not None, key
+    assert record["minutes"] == 0.15 and record["wordlm_preset"] == "smoke"
+    assert 1 < record["classic_test_ppl"] < 5000 and 1 < record["wordlm_test_ppl"] < 5000
+    assert record["classic_epochs"] > 0 and record["wordlm_epochs"] > 0
+    for side in ("classic_seconds", "wordlm_seconds"):  # each within its 9 seconds, to a batch and a validation
+        assert 5 < record[side] <= 9 + 3, side
+    config = record["wordlm_config"]  # what differs from the defaults: the preset's keys, the given ones, the budget
+    assert config["emsize"] == 32 and config["optimizer"] == "adam" and config["lr_schedule"] == "cosine"
+    assert config["time_budget"] == 0.15 and "max_batches" not in config and "save" not in config
+    assert f"record in {out}" in result.stdout.splitlines()[-1]
