@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 
 from wordlm.data import Vocabulary
+from wordlm.distributed import rank_rng_state
 from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
 from wordlm.model import ModelConfig, RNNModel, build_model
+from wordlm.training import TrainState, averaging_optimizer, make_optimizer, restore_rng_state
 
 FORMAT_VERSION = 1
 
@@ -210,9 +212,9 @@ def model_from_checkpoint(payload: dict) -> tuple[RNNModel, Vocabulary]:
 
 
 class CheckpointKeeper:
-    """The checkpoints of one training run: the best model (``save``), the latest state (``save_last``), and the
-    model at a stop before any epoch finished. Every rank calls the ``write_*`` methods (they gather each rank's
-    columns and random streams); rank 0 writes.
+    """The checkpoints of one training run: the best model (``save``), the latest state (``save_last``), the
+    model at a stop before any epoch finished, and the resume from one of them (``restore``). Every rank calls
+    the ``write_*`` methods (they gather each rank's columns and random streams); rank 0 writes.
 
     A failed write is one warning line and leaves the previous file in place: training goes on. The best weights
     are also kept in memory, on the CPU (``best_weights``), for the final test and a reload after a divergence.
@@ -225,6 +227,37 @@ class CheckpointKeeper:
         self.best_weights: dict | None = None
         self.written: tuple[int, int] | None = None  # identity of the file this run last wrote to save ...
         self.written_meta = meta  # ... and the meta it holds
+
+    def restore(self, payload: dict, cfg: dict, modified: set[str]) -> tuple:
+        """Resume from a checkpoint's payload: its weights into the model, its optimizer state, its training state
+        (position, hidden state, lr, history) and random streams, and the best model so far from ``save``.
+
+        Returns:
+            ``(state, optimizer, own_rng)``: the ``TrainState``, the optimizer to go on with, and whether this
+            rank goes on with the random stream it saved (else ``split_rng_streams`` must follow).
+        """
+        if payload["vocab"] != self.vocab.idx2word:
+            raise UserError(
+                f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)"
+            )
+        model = self.model
+        model.load_state_dict(payload["model_state"])
+        state = TrainState.from_dict(payload["training"]["state"], next(model.parameters()).device)
+        optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
+        if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
+            state.averaging, state.val_history = True, []
+            optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+        else:
+            if state.averaging:
+                optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
+            optimizer.load_state_dict(payload["training"]["optimizer"])
+        state.hidden = self.world.take_columns(state.hidden)  # the checkpoint holds every column's state
+        if "lr" in modified:
+            state.lr = cfg["lr"]
+        rng, own_rng = rank_rng_state(payload["training"], self.world)
+        restore_rng_state(rng)
+        self.resume_best(state.best_epoch)
+        return state, optimizer, own_rng
 
     def resume_best(self, best_epoch: int) -> None:
         """A resumed run's best model so far: from ``save``, if that file holds the epoch the state names."""

@@ -31,7 +31,6 @@ from wordlm.distributed import (
     launched_size,
     lost_contact,
     lost_contact_message,
-    rank_rng_state,
     split_rng_streams,
     start_world,
     stop_world,
@@ -51,9 +50,7 @@ from wordlm.training import (
     Trainer,
     TrainOptions,
     TrainState,
-    averaging_optimizer,
     make_optimizer,
-    restore_rng_state,
 )
 
 
@@ -148,7 +145,7 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
     keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
     state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
     if payload is not None:
-        state, optimizer, own_rng = _resume(cfg, modified, payload, corpus, model, world, keeper)
+        state, optimizer, own_rng = keeper.restore(payload, cfg, modified)
         log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
     if not own_rng:
         split_rng_streams(world)  # ranks > 0: dropout masks of their own
@@ -226,33 +223,6 @@ def _model_config(cfg: dict, corpus: Corpus) -> ModelConfig:
             f"but the training split has {corpus.train.numel()}; lower batch_size"
         )
     return build_model_config(len(corpus.vocab), cfg)
-
-
-def _resume(cfg, modified, payload, corpus, model, world, keeper) -> tuple[TrainState, torch.optim.Optimizer, bool]:
-    """Load a checkpoint's weights, optimizer, state and random streams; returns the state, the optimizer, and
-    whether this rank goes on with the random stream it saved."""
-    if payload["vocab"] != corpus.vocab.idx2word:
-        raise UserError(
-            f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)"
-        )
-    device = next(model.parameters()).device
-    model.load_state_dict(payload["model_state"])
-    state = TrainState.from_dict(payload["training"]["state"], device)
-    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
-    if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
-        state.averaging, state.val_history = True, []
-        optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
-    else:
-        if state.averaging:
-            optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
-        optimizer.load_state_dict(payload["training"]["optimizer"])
-    state.hidden = world.take_columns(state.hidden)  # the checkpoint holds every column's state
-    if "lr" in modified:
-        state.lr = cfg["lr"]
-    rng, own_rng = rank_rng_state(payload["training"], world)
-    restore_rng_state(rng)
-    keeper.resume_best(state.best_epoch)
-    return state, optimizer, own_rng
 
 
 def _record(cfg, recorder: Recorder, keeper: CheckpointKeeper, state, interrupted, test_ppl, log) -> None:
