@@ -339,3 +339,10 @@ def test_the_cosine_schedule_falls_from_lr_to_zero_over_the_epochs_or_over_the_b
         assert len(used) == 3 * training.count_batches(data.size(0), 10)
         middle = used[len(used) // 2]  # the step at half the epochs: lr / 2
         assert middle == pytest.approx(10.0, abs=20 * math.pi / len(used))
+
+
+def test_progress_lines_show_small_learning_rates_instead_of_zero():
+    reporter = Recorder()
+    for lr in (20.0, 0.001):
+        reporter.interval(TrainState(lr=lr, batch=200), 1865, 12.5, 5.0)
+    assert [line.split(" | ")[2] for line in reporter.lines] == ["lr 20.00", "lr 1.0e-03"]

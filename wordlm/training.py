@@ -127,7 +127,7 @@ class Reporter:
 
     def interval(self, state: TrainState, total: int, ms_per_batch: float, loss: float) -> None:
         self.write(
-            f"| epoch {state.epoch:3d} | {state.batch:5d}/{total:5d} batches | lr {state.lr:02.2f} | "
+            f"| epoch {state.epoch:3d} | {state.batch:5d}/{total:5d} batches | lr {_lr_text(state.lr)} | "
             f"ms/batch {ms_per_batch:5.2f} | loss {loss:5.2f} | ppl {perplexity(loss):8.2f}"
         )
         self.log_metric("train.loss", loss, state.tokens_seen)
@@ -153,6 +153,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _lr_text(lr: float) -> str:
+    """The classic example's ``02.2f``, or for the small lrs of Adam and a cosine's tail, two significant digits."""
+    return f"{lr:02.2f}" if lr >= 0.01 or lr == 0 else f"{lr:.1e}"
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
