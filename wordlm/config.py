@@ -160,15 +160,18 @@ def make_config(preset: str | None = None, **keys) -> tuple[dict, set[str]]:
     known = defaults()
     unknown = [key for key in keys if key not in known]
     if unknown:
-        said = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
-            said.append(f"{key!r}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
+        said = [f"{key!r}{did_you_mean(key, known)}" for key in unknown]
         raise TypeError(
             f"{' and '.join(said)} {'is not a training key' if len(said) == 1 else 'are not training keys'}"
         )
     chosen = {**(PRESETS[preset] if preset else {}), **keys}
     return defaults(**chosen), set(chosen)
+
+
+def did_you_mean(key: str, known) -> str:
+    """`` (did you mean a or b?)`` naming the known keys nearest to a mistyped ``key``, or nothing."""
+    near = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
 def validate_training_config(cfg: dict) -> ModelConfig:

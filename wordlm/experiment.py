@@ -6,7 +6,6 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from wordlm.checks import (
     path_problem,
     write_output,
 )
-from wordlm.config import PRESETS, training_config
+from wordlm.config import PRESETS, did_you_mean, training_config
 from wordlm.corpora import resolve_dataset
 from wordlm.data import SPLITS, UNK
 from wordlm.distributed import launched_rank
@@ -141,12 +140,7 @@ def _refuse_unknown_keys(config, command_name, logger):
     known = _known_keys()
     unknown = [key for key in config if key not in known]
     if unknown:
-        said = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
-            said += [
-                leaf + (f" (did you mean {' or '.join(near)}?)" if near else "") for leaf in _leaves(key, config[key])
-            ]
+        said = [leaf + did_you_mean(key, known) for key in unknown for leaf in _leaves(key, config[key])]
         raise error(
             f"{' and '.join(said)} {'is not a config key' if len(said) == 1 else 'are not config keys'}; "
             "`python main.py print_config` lists every key"
