@@ -55,7 +55,7 @@ def commit() -> str | None:
 
 def classic_for(minutes: float, folder: Path) -> dict:
     """The classic example's run, cut at ``minutes`` of training and validation (kept for one more validation,
-    estimated as wordlm's ``time_budget`` does: the last one's time, or before any a third of the training time
+    estimated as wordlm's ``time_budget`` does: the last one's time, or before any half the training time
     per token over the validation tokens)."""
     torch.manual_seed(1111)
     corpus = load_corpus(folder)
@@ -69,7 +69,7 @@ def classic_for(minutes: float, folder: Path) -> dict:
     def should_stop(batch: int) -> bool:
         now = time.perf_counter()
         trained = epochs * batches + batch  # batches so far
-        reserve = valid_seconds or corpus.valid.numel() * (now - started) / (trained * 20 * 35) / 3
+        reserve = valid_seconds or corpus.valid.numel() * (now - started) / (trained * 20 * 35) / 2
         return now + reserve >= deadline
 
     while time.perf_counter() < deadline - (valid_seconds or 0.0):
