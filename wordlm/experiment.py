@@ -21,7 +21,20 @@ from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 # Modules only used through others: named here so that Sacred records them among the run's sources.
-from wordlm import __version__, cache, data, download, files, fused, hidden, regularize, signals, system, transformer  # noqa: F401
+from wordlm import (  # noqa: F401
+    __version__,
+    cache,
+    data,
+    download,
+    files,
+    fused,
+    hidden,
+    regularize,
+    signals,
+    system,
+    training,
+    transformer,
+)  # fmt: skip
 from wordlm import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)
 from wordlm import model as _model_module  # noqa: F401
 from wordlm.api import load
