@@ -216,6 +216,11 @@ def test_a_run_on_the_shipped_copy_resumes_elsewhere_and_after_the_cache_is_gone
     merged = resumed_config(config, {"resume"}, payload, "model.last.pt")
     assert merged["dataset"] == "./data" and resolve_dataset(merged["dataset"]) == folder
     assert sha256(folder / "train.txt") == SOURCES["wikitext-2"]["train.txt"][1]
+    # the corpus named as it is found: the same folder, not a change of dataset
+    typed = resumed_config({**config, "dataset": "wikitext-2"}, {"resume", "dataset"}, payload, "model.last.pt")
+    assert typed["dataset"] == "wikitext-2" and resolve_dataset(typed["dataset"]) == folder
+    with pytest.raises(UserError, match=r"resume cannot change dataset='penn' \(checkpoint: './data'\)"):
+        resumed_config({**config, "dataset": "penn"}, {"resume", "dataset"}, {**payload}, "model.last.pt")
 
 
 def test_a_dataset_that_cannot_be_looked_at_is_one_line_from_the_library_too(tmp_path):

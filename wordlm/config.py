@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from wordlm.checks import check_path, check_positive_int, check_positive_number
+from wordlm.corpora import resolve_dataset
 from wordlm.errors import UserError
 from wordlm.model import TRANSFORMER, ModelConfig
 
@@ -264,7 +265,17 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
 
 
 def _same_folder(path: str, other: str | None) -> bool:
+    """Whether the dataset ``path`` (a folder, or a corpus name such as ``wikitext-2``) is the folder ``other``."""
+    if other is None:
+        return False
     try:
-        return other is not None and os.path.samefile(Path(path).expanduser(), other)
+        if os.path.samefile(Path(path).expanduser(), other):
+            return True
     except OSError:
+        pass
+    if not Path(other).is_dir():
+        return False
+    try:  # a corpus name: where it is found (the shipped copy unpacked, ./data/NAME, $WORDLM_DATA/NAME)
+        return os.path.samefile(resolve_dataset(path), other)
+    except (UserError, OSError):
         return False
