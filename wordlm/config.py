@@ -114,12 +114,20 @@ AWD_LSTM_PTB = dict(
 # Merity et al. 2017 on WikiText-2: test 66.0 (65.8 after fine-tuning, 52.0 with the cache pointer).
 AWD_LSTM_WT2 = {**AWD_LSTM_PTB, **dict(dataset="wikitext-2", dropouti=0.65, dropouth=0.2, batch_size=80,
                                        epochs=750, seed=1882)}  # fmt: skip
+# The best WikiText-2 model found for 30 minutes on a 2-core CPU (docs/RESULTS.md, "30 minutes on 2 cores"): a
+# 2x400 LSTM with an adaptive softmax (Grave et al. 2017; its cheap decoder buys ~3x the tokens of the full
+# softmax), the lr falling along a half cosine over the budget. Add amp="bf16" on a CPU with AVX-512 BF16 or AMX.
+BUDGET_WT2 = dict(
+    dataset="wikitext-2", emsize=400, nhid=400, dropout=0.3, tied=False, adaptive_softmax=[2000, 10000],
+    lr_schedule="cosine", time_budget=30, epochs=1000,
+)  # fmt: skip
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
 SMOKE = dict(emsize=32, nhid=32, nlayers=1, batch_size=8, bptt=10, epochs=1, max_batches=20, log_interval=10)
 PRESETS = {
     "zaremba_small": ZAREMBA_SMALL, "zaremba_medium": ZAREMBA_MEDIUM, "zaremba_large": ZAREMBA_LARGE,
     "press_wolf_large_tied": PRESS_WOLF_LARGE_TIED, "inan_medium_tied": INAN_MEDIUM_TIED,
-    "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2, "smoke": SMOKE,
+    "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2,
+    "budget_wt2": BUDGET_WT2, "smoke": SMOKE,
 }  # fmt: skip
 
 
