@@ -91,10 +91,11 @@ def classic_for(minutes: float, folder: Path) -> dict:
     return {"test_ppl": math.exp(test_loss), "epochs": round(epochs, 3), "seconds": round(seconds, 1)}
 
 
-def wordlm_for(minutes: float, folder: Path, preset: str | None, keys: dict) -> dict:
-    """wordlm's run from Python with ``time_budget=minutes``; its save files go to a temporary folder."""
+def wordlm_for(minutes: float, dataset: str, folder: Path, preset: str | None, keys: dict) -> dict:
+    """wordlm's run from Python with ``time_budget=minutes`` on ``dataset`` as named (its folder: ``folder``);
+    its save files go to a temporary folder."""
     with tempfile.TemporaryDirectory() as scratch:
-        fixed = {"dataset": str(folder), "time_budget": minutes, "save": str(Path(scratch) / "budget.pt")}
+        fixed = {"dataset": dataset, "time_budget": minutes, "save": str(Path(scratch) / "budget.pt")}
         run = wordlm.train(preset=preset, **{"epochs": 10_000, **keys, **fixed})
     cfg, base = run.config, defaults(save=run.config["save"])
     config = {key: value for key, value in cfg.items() if value != base.get(key) and key not in ("save", "save_last")}
@@ -128,7 +129,7 @@ def main() -> None:
     make_config(args.preset, **keys)  # an unknown key or preset before any training
     folder = resolve_dataset(args.dataset)
     classic = None if args.skip_classic else classic_for(args.minutes, folder)
-    ours = wordlm_for(args.minutes, folder, args.preset, keys)
+    ours = wordlm_for(args.minutes, args.dataset, folder, args.preset, keys)
     record = {
         "minutes": args.minutes, "dataset": args.dataset, "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "classic_test_ppl": classic and classic["test_ppl"],

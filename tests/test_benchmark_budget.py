@@ -1,6 +1,7 @@
 """benchmarks/budget.py runs both sides for the same short budget and writes the record RESULTS.md reads."""
 
 import json
+from pathlib import Path
 
 from conftest import cut_corpus, run_cli
 
@@ -24,3 +25,17 @@ def test_the_budget_benchmark_trains_both_for_the_budget_and_writes_its_record(t
     assert config["emsize"] == 32 and config["optimizer"] == "adam" and config["lr_schedule"] == "cosine"
     assert config["time_budget"] == 0.15 and "max_batches" not in config and "save" not in config
     assert f"record in {out}" in result.stdout.splitlines()[-1]
+
+
+def test_the_committed_30_minute_records_are_complete_and_quoted_in_results():
+    root = Path(__file__).resolve().parents[1]
+    records = sorted((root / "docs" / "runs" / "budget_30min").glob("*.json"))
+    assert records, "no 30-minute record in docs/runs/budget_30min/"
+    results = (root / "docs" / "RESULTS.md").read_text()
+    for path in records:
+        record = json.loads(path.read_text())
+        assert record["minutes"] == 30 and record["dataset"] == "wikitext-2" and record["commit"], path.name
+        assert 25 <= record["wordlm_seconds"] / 60 <= 30.5, path.name  # the budget, to a batch and a validation
+        assert f"{record['wordlm_test_ppl']:.2f}" in results, path.name
+        if record["classic_test_ppl"] is not None:
+            assert f"{record['classic_test_ppl']:.2f}" in results, path.name
