@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -172,6 +173,19 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
     assert float(TEST_PPL.findall(out)[0]) == pytest.approx(float(TEST_PPL.findall(reference)[0]), rel=1e-3)
     one, two = weights(single / "model.last.pt"), weights(double / "model.last.pt")
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
+def test_two_processes_end_a_time_budget_together_test_and_record(tmp_path, tiny_corpus):
+    # every rank must stop at the same batch, or the one that goes on waits forever in its next all-reduce
+    keys = ("with", "smoke", f"dataset={tiny_corpus}", "max_batches=None", "epochs=1000", "log_interval=1000",
+            "lr_schedule=cosine", "time_budget=0.1")  # fmt: skip
+    launcher = torchrun(tmp_path, *keys, WORDLM_RUNS_DIR="runs")
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, out + err
+    assert out.count("time budget spent") == 1 and out.count("| End of training |") == 1, out  # rank 0 reports
+    info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
+    assert info["time_budget_spent"] and 5 <= info["seconds_trained"] <= 6 + 3
+    assert json.loads((tmp_path / "runs" / "1" / "run.json").read_text())["status"] == "COMPLETED"
 
 
 def test_an_awd_style_run_saves_mid_epoch_stops_and_resumes_exactly(tmp_path, tiny_corpus):
