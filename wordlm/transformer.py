@@ -93,20 +93,10 @@ class TransformerModel(nn.Module):
     decoder_nll_sum = RNNModel.decoder_nll_sum
     sort_words_by_frequency = RNNModel.sort_words_by_frequency
 
-    def reset_parameters(self) -> None:
-        """The embedding and untied decoder uniform(-0.1, 0.1) with a zero bias, as the classic example's
-        Transformer; the layers keep PyTorch's initialisation, the distance biases start at 0 (no preference).
-        With ``init_range`` r, every parameter is uniform(-r, r) instead (LayerNorm gains too: r is the user's)."""
-        if self.config.init_range is not None:
-            for parameter in self.parameters():
-                nn.init.uniform_(parameter, -self.config.init_range, self.config.init_range)
-            return
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        if self.config.adaptive_softmax is not None:
-            return
-        nn.init.zeros_(self.decoder.bias)
-        if not self.config.tied:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+    # The classic example's initialisation, as RNNModel's: embedding and untied decoder uniform(-0.1, 0.1), zero
+    # bias; the layers keep PyTorch's, the distance biases their zeros (no preference). With ``init_range`` r,
+    # every parameter is uniform(-r, r) instead (LayerNorm gains too: r is the user's).
+    reset_parameters = RNNModel.reset_parameters
 
     def forward(
         self, inputs: torch.Tensor, hidden: Hidden, targets: torch.Tensor | None = None
