@@ -3,6 +3,7 @@ evaluate, export, torchrun, amp, compile, the API) on the real command line."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 
@@ -141,6 +142,35 @@ def test_the_memory_is_detached_and_kept_by_training():
     loss, memory = model(ids, model.init_hidden(2), ids)
     assert all(m.requires_grad for m in memory) and not any(m.requires_grad for m in detach_hidden(memory))
     assert torch.equal(memory[0][-1], (model.encoder(ids[-1]) * 16**0.5).detach())  # the first layer's last input
+
+
+@pytest.mark.parametrize("softmax", [{"tied": True}, {"tied": False, "adaptive_softmax": [8, 20]}])
+def test_the_cache_pointer_and_dynamic_evaluation_work_on_the_transformer(softmax):
+    """At their neutral settings both are the plain evaluation (full and adaptive softmax), and on a text that
+    repeats itself both lower the loss; the model's words are scored in id order whatever the softmax."""
+    torch.manual_seed(3)
+    model = transformer(**softmax)
+    if "adaptive_softmax" in softmax:
+        model.sort_words_by_frequency(torch.randperm(V).float())  # a word rank that is not the identity
+    ids = torch.cat([torch.randint(0, V, (60,))] * 3)
+    plain, count = evaluate_loss(model, ids, batch_size=1)
+    assert count == ids.numel() - 1
+    for loss, n in (
+        evaluation.cache_pointer_loss(model, ids, window=40, theta=1.0, lambdah=0.0, chunk=17),
+        evaluation.dynamic_evaluation_loss(model, ids, bptt=13, lr=0.0),
+    ):
+        assert n == count and loss == pytest.approx(plain, rel=1e-6)
+    before = [p.clone() for p in model.parameters()]
+    cached, _ = evaluation.cache_pointer_loss(model, ids, window=100, theta=1.0, lambdah=0.3, chunk=17)
+    adapted, _ = evaluation.dynamic_evaluation_loss(model, ids, bptt=13, lr=0.5)
+    assert cached < plain - 0.1 and adapted < plain - 0.1  # the second and third copies are predictable
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is untouched
+
+
+def test_the_transformer_trains_with_the_adaptive_softmax():
+    model = transformer(tied=False, adaptive_softmax=[8, 20]).train()
+    losses = train_losses(model, batches=12)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize(
