@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_ptb, write_corpus
+from conftest import cut_corpus, real_ptb, write_corpus
 
 from wordlm import corpora
+from wordlm import download as download_module
 from wordlm.corpora import load_dataset, resolve_dataset, unpack_shipped
 from wordlm.data import EOS, SPLITS
 from wordlm.download import SOURCES
@@ -219,8 +220,21 @@ def test_a_run_on_the_shipped_copy_resumes_elsewhere_and_after_the_cache_is_gone
     # the corpus named as it is found: the same folder, not a change of dataset
     typed = resumed_config({**config, "dataset": "wikitext-2"}, {"resume", "dataset"}, payload, "model.last.pt")
     assert typed["dataset"] == "wikitext-2" and resolve_dataset(typed["dataset"]) == folder
+    downloads = []
+
+    def fetch(url, *args):
+        downloads.append(url)
+        raise UserError("no network in tests")
+
+    monkeypatch.delenv("WORDLM_OFFLINE")  # downloads on, but every fetch is seen and fails
+    monkeypatch.setattr(download_module, "_fetch", fetch)
     with pytest.raises(UserError, match=r"resume cannot change dataset='penn' \(checkpoint: './data'\)"):
         resumed_config({**config, "dataset": "penn"}, {"resume", "dataset"}, {**payload}, "model.last.pt")
+    assert downloads == []  # refused without fetching PTB just to compare folders
+    penn = cut_corpus(tmp_path / "elsewhere" / "data" / "penn")  # a downloaded PTB is found, as before
+    saved = {**payload, "meta": {"config": {**config, "dataset": "./data/penn"}, "corpus_folder": str(penn.resolve())}}
+    typed = resumed_config({**config, "dataset": "penn"}, {"resume", "dataset"}, saved, "model.last.pt")
+    assert typed["dataset"] == "penn" and downloads == []
 
 
 def test_a_dataset_that_cannot_be_looked_at_is_one_line_from_the_library_too(tmp_path):

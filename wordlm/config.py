@@ -283,7 +283,8 @@ def _same_folder(path: str, other: str | None) -> bool:
         pass
     if not Path(other).is_dir():
         return False
-    try:  # a corpus name: where it is found (the shipped copy unpacked, ./data/NAME, $WORDLM_DATA/NAME)
-        return os.path.samefile(resolve_dataset(path), other)
+    try:  # a corpus name: where it is found (the shipped copy unpacked, ./data/NAME, $WORDLM_DATA/NAME); a corpus
+        # that is not downloaded is not the saved folder, which exists: no download just to compare
+        return os.path.samefile(resolve_dataset(path, fetch=False), other)
     except (UserError, OSError):
         return False

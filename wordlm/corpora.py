@@ -179,6 +179,7 @@ def resolve_dataset(
     sources: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
     cache_dir: str | os.PathLike | None = None,
+    fetch: bool = True,
 ) -> Path:
     """Find the corpus folder that ``dataset`` names, unpacking or downloading a known corpus if need be.
 
@@ -188,6 +189,7 @@ def resolve_dataset(
         sources: the download table (None: ``wordlm.download.SOURCES``).
         log: told about unpacking and downloads.
         cache_dir: where a shipped corpus is unpacked (None: ``$WORDLM_CACHE`` or ``~/.cache/wordlm``).
+        fetch: whether a known corpus not on disk may be downloaded (False: ``UserError`` instead).
 
     Returns:
         A folder holding ``train.txt``, ``valid.txt`` and ``test.txt``.
@@ -212,6 +214,8 @@ def resolve_dataset(
         return Path(os.environ[DATA_ENV]) / name
     if name in SHIPPED_CORPORA and not _is_corpus(Path(data_root) / name):
         return unpack_shipped(name, cache_dir=cache_dir, log=log)
+    if not fetch and not _is_corpus(Path(data_root) / name):
+        raise UserError(f"dataset={str(dataset)!r} is not downloaded yet")
     return download_corpus(name, Path(data_root) / name, sources=sources, log=log)
 
 
