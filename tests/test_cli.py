@@ -312,6 +312,8 @@ def test_a_character_device_is_written_into_never_replaced(tmp_path, checkpoint)
         ("main.py", ["smoke", "dataset=c", "save=notes.txt/m.pt"],
          "error: cannot write save='notes.txt/m.pt': notes.txt is a file, not a folder"),
         ("main.py", ["smoke", "dataset=c", "onnx_export=c"], "error: onnx_export='c' is a folder; give a file path"),
+        ("main.py", ["smoke", "dataset=c", "save=/proc/m.pt"],  # no file can be made there, even by root
+         "error: cannot write save='/proc/m.pt': its folder /proc is not writable"),
         ("main.py", ["smoke", "dataset=c", "save_last=link.pt", "save=v.pt"], "error: save_last='link.pt' is the same "
                                                                              "file as save='v.pt'"),
     ],

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -151,7 +152,7 @@ def check_output(key: str, path, example: str = "out.txt", text: bool = True, in
             raise UserError(f"cannot write {shown}: {target.parent} is a file, not a folder") from None
         except OSError as problem:
             raise UserError(f"cannot write {shown}: {path_problem(problem)}") from None
-        if not os.access(target.parent, os.W_OK):
+        if not _can_create_in(target.parent):  # tried, not os.access: root may "write" where nothing can be made
             raise UserError(f"cannot write {shown}: its folder {target.parent} is not writable")
         return Output(key, str(path), "file")
     if text and kind in ("a character device", "a FIFO", "a socket"):
@@ -201,3 +202,14 @@ def resolve_device(device: str) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device!r} asks for CUDA, which this machine lacks; use device=cpu or device=auto")
     return chosen
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (made and removed at once), as an atomic write will."""
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=".wordlm-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(descriptor)
+    os.unlink(name)
+    return True
