@@ -23,8 +23,10 @@ setup: $(VENV)/.installed-train
 train: $(VENV)/.installed-train
 	$(PY) main.py
 
+# Two worker processes: most tests wait on a subprocess's start-up (one core each), so two halve the time on
+# 2 cores; `.venv/bin/python -m pytest tests/test_x.py` runs in one process, as usual.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
