@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
 from conftest import cut_corpus, run_cli
 
 
+@pytest.mark.wallclock
 def test_the_budget_benchmark_trains_both_for_the_budget_and_writes_its_record(tmp_path):
     corpus = cut_corpus(tmp_path / "corpus", lines=(300, 60, 60))
     out = tmp_path / "runs" / "budget.json"

@@ -175,6 +175,7 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
 
 
+@pytest.mark.wallclock
 def test_two_processes_end_a_time_budget_together_test_and_record(tmp_path, tiny_corpus):
     # every rank must stop at the same batch, or the one that goes on waits forever in its next all-reduce
     keys = ("with", "smoke", f"dataset={tiny_corpus}", "max_batches=None", "epochs=1000", "log_interval=1000",

@@ -318,6 +318,7 @@ def test_same_seed_same_losses_bit_for_bit_at_the_default_model_size(tmp_path, s
     assert [loss for _, loss in same["train.loss"]] != [loss for _, loss in other["train.loss"]]
 
 
+@pytest.mark.wallclock
 def test_time_budget_through_the_cli_ends_in_time_tests_records_and_resumes_counting_the_time_spent(
     tmp_path, tiny_corpus
 ):
