@@ -140,3 +140,22 @@ def test_values_beyond_float32_and_unknown_sizes_are_said_plainly(changes, messa
 def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
     with pytest.raises(ValueError, match=r"between 1 and the vocabulary size \(100\), e\.g\. \[10\]"):
         ModelConfig(100, adaptive_softmax=[50, 100], tied=False)
+
+
+@pytest.mark.parametrize(
+    "update, start",
+    [("lr=-1", "error: lr=-1 must be a positive"),
+     ("model_type='LSTMX'", "error: model_type='LSTMX' is not one of"),
+     ("save=folder", "error: save='folder' is a folder"),
+     ("resume=missing.pt", "error: checkpoint missing.pt does not exist"),
+     ("resume=folder", "error: resume='folder' is a folder")],
+)  # fmt: skip
+def test_a_refused_value_leaves_no_failed_run_record_behind(tmp_path, update, start):
+    # checked before Sacred starts the run and its observers: `main.py runs` lists runs, not typos
+    (tmp_path / "folder").mkdir()
+    result = run_cli("-F", "runs", "with", "smoke", update, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(start), result.stderr
+    runs = tmp_path / "runs"
+    assert not runs.exists() or [p.name for p in runs.iterdir()] == ["_sources"], sorted(runs.iterdir())

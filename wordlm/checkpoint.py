@@ -72,6 +72,22 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
 MAX_PICKLE_BYTES = 64 << 20  # a wordlm checkpoint's data.pkl holds the vocabulary and config: a few MB
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a regular file, else ``UserError``: one line saying what it is instead."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`") from None
+    except OSError as problem:
+        raise UserError(f"cannot read checkpoint {path}: {problem.strerror or problem}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file such as {path / 'model.pt'}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"checkpoint {path} is no regular file (a device, FIFO or socket); give a checkpoint file")
+    return path
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", max_pickle_bytes: int = MAX_PICKLE_BYTES
 ) -> dict:
@@ -84,17 +100,7 @@ def load_checkpoint(
             inflate beyond this is refused before any of it is read: no real checkpoint comes near, and a crafted
             one could otherwise take minutes and gigabytes to refuse.
     """
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; train one with `python main.py with save={path}`") from None
-    except OSError as problem:
-        raise UserError(f"cannot read checkpoint {path}: {problem.strerror or problem}") from None
-    if stat.S_ISDIR(mode):
-        raise UserError(f"checkpoint {path} is a folder; give a checkpoint file such as {path / 'model.pt'}")
-    if not stat.S_ISREG(mode):
-        raise UserError(f"checkpoint {path} is no regular file (a device, FIFO or socket); give a checkpoint file")
+    path = check_checkpoint_file(path)
     _check_pickle_size(path, max_pickle_bytes)
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol is noted before it is refused anyway

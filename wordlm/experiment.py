@@ -61,7 +61,7 @@ from wordlm.generation import (
     format_samples,
 )
 from wordlm.plots import has_display, plot_validation_curves
-from wordlm.run import Recorder, train_run
+from wordlm.run import Recorder, check_config, train_run
 from wordlm.runs import (
     SQL_LACKS,
     format_runs_table,
@@ -168,6 +168,18 @@ def _check_seed(config, command_name, logger):
         check_seed(config.get("seed"))
     except UserError as problem:
         raise error(str(problem)) from None
+    return {}
+
+
+@ex.config_hook
+def _check_training_config(config, command_name, logger):
+    """Training's values are checked before Sacred starts the run: a refused one is one line and leaves no
+    FAILED run record behind in the observers' folders (with ``resume``, only its path: see ``check_config``)."""
+    if command_name == ex.default_command:
+        try:
+            check_config(_plain(config))
+        except UserError as problem:
+            raise error(str(problem)) from None
     return {}
 
 

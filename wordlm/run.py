@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from wordlm import __version__
-from wordlm.checkpoint import CheckpointKeeper, load_checkpoint
+from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
 from wordlm.checks import check_output, check_path, check_readable_path, path_problem, resolve_device
 from wordlm.config import build_model_config, resumed_config, validate_training_config
 from wordlm.corpora import load_dataset, resolve_dataset
@@ -124,12 +124,10 @@ def train_run(
 def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interactive: bool) -> RunResult:
     payload = None
     if cfg["resume"] is not None:
-        check_path("resume", cfg["resume"])
+        check_config(cfg)
         payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, modified, payload, cfg["resume"])
-    validate_training_config(cfg)
-    check_readable_path("dataset", cfg["dataset"])
-    _check_outputs(cfg)
+    _check_values(cfg)
     world, device = _start(cfg)
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
         folder = resolve_dataset(cfg["dataset"], log=log.info)
@@ -196,6 +194,29 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
         _record(cfg, recorder, keeper, state, interrupted, test_ppl, log)
     return RunResult(cfg, model.eval(), corpus.vocab, keeper.written_meta, test_loss, test_ppl,
                      dict(recorder.info), recorder.history)  # fmt: skip
+
+
+def check_config(cfg: dict) -> None:
+    """What ``train_run`` checks before any work, for a caller that wants bad input refused before it starts
+    anything of its own (the command line: before Sacred starts a run, so a refused value leaves no run record).
+
+    With ``resume`` only the checkpoint's path is checked (a file that is there): the other values are merged
+    with the checkpoint's config first, which ``train_run`` then checks as a whole.
+
+    Raises:
+        UserError: one line naming the key and what to give instead.
+    """
+    if cfg["resume"] is not None:
+        check_path("resume", cfg["resume"])
+        check_checkpoint_file(cfg["resume"])
+    else:
+        _check_values(cfg)
+
+
+def _check_values(cfg: dict) -> None:
+    validate_training_config(cfg)
+    check_readable_path("dataset", cfg["dataset"])
+    _check_outputs(cfg)
 
 
 def _start(cfg: dict) -> tuple[World, torch.device]:
