@@ -58,6 +58,18 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model_state"]
 
 
+def assert_same_training(reference: str, single: Path, output: str, double: Path, before: str = "") -> None:
+    """One process's run (its output, its folder) and the two processes' (with ``before``, an earlier session's
+    output) log the same losses to 0.011 and the same test perplexity, and end with the same weights."""
+    for pattern in (LOSS, VALID):
+        expected, got = figures(pattern, reference), {**figures(pattern, before), **figures(pattern, output)}
+        assert got.keys() == expected.keys() and len(expected) >= 2
+        assert all(abs(got[key] - expected[key]) <= 0.011 for key in expected), (got, expected)
+    assert float(TEST_PPL.findall(output)[0]) == pytest.approx(float(TEST_PPL.findall(reference)[0]), rel=1e-3)
+    one, two = weights(single / "model.last.pt"), weights(double / "model.last.pt")
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
 def test_each_rank_takes_its_columns_of_every_tensor_of_a_layered_state():
     whole = RNNModel(ModelConfig(ntoken=20, emsize=6, nhid=6, wdrop=0.5)).init_hidden(4)  # [(h, c), (h, c)]
     whole = [tuple(torch.arange(h.numel(), dtype=torch.float).view(h.shape) for h in layer) for layer in whole]
@@ -166,13 +178,7 @@ def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_co
     assert f"resumed from model.last.pt at epoch 2, batch {last['state']['batch']}\n" in err
     assert min(figures(LOSS, out)) > (2, last["state"]["batch"])  # no batch before the stop is trained again
 
-    for pattern in (LOSS, VALID):
-        expected, got = figures(pattern, reference), {**figures(pattern, stopped), **figures(pattern, out)}
-        assert got.keys() == expected.keys() and len(expected) >= 2
-        assert all(abs(got[key] - expected[key]) <= 0.011 for key in expected), (got, expected)
-    assert float(TEST_PPL.findall(out)[0]) == pytest.approx(float(TEST_PPL.findall(reference)[0]), rel=1e-3)
-    one, two = weights(single / "model.last.pt"), weights(double / "model.last.pt")
-    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    assert_same_training(reference, single, out, double, before=stopped)
 
 
 @pytest.mark.wallclock

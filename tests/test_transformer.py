@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 from conftest import run_cli
-from test_distributed import LOSS, TEST_PPL, VALID, figures, torchrun, weights
+from test_distributed import TEST_PPL, assert_same_training, torchrun
 from test_reliability import losses, popen, same_weights
 
 import wordlm
@@ -266,13 +266,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_corpus):
         launcher.kill()
         raise
     assert launcher.returncode == 0, out + err
-    for pattern in (LOSS, VALID):
-        expected, got = figures(pattern, reference), figures(pattern, out)
-        assert got.keys() == expected.keys() and len(expected) >= 2
-        assert all(abs(got[key] - expected[key]) <= 0.011 for key in expected), (got, expected)
-    assert float(TEST_PPL.findall(out)[0]) == pytest.approx(float(TEST_PPL.findall(reference)[0]), rel=1e-3)
-    one, two = weights(single / "model.last.pt"), weights(double / "model.last.pt")
-    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    assert_same_training(reference, single, out, double)
 
 
 @pytest.mark.slow
