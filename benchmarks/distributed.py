@@ -150,9 +150,10 @@ def main() -> None:
         os.environ["WORDLM_DATA"] = str(shared)  # the corpora this project's machines keep there
     if args.worker:
         worker(args)
-        # End here, past the interpreter's and C++'s clean-up: on a busy 2-core VM about 1 worker in 20 aborted
-        # at exit, after its result was written and its gloo group destroyed ("terminate called without an
-        # active exception", no Python frame left; 8 of 170 runs of two benchmarks side by side, 0 of 120 since).
+        # End here, past the interpreter's and C++'s clean-up: on a busy 2-core VM about 1 two-process run in
+        # 20 had a worker abort at exit, after its result was written and its gloo group destroyed ("terminate
+        # called without an active exception", no Python frame left; 8 of 170 runs of two benchmarks side by
+        # side, 0 of 120 since).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
