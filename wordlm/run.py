@@ -214,6 +214,7 @@ def check_config(cfg: dict) -> None:
 
 
 def _check_values(cfg: dict) -> None:
+    """The values, the dataset path and every output of a config whose values are final (merged on resume)."""
     validate_training_config(cfg)
     check_readable_path("dataset", cfg["dataset"])
     _check_outputs(cfg)
