@@ -2,7 +2,7 @@
 
 Run from the repository root (docs/DATA.md has the figures of a run):
 
-    WORDLM_DATA=../shared/data .venv/bin/python benchmarks/load.py
+    .venv/bin/python benchmarks/load.py
 
 Part 1 loads WikiText-2 (``--corpus``: a name or a folder, resolved as ``dataset=`` is) with
 - the classic example's tokenizer, written again here: one pass to build the vocabulary, a second
