@@ -87,7 +87,8 @@ def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path):
 def test_missing_extra_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(export, "_EXPORT_NEEDS", ("onnx", "no_such_module_for_wordlm"))
     model = RNNModel(ModelConfig(5, "GRU", 4, 4, 1, 0.0, True))
-    with pytest.raises(UserError, match=r"needs no_such_module_for_wordlm.*pip install 'wordlm\[onnx\]'"):
+    expected = r"needs no_such_module_for_wordlm.*run \.venv/bin/pip install -e '\.\[onnx\]' in the wordlm clone"
+    with pytest.raises(UserError, match=expected):
         export_onnx(model, tmp_path / "m.onnx")
 
 

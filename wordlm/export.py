@@ -1,8 +1,8 @@
 """One step of a trained model as an ONNX file, for runtimes without PyTorch.
 
 Lives here: ``state_names``, ``flatten_state``, ``unflatten_state``, ``export_onnx``, ``check_export_available``.
-Must not import Sacred. Needs the optional ``onnx`` extra (``pip install 'wordlm[onnx]'``: onnx and onnxscript
-export, onnxruntime runs the result).
+Must not import Sacred. Needs the optional ``onnx`` extra (``.venv/bin/pip install -e '.[onnx]'`` in the
+clone: onnx and onnxscript export, onnxruntime runs the result).
 
 What is exported is one time step with the recurrent state passed in and out, so a caller drives
 generation (or scoring) one token at a time, exactly as ``generation.sample_ids`` does:
@@ -149,5 +149,6 @@ def check_export_available() -> None:
     missing = [name for name in _EXPORT_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(
-            f"ONNX export needs {' and '.join(missing)}, which are not installed; run pip install 'wordlm[onnx]'"
+            f"ONNX export needs {' and '.join(missing)}, which are not installed; "
+            "run .venv/bin/pip install -e '.[onnx]' in the wordlm clone"
         )

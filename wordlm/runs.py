@@ -255,7 +255,9 @@ def open_database(url, label: str = "runs_db", create: bool = False):
     try:
         import sqlalchemy as sa
     except ImportError:
-        raise UserError("reading runs from a database needs SQLAlchemy: pip install 'wordlm[sql]'") from None
+        raise UserError(
+            "reading runs from a database needs SQLAlchemy: run .venv/bin/pip install -e '.[sql]' in the wordlm clone"
+        ) from None
     named = f"{label}={url!r}" if label.isidentifier() else f"{label} {url!r}"
     if not isinstance(url, str):
         raise UserError(f"{named} must be a database URL, e.g. sqlite:///runs.db")
