@@ -82,12 +82,12 @@ def test_generate_is_the_text_the_generate_script_writes(lm, trained, keys):
 def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained):
     result = cli(trained, "main.py", f"text={trained['text']}", "eval_batch_size=3", "bptt=7", "line_scores=s.jsonl")
     text = trained["text"].read_bytes().decode("utf-8")  # the BOM and CRs kept: the API reads them as a file's
-    ppl = lm.perplexity(text, eval_batch_size=3, bptt=7)
+    ppl = lm.perplexity(text, eval_batch_size=3)  # the command's bptt=7 changes nothing: the state goes on
     assert f"{ppl:.2f}" == printed_ppl(result.stdout)
-    assert ppl == lm.perplexity(trained["text"], eval_batch_size=3, bptt=7)  # a path is read as the file
+    assert ppl == lm.perplexity(trained["text"], eval_batch_size=3)  # a path is read as the file
     records = [json.loads(line) for line in (trained["folder"] / "s.jsonl").read_text().splitlines()]
-    assert lm.line_scores(text, eval_batch_size=3, bptt=7) == records
-    scores = lm.score(text.removeprefix("\ufeff").splitlines(), eval_batch_size=3, bptt=7)
+    assert lm.line_scores(text, eval_batch_size=3) == records
+    scores = lm.score(text.removeprefix("\ufeff").splitlines(), eval_batch_size=3)
     assert scores == [record["logprob"] for record in records] and len(scores) == 5
     assert all(score < 0 for score in scores[1:])
 
@@ -153,7 +153,6 @@ def test_bad_evaluate_input_raises_the_commands_message(lm, trained, tmp_path):
     checkpoint, text = str(trained["checkpoint"]), str(trained["text"])
     for call, updates in (
         (lambda: lm.perplexity("the year", eval_batch_size=0), {"text": text, "eval_batch_size": 0}),
-        (lambda: lm.perplexity("the year", bptt=-2), {"text": text, "bptt": -2}),
         (lambda: lm.perplexity(tmp_path / "empty.txt"), {"text": str(tmp_path / "empty.txt")}),
         (lambda: lm.perplexity(tmp_path / "nowhere.txt"), {"text": str(tmp_path / "nowhere.txt")}),
     ):
@@ -161,6 +160,8 @@ def test_bad_evaluate_input_raises_the_commands_message(lm, trained, tmp_path):
     assert user_error(lambda: lm.perplexity("")) == (
         "the text has 0 token(s); scoring needs at least two (the first is only context)"
     )
+    # bptt is the command's key (dynamic evaluation's segments), no longer the API's, and still checked there
+    assert cli_error("evaluate", checkpoint=checkpoint, text=text, bptt=-2) == "bptt=-2 must be a positive integer"
 
 
 def test_bad_checkpoint_raises_the_commands_message(tmp_path):
@@ -186,6 +187,29 @@ def test_bad_score_and_save_arguments_are_user_errors(lm, tmp_path):
     os.mkfifo(fifo)  # the command line's policy for save=: a FIFO is refused, in its words, and stays a FIFO
     assert user_error(lambda: lm.save(fifo)).startswith(f"save={str(fifo)!r} is a FIFO, not a file; save must name")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_save_never_replaces_a_checkpoint_holding_training_state(trained, tmp_path):
+    """``load(f).save(f)`` would drop what resume= needs: it is refused, and the file is left as it was."""
+    from wordlm.checkpoint import load_checkpoint
+
+    checkpoint = tmp_path / "m.pt"
+    checkpoint.write_bytes(trained["checkpoint"].read_bytes())  # training's save: it holds training state
+    before = checkpoint.read_bytes()
+    assert load_checkpoint(checkpoint)["training"]
+    lm = wordlm.load(checkpoint, "cpu")
+    (tmp_path / "link.pt").symlink_to(checkpoint)
+    for path in (checkpoint, str(checkpoint), tmp_path / "link.pt"):
+        assert user_error(lm.save, path) == (
+            f"save={str(path)!r} holds training state that resume= needs, which save would drop (it writes the "
+            "model alone); save the model to another file"
+        )
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "m.pt"]
+    # elsewhere it saves, and a checkpoint with no training state (that copy) is replaced, even by its own model
+    copy = lm.save(tmp_path / "copy.pt")
+    assert not load_checkpoint(copy).get("training")
+    again = wordlm.load(copy, "cpu")
+    assert again.save(copy) == copy and wordlm.load(copy).meta == lm.meta
 
 
 def test_scoring_words_a_vocabulary_without_unk_lacks_leaves_the_vocabulary_as_it_was(tmp_path):

@@ -13,8 +13,11 @@ from conftest import ROOT, run_cli
 from wordlm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
-from wordlm.experiment import ex
+from wordlm.experiment import error, ex
 from wordlm.generation import (
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    MAX_WORDS,
     check_sampling_options,
     encode_prompt,
     filter_logits,
@@ -186,12 +189,28 @@ def test_format_samples_breaks_lines_at_eos_and_heads_several():
 @pytest.mark.parametrize(
     "key, value",
     [("temperature", 0), ("temperature", -1.0), ("temperature", float("inf")), ("top_p", 0.0), ("top_p", 1.01),
-     ("top_k", -1), ("words", 0), ("samples", 0), ("words", 2.5)],
+     ("top_k", -1), ("words", 0), ("samples", 0), ("words", 2.5), ("words", 1_000_001), ("samples", 1_001),
+     ("words", 10**18), ("samples", 10**12)],
 )  # fmt: skip
 def test_bad_sampling_options_name_the_key(key, value):
     options = {"words": 5, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "samples": 1, key: value}
     with pytest.raises(UserError, match=rf"^{key}="):
         check_sampling_options(**options)
+
+
+def test_words_and_samples_have_a_stated_limit_alone_and_together():
+    options = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert (MAX_WORDS, MAX_SAMPLES, MAX_TOKENS) == (1_000_000, 1_000, 10_000_000)
+    for words, samples in ((MAX_WORDS, 10), (10_000, MAX_SAMPLES)):  # each at its limit, the total at its own
+        check_sampling_options(words=words, samples=samples, **options)
+    with pytest.raises(UserError) as caught:
+        check_sampling_options(words=MAX_WORDS + 1, samples=1, **options)
+    assert str(caught.value) == ("words=1000001 is more than 1,000,000, the most tokens one sample may have; "
+                                 "ask for fewer (more calls, with other seeds, give more text)")  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        check_sampling_options(words=10_001, samples=MAX_SAMPLES, **options)
+    assert str(caught.value) == ("words=10001 with samples=1000 make 10,001,000 tokens, more than the 10,000,000 "
+                                 "one call may sample; lower words or samples")  # fmt: skip
 
 
 # -- the generate command --------------------------------------------------------------------------
@@ -303,6 +322,28 @@ def test_refusal_names_what_would_run_and_runs_nothing(tmp_path):
 def test_bad_sampling_option_is_one_error_line(setting, fragment, checkpoint, tmp_path):
     result = run_cli("-u", "with", f"checkpoint={checkpoint}", setting, cwd=tmp_path, script="generate.py", check=False)
     assert_one_error_line(result, fragment)
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [({"words": 10**18}, "words=1000000000000000000 is more than 1,000,000, the most tokens one sample may have"),
+     ({"samples": 10**12}, "samples=1000000000000 is more than 1,000, the most sampled side by side"),
+     ({"words": 100_000, "samples": 1_000}, "words=100000 with samples=1000 make 100,000,000 tokens, more than")],
+)  # fmt: skip
+def test_huge_generate_is_refused_before_the_checkpoint_is_read(keys, message, tmp_path):
+    """The limits are checked first: the checkpoint named here does not even exist, and nothing is written."""
+    with pytest.raises(error) as caught:
+        ex.run("generate", config_updates={"checkpoint": str(tmp_path / "absent.pt"), "outf": str(tmp_path / "g.txt"),
+                                           **keys}, options={"--loglevel": "ERROR", "--unobserved": True})  # fmt: skip
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_huge_words_is_one_error_line_from_generate_script(checkpoint, tmp_path):
+    result = run_cli("-u", "with", f"checkpoint={checkpoint}", "words=1000000000000000000", "outf=g.txt",
+                     cwd=tmp_path, script="generate.py", check=False)  # fmt: skip
+    assert_one_error_line(result, "words=1000000000000000000 is more than 1,000,000")
+    assert not (tmp_path / "g.txt").exists()
 
 
 def test_outf_in_a_new_folder_is_written_there(checkpoint, tmp_path):

@@ -357,7 +357,7 @@ def _evaluate(
     print(f"| evaluate {path} | tokens {count} | loss {loss:5.2f} | ppl {ppl:8.2f}{method}", flush=True)
     _run.info.update(scored=str(path), tokens=count, unknown=unknown, loss=loss, ppl=ppl)
     if scores_file:
-        scores = lm.line_scores(ids, eval_batch_size, bptt)
+        scores = lm.line_scores(ids, eval_batch_size)
         write_output(scores_file, "".join(json.dumps(record) + "\n" for record in scores))
         _log.info("wrote the log-probabilities of %d lines to %s", len(scores), line_scores)
     return ppl

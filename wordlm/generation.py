@@ -1,7 +1,7 @@
 """Sampling new text from a trained model (scoring given text is ``wordlm.evaluation``).
 
-Lives here: ``check_sampling_options``, ``encode_prompt``, ``filter_logits``, ``sample_next``,
-``sample_ids``, ``generate_words`` and ``format_samples``.
+Lives here: ``check_sampling_options`` (with the limits ``MAX_WORDS``, ``MAX_SAMPLES`` and ``MAX_TOKENS``),
+``encode_prompt``, ``filter_logits``, ``sample_next``, ``sample_ids``, ``generate_words`` and ``format_samples``.
 Must not import Sacred: every knob is an argument, and randomness comes from an optional
 ``torch.Generator`` (the global generator when it is ``None``).
 
@@ -24,13 +24,38 @@ from wordlm.errors import UserError
 from wordlm.model import RNNModel
 
 
+# The most one call samples, so that sampling never asks for memory a machine lacks and always ends:
+# - MAX_WORDS: a million tokens a sample is about 7 MB of text and a million steps one after the other, minutes
+#   even for a small model (0.2 ms a step at best on a CPU, see _stepwise_kernels); more text is more calls.
+# - MAX_SAMPLES: every step holds several (samples, vocabulary) float32 buffers (the logits, their tempered and
+#   filtered copies, the cumulative sum, the nucleus' sort); with WikiText-2's 33,278 words 1,000 samples make
+#   each 133 MB, so a step stays under 1 GB.
+# - MAX_TOKENS: all words x samples ids are held at once, as int64 and then as Python lists of ids and of words
+#   before they become text (about 60 bytes a token): 10 million tokens are about 0.6 GB at that peak.
+MAX_WORDS = 1_000_000
+MAX_SAMPLES = 1_000
+MAX_TOKENS = 10_000_000
+
+
 def check_sampling_options(
     *, words: int, temperature: float, top_k: int, top_p: float, samples: int, stop_at_eos: bool = False
 ) -> None:
-    """Raise ``UserError`` naming the first option whose value cannot be sampled with."""
+    """Raise ``UserError`` naming the first option whose value cannot be sampled with.
+
+    ``words`` and ``samples`` are also held to ``MAX_WORDS``, ``MAX_SAMPLES`` and, together, ``MAX_TOKENS``.
+    """
     for key, value in (("words", words), ("samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{key}={value!r} must be a positive integer")
+    if words > MAX_WORDS:
+        raise UserError(f"words={words!r} is more than {MAX_WORDS:,}, the most tokens one sample may have; "
+                        "ask for fewer (more calls, with other seeds, give more text)")  # fmt: skip
+    if samples > MAX_SAMPLES:
+        raise UserError(f"samples={samples!r} is more than {MAX_SAMPLES:,}, the most sampled side by side; "
+                        "ask for fewer (more calls, with other seeds, give more samples)")  # fmt: skip
+    if words * samples > MAX_TOKENS:
+        raise UserError(f"words={words!r} with samples={samples!r} make {words * samples:,} tokens, more than the "
+                        f"{MAX_TOKENS:,} one call may sample; lower words or samples")  # fmt: skip
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise UserError(f"temperature={temperature!r} must be a positive, finite number (1.0 = the model's own odds)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
