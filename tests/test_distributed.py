@@ -145,12 +145,15 @@ def test_a_failed_process_ignores_the_sigterm_that_follows_but_a_stopped_one_doe
 
 
 def test_batch_size_must_split_evenly_among_the_processes(tmp_path, tiny_corpus):
-    # torchrun's variables, checked before any process group is joined
-    result = run_cli("with", "smoke", f"dataset={tiny_corpus}", "batch_size=10", "-u", cwd=tmp_path, check=False,
-                     WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")  # fmt: skip
+    # torchrun's variables, checked before any process group is joined, and before Sacred starts the run: rank 0
+    # records runs, and a refused launch leaves no FAILED record behind
+    result = run_cli("-F", "runs", "with", "smoke", f"dataset={tiny_corpus}", "batch_size=10", cwd=tmp_path,
+                     check=False, WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")  # fmt: skip
     assert result.returncode != 0
     assert "error: batch_size=10 must be a multiple of the 4 processes" in result.stderr
     assert "Traceback" not in result.stderr
+    runs = tmp_path / "runs"
+    assert not runs.exists() or [p.name for p in runs.iterdir()] == ["_sources"], sorted(runs.iterdir())
 
 
 def test_two_processes_train_like_one_stop_together_and_resume(tmp_path, tiny_corpus):

@@ -6,6 +6,7 @@ import string
 import sys
 
 import pytest
+import torch
 from conftest import cut_corpus, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -148,12 +149,18 @@ def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
      ("model_type='LSTMX'", "error: model_type='LSTMX' is not one of"),
      ("save=folder", "error: save='folder' is a folder"),
      ("resume=missing.pt", "error: checkpoint missing.pt does not exist"),
-     ("resume=folder", "error: resume='folder' is a folder")],
+     ("resume=folder", "error: resume='folder' is a folder"),
+     ("dataset=afile.txt", "error: dataset='afile.txt' is neither a folder nor a known corpus"),
+     ("tied=False adaptive_softmax=[40000]", "error: adaptive_softmax=[40000] must be increasing word counts"),
+     ("amp=fp16", "error: amp='fp16' needs a CUDA device"),
+     pytest.param("device=cuda", "error: device='cuda' asks for CUDA, which this machine lacks",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"))],
 )  # fmt: skip
 def test_a_refused_value_leaves_no_failed_run_record_behind(tmp_path, update, start):
     # checked before Sacred starts the run and its observers: `main.py runs` lists runs, not typos
     (tmp_path / "folder").mkdir()
-    result = run_cli("-F", "runs", "with", "smoke", update, cwd=tmp_path, check=False)
+    (tmp_path / "afile.txt").write_text("a file is no corpus\n")
+    result = run_cli("-F", "runs", "with", "smoke", *update.split(), cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(start), result.stderr

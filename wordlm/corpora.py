@@ -1,7 +1,7 @@
 """Where corpora come from: known corpora by name, local folders, the ``./data`` default.
 
-Lives here: ``KNOWN_CORPORA``, ``SHIPPED_CORPORA``, ``unpack_shipped``, ``resolve_dataset`` and
-``load_dataset``. Must not import Sacred.
+Lives here: ``KNOWN_CORPORA``, ``SHIPPED_CORPORA``, ``unpack_shipped``, ``resolve_dataset``, ``check_dataset``
+and ``load_dataset``. Must not import Sacred.
 
 ``dataset`` may be
 - a folder holding ``train.txt``, ``valid.txt`` and ``test.txt``: any such folder is a corpus;
@@ -173,6 +173,10 @@ def unpack_shipped(
     return folder
 
 
+class NotDownloaded(UserError):
+    """A known corpus that is not on this machine yet (``resolve_dataset(..., fetch=False)``)."""
+
+
 def resolve_dataset(
     dataset: str | os.PathLike,
     data_root: str | os.PathLike = "data",
@@ -189,7 +193,7 @@ def resolve_dataset(
         sources: the download table (None: ``wordlm.download.SOURCES``).
         log: told about unpacking and downloads.
         cache_dir: where a shipped corpus is unpacked (None: ``$WORDLM_CACHE`` or ``~/.cache/wordlm``).
-        fetch: whether a known corpus not on disk may be downloaded (False: ``UserError`` instead).
+        fetch: whether a known corpus not on disk may be downloaded (False: ``NotDownloaded`` instead).
 
     Returns:
         A folder holding ``train.txt``, ``valid.txt`` and ``test.txt``.
@@ -215,8 +219,21 @@ def resolve_dataset(
     if name in SHIPPED_CORPORA and not _is_corpus(Path(data_root) / name):
         return unpack_shipped(name, cache_dir=cache_dir, log=log)
     if not fetch and not _is_corpus(Path(data_root) / name):
-        raise UserError(f"dataset={str(dataset)!r} is not downloaded yet")
+        raise NotDownloaded(f"dataset={str(dataset)!r} is not downloaded yet")
     return download_corpus(name, Path(data_root) / name, sources=sources, log=log)
+
+
+def check_dataset(dataset) -> Path | None:
+    """Before any work: ``dataset`` must name a corpus. Returns its folder when it is on this machine (a shipped
+    corpus is unpacked), None for a known corpus that training will download.
+
+    Raises:
+        UserError: ``dataset`` names neither a corpus folder nor a known corpus.
+    """
+    try:
+        return resolve_dataset(dataset, fetch=False)
+    except NotDownloaded:
+        return None
 
 
 def load_dataset(

@@ -48,7 +48,7 @@ from wordlm.checks import (
     path_problem,
     write_output,
 )
-from wordlm.config import PRESETS, did_you_mean, training_config
+from wordlm.config import PRESETS, defaults, did_you_mean, training_config
 from wordlm.corpora import resolve_dataset
 from wordlm.data import SPLITS, UNK
 from wordlm.distributed import launched_rank
@@ -61,7 +61,7 @@ from wordlm.generation import (
     format_samples,
 )
 from wordlm.plots import has_display, plot_validation_curves
-from wordlm.run import Recorder, check_config, train_run
+from wordlm.run import Recorder, plan_run, train_run
 from wordlm.runs import (
     SQL_LACKS,
     format_runs_table,
@@ -89,7 +89,39 @@ def _has_git_commit(path: str) -> bool:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _IN_CHECKOUT = os.path.isfile(os.path.join(os.path.dirname(_PACKAGE_DIR), "pyproject.toml"))
 _PROJECT_ROOT = os.path.dirname(_PACKAGE_DIR) if _IN_CHECKOUT else _PACKAGE_DIR
-ex = Experiment("wordlm", base_dir=_PROJECT_ROOT, save_git_info=_IN_CHECKOUT and _has_git_commit(_PROJECT_ROOT))
+
+
+class _Experiment(Experiment):
+    """Sacred's experiment, told which keys the caller of each run gave, whatever their value.
+
+    Sacred's list of modified keys leaves out a key given at its default value (``with bptt=35``), so a resumed
+    run would take the checkpoint's value instead; resume honours or refuses every key given (``plan_run``).
+    """
+
+    given: frozenset[str] = frozenset()
+
+    def run(self, command_name=None, config_updates=None, named_configs=(), *args, **kwargs):
+        self.given = _given_keys(config_updates or {}, named_configs)
+        return super().run(command_name, config_updates, named_configs, *args, **kwargs)
+
+
+def _given_keys(config_updates: dict, named_configs) -> frozenset[str]:
+    """The top-level keys of ``with key=value`` updates and of the named configs (presets or config files) given."""
+    keys = {str(key).split(".")[0] for key in config_updates}
+    for name in named_configs:
+        if name in PRESETS:
+            keys |= set(PRESETS[name])
+        elif os.path.isfile(name):  # a config file: Sacred reads it again, and says what is wrong with it
+            try:
+                from sacred.config import load_config_file
+
+                keys |= {str(key).split(".")[0] for key in load_config_file(name)}
+            except Exception:  # noqa: BLE001, S110 - Sacred's own reading of it reports the problem
+                pass
+    return frozenset(keys)
+
+
+ex = _Experiment("wordlm", base_dir=_PROJECT_ROOT, save_git_info=_IN_CHECKOUT and _has_git_commit(_PROJECT_ROOT))
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 _INTERACTIVE = sys.stdout.isatty() and sys.stderr.isatty()  # read before Sacred captures the streams
 
@@ -171,16 +203,26 @@ def _check_seed(config, command_name, logger):
     return {}
 
 
+_TRAINING_KEYS = frozenset(defaults()) | {"seed"}
+_PLANNED: dict = {}  # the plan of the training run Sacred is about to start, made by its config hook
+
+
 @ex.config_hook
-def _check_training_config(config, command_name, logger):
-    """Training's values are checked before Sacred starts the run: a refused one is one line and leaves no
-    FAILED run record behind in the observers' folders (with ``resume``, only its path: see ``check_config``)."""
-    if command_name == ex.default_command:
-        try:
-            check_config(_plain(config))
-        except UserError as problem:
-            raise error(str(problem)) from None
-    return {}
+def _plan_training_run(config, command_name, logger):
+    """A training run is checked (``plan_run``) before Sacred starts it and its observers: a refused value is one
+    line and leaves no FAILED run record behind. A resumed run's config, merged with its checkpoint's, becomes the
+    run's config, so that its record says what trained."""
+    if command_name != ex.default_command:
+        return {}
+    try:
+        plan = plan_run(_plain(config), ex.given)
+    except UserError as problem:
+        raise error(str(problem)) from None
+    _PLANNED["plan"] = plan
+    updates = {key: value for key, value in plan.config.items() if key in _TRAINING_KEYS and config.get(key) != value}
+    if "save" in updates and "checkpoint" not in ex.given:  # the commands' checkpoint follows save unless given
+        updates["checkpoint"] = updates["save"]
+    return updates
 
 
 class _SacredRecorder(Recorder):
@@ -206,11 +248,8 @@ class _SacredRecorder(Recorder):
 def train(_run, _log, _config):
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
-        modified = set(_run.config_modifications.modified)
-        recorder = _SacredRecorder(_run)
-        return train_run(
-            _plain(_config), modified=modified, recorder=recorder, log=_log, interactive=_INTERACTIVE
-        ).test_ppl
+        plan = _PLANNED.pop("plan", None) or plan_run(_plain(_config), ex.given)  # (the hook's, as a rule)
+        return train_run(plan, recorder=_SacredRecorder(_run), log=_log, interactive=_INTERACTIVE).test_ppl
     except UserError as problem:
         raise error(str(problem)) from None
 

@@ -23,7 +23,6 @@ from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.model import RNNModel
 
-
 # The most one call samples, so that sampling never asks for memory a machine lacks and always ends:
 # - MAX_WORDS: a million tokens a sample is about 7 MB of text and a million steps one after the other, minutes
 #   even for a small model (0.2 ms a step at best on a CPU, see _stepwise_kernels); more text is more calls.

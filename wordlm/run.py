@@ -1,11 +1,12 @@
 """One training run from a config: check, set up, train, test, save, record.
 
-Lives here: ``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``RunResult``, and the
-``Recorder`` a run reports its figures to: in memory here; the command line's forwards them to Sacred's run.
+Lives here: ``plan_run`` (the one check of a run's values before any work, and resume's merge), its ``RunPlan``,
+``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``RunResult``, and the ``Recorder`` a
+run reports its figures to: in memory here; the command line's forwards them to Sacred's run.
 Must not import Sacred.
 
-    cfg, modified = make_config("smoke", dataset="wikitext-2")
-    result = train_run(cfg, modified=modified)
+    cfg, given = make_config("smoke", dataset="wikitext-2")
+    result = train_run(plan_run(cfg, given))
     result.test_ppl, result.history.metrics["valid.ppl"]
 """
 
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 
 from wordlm import __version__
+from wordlm.cache import load_corpus_cached
 from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
-from wordlm.checks import check_output, check_path, check_readable_path, path_problem, resolve_device
+from wordlm.checks import check_output, check_path, path_problem, resolve_device
 from wordlm.config import build_model_config, resumed_config, validate_training_config
-from wordlm.corpora import load_dataset, resolve_dataset
+from wordlm.corpora import check_dataset, load_dataset, resolve_dataset
 from wordlm.data import SPLITS, Corpus, batchify
 from wordlm.distributed import (
     World,
@@ -89,15 +91,57 @@ class RunResult:
     history: MetricHistory = field(default_factory=MetricHistory)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A training run whose values passed every check: the config it trains with (a resumed run's merged with
+    its checkpoint's), the keys the user gave, and the checkpoint it resumes from, read once."""
+
+    config: dict
+    given: frozenset[str] = frozenset()
+    resume_payload: dict | None = None
+
+
+def plan_run(cfg: dict, given: set[str] | frozenset[str] = frozenset()) -> RunPlan:
+    """Check a training run's values once, before any work, and merge a resumed run's config with its checkpoint's.
+
+    Every entry runs this once: ``wordlm.train`` through ``train_run``, the command line in a Sacred config hook,
+    before Sacred starts the run and its observers (so a refused value leaves no run record).
+
+    Args:
+        cfg: every training key (``wordlm.config.make_config``, or Sacred's config).
+        given: the keys the user gave, whatever their value (a preset's keys count as given): with ``resume``
+            each one is honoured or refused, never silently replaced by the checkpoint's.
+
+    Raises:
+        UserError: one line naming the key and what to give instead.
+    """
+    payload = None
+    if cfg["resume"] is not None:
+        check_path("resume", cfg["resume"])
+        check_checkpoint_file(cfg["resume"])
+        payload = load_checkpoint(cfg["resume"])
+        cfg = resumed_config(cfg, set(given), payload, cfg["resume"])
+    validate_training_config(cfg)
+    folder = check_dataset(cfg["dataset"])
+    _check_outputs(cfg)
+    if folder is not None:
+        _not_a_corpus_file(cfg, folder)
+    _check_machine(cfg)
+    if folder is not None and cfg["adaptive_softmax"] is not None:  # its cutoffs must fall inside the vocabulary
+        corpus, _ = load_corpus_cached(folder, cfg["min_freq"], cfg["max_vocab"])
+        build_model_config(len(corpus.vocab), cfg)
+    return RunPlan(cfg, frozenset(given), payload)
+
+
 def train_run(
-    cfg: dict, *, modified: set[str] = frozenset(), recorder: Recorder | None = None,
+    plan: RunPlan | dict, *, modified: set[str] = frozenset(), recorder: Recorder | None = None,
     log: logging.Logger | None = None, interactive: bool = False,
 ) -> RunResult:  # fmt: skip
     """Train a model as the config says, keep the best one by validation loss, test it, and record the run.
 
     Args:
-        cfg: every training key (``wordlm.config.make_config``, or Sacred's config).
-        modified: the keys the user set: with ``resume`` they take over from the checkpoint's.
+        plan: the run checked by ``plan_run``; or a config with every training key, checked here.
+        modified: with a config: the keys the user gave (``plan_run``'s ``given``).
         recorder: where the figures and files go (default: in memory only).
         log: where the info lines go (default: the ``wordlm`` logger).
         interactive: draw a progress bar (a terminal).
@@ -107,32 +151,29 @@ def train_run(
     """
     recorder = recorder or Recorder()
     log = log or logging.getLogger("wordlm")
+    if not isinstance(plan, RunPlan):
+        plan = plan_run(plan, modified)
     try:
-        return _train_run(cfg, set(modified), recorder, log, interactive)
+        return _train_run(plan, recorder, log, interactive)
     except Exception as problem:
         if not lost_contact(problem):
             raise
         ignore_termination()  # (as StopRequests does): torchrun's SIGTERM must not cut off this line and the record
         raise UserError(
             f"{lost_contact_message(problem)}: another process failed, was killed or hung, and its own output "
-            f"says which; resume={cfg['save_last']} continues from the latest state written"
+            f"says which; resume={plan.config['save_last']} continues from the latest state written"
         ) from None
     finally:
         stop_world()
 
 
-def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interactive: bool) -> RunResult:
-    payload = None
-    if cfg["resume"] is not None:
-        check_config(cfg)
-        payload = load_checkpoint(cfg["resume"])
-        cfg = resumed_config(cfg, modified, payload, cfg["resume"])
-    _check_values(cfg)
+def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> RunResult:
+    cfg, payload = plan.config, plan.resume_payload
     world, device = _start(cfg)
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
         folder = resolve_dataset(cfg["dataset"], log=log.info)
         corpus = load_dataset(folder, log=log.info, min_freq=cfg["min_freq"], max_vocab=cfg["max_vocab"])
-    _not_a_corpus_file(cfg, folder)
+    _not_a_corpus_file(cfg, folder)  # (planned before a download: the folder is known only now)
     model_config = _model_config(cfg, corpus)
     _check_memory(model_config, cfg, device)
     model = build_model(model_config).to(device)
@@ -143,7 +184,7 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
     keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
     state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
     if payload is not None:
-        state, optimizer, own_rng = keeper.restore(payload, cfg, modified)
+        state, optimizer, own_rng = keeper.restore(payload, cfg, plan.given)
         log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
     if not own_rng:
         split_rng_streams(world)  # ranks > 0: dropout masks of their own
@@ -156,7 +197,7 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
     if cfg["compile"]:
         network = torch.compile(network)
     reporter = Reporter(interactive=interactive and world.is_main, log_metric=recorder.log_scalar)
-    started = time.perf_counter()
+    started, tokens_before = time.perf_counter(), state.tokens_seen  # a resumed run's earlier sessions excluded
     with StopRequests(second_interrupts=world.size == 1, ignore_term_after_error=world.size > 1) as stop:
         trainer = Trainer(
             model, train_data.contiguous().to(device), corpus.valid.to(device), optimizer, state,
@@ -186,7 +227,7 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
         test_tokens=test_tokens,
         training_seconds=training_seconds,
         tokens_seen=state.tokens_seen,
-        tokens_per_second=state.tokens_seen / training_seconds if training_seconds > 0 else None,
+        tokens_per_second=_rate(state.tokens_seen - tokens_before, training_seconds),  # this session's
         time_budget_spent=trainer.budget_spent,
         seconds_trained=state.seconds,  # over every session of a resumed run
     )
@@ -196,43 +237,29 @@ def _train_run(cfg: dict, modified: set[str], recorder: Recorder, log, interacti
                      dict(recorder.info), recorder.history)  # fmt: skip
 
 
-def check_config(cfg: dict) -> None:
-    """What ``train_run`` checks before any work, for a caller that wants bad input refused before it starts
-    anything of its own (the command line: before Sacred starts a run, so a refused value leaves no run record).
-
-    With ``resume`` only the checkpoint's path is checked (a file that is there): the other values are merged
-    with the checkpoint's config first, which ``train_run`` then checks as a whole.
-
-    Raises:
-        UserError: one line naming the key and what to give instead.
-    """
-    if cfg["resume"] is not None:
-        check_path("resume", cfg["resume"])
-        check_checkpoint_file(cfg["resume"])
-    else:
-        _check_values(cfg)
+def _rate(tokens: int, seconds: float) -> float | None:
+    """Tokens per second, or None when nothing was trained (a finished run resumed only to be tested)."""
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
 
 
-def _check_values(cfg: dict) -> None:
-    """The values, the dataset path and every output of a config whose values are final (merged on resume)."""
-    validate_training_config(cfg)
-    check_readable_path("dataset", cfg["dataset"])
-    _check_outputs(cfg)
-
-
-def _start(cfg: dict) -> tuple[World, torch.device]:
-    """The device and, under torchrun, the process group; one line for what this machine cannot do."""
+def _check_machine(cfg: dict) -> None:
+    """What this machine, or torchrun's launch, cannot do: a device it lacks, a precision its device lacks, a batch
+    that the launched processes cannot share."""
     device = resolve_device(cfg["device"])
     if cfg["batch_size"] % launched_size():
         raise UserError(
             f"batch_size={cfg['batch_size']} must be a multiple of the {launched_size()} processes: each one "
             "trains an equal block of the batch's columns"
         )
-    world, device = start_world(device)  # several processes under torchrun; else World() and device as is
     if cfg["amp"] == "fp16" and device.type != "cuda":
         raise UserError("amp='fp16' needs a CUDA device (half precision with loss scaling); on a CPU use amp='bf16'")
     if cfg["amp"] == "bf16" and device.type == "cpu" and (lacking := bfloat16_unavailable()):
         raise UserError(f"amp='bf16' cannot train on this CPU: {lacking}; leave amp unset to train in float32")
+
+
+def _start(cfg: dict) -> tuple[World, torch.device]:
+    """The device and, under torchrun, the process group (the values were checked by ``plan_run``)."""
+    world, device = start_world(resolve_device(cfg["device"]))  # several processes under torchrun; else as is
     if device.type == "cpu":
         tune_cpu_allocator()
     return world, device
