@@ -2,7 +2,8 @@
 
 Lives here: ``training_config`` (the keys as a config scope: ``wordlm.experiment`` hands it to Sacred, whose
 ``print_config`` shows its comments; ``defaults`` reads it without Sacred), ``PRESETS``, ``make_config`` (the
-config of ``wordlm.train``), ``validate_training_config`` and ``resumed_config``. Must not import Sacred.
+config of ``wordlm.train``), ``validate_training_config``, ``resumed_config`` and ``differing_keys``. Must not import
+Sacred.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def training_config():
     # -- never lose a run
     save_last = (save[:-3] if str(save).endswith(".pt") else str(save)) + ".last.pt"  # latest state, for resume
     checkpoint_every = None  # also write save_last every this many minutes (None = at each epoch's end only)
-    resume = None  # continue the run whose checkpoint (save_last, or save) is at this path
+    resume = None  # continue the run whose checkpoint (save_last, or save) is at this path; 'auto': save_last if there
     on_divergence = "stop"  # a NaN/inf loss: 'stop' (one-line error) or 'reload' (best model, lr / 4)
     onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
 
@@ -277,6 +278,17 @@ def resumed_config(config: dict, modified: set[str], payload: dict, path: str) -
     if "dataset" not in modified and moved:  # a relative path or a corpus name typed in another folder
         merged["dataset"] = folder
     return merged
+
+
+def differing_keys(config: dict, saved: dict, corpus_folder: str | None = None) -> list[str]:
+    """The training keys whose value in ``config`` is not the one a checkpoint's ``saved`` config holds (``resume``
+    aside): whether a state on disk belongs to the run ``config`` describes. Keys ``saved`` lacks (an older
+    wordlm's checkpoint) are not counted; a dataset that names the checkpoint's ``corpus_folder`` is the same."""
+    keys = [key for key in [*defaults(), "seed"] if key != "resume" and key in saved and key in config]
+    return [
+        key for key in dict.fromkeys(keys)
+        if config[key] != saved[key] and not (key == "dataset" and _same_folder(str(config[key]), corpus_folder))
+    ]  # fmt: skip
 
 
 def _same_folder(path: str, other: str | None) -> bool:

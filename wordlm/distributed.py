@@ -211,10 +211,31 @@ def start_world(device: torch.device) -> tuple[World, torch.device]:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", store=_store(rank, size, timeout), rank=rank, world_size=size,
+                                timeout=timeout, device_id=device)  # fmt: skip
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", store=_store(rank, size, timeout), rank=rank, world_size=size, timeout=timeout)
     return World(rank=rank, size=size, local_rank=local_rank, device=device), device
+
+
+def _store(rank: int, size: int, timeout: timedelta) -> dist.Store:
+    """The key-value store the processes meet in (``MASTER_ADDR:MASTER_PORT``, as ``env://`` reads them), its keys
+    under a prefix of their own for each time torchrun (re)started the workers.
+
+    torchrun's agent hosts the store and keeps it across a restart of the workers (``--max-restarts``); plain
+    ``env://`` would then read the addresses the killed workers had published and fail in Gloo's
+    ``connectFullMesh`` ("Connection refused") or hang. Without the agent's store, rank 0 hosts one.
+    """
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise UserError(
+            f"WORLD_SIZE={size} says this is one of several processes, but MASTER_ADDR and MASTER_PORT do not say "
+            "where they meet; start them with torchrun"
+        ) from None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, port, size, is_master=not agent and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"wordlm/start_{os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0}", store)
 
 
 def stop_world() -> None:

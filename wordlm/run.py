@@ -25,7 +25,7 @@ from wordlm import __version__
 from wordlm.cache import load_corpus_cached
 from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
 from wordlm.checks import check_output, check_path, path_problem, resolve_device
-from wordlm.config import build_model_config, resumed_config, validate_training_config
+from wordlm.config import build_model_config, differing_keys, resumed_config, validate_training_config
 from wordlm.corpora import check_dataset, load_dataset, resolve_dataset
 from wordlm.data import SPLITS, Corpus, batchify
 from wordlm.distributed import (
@@ -91,14 +91,81 @@ class RunResult:
     history: MetricHistory = field(default_factory=MetricHistory)
 
 
+AUTO = "auto"  # resume="auto": from save_last when it holds this run's latest state, else from the start
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun's count of the times it restarted the workers (0 at first)
+RUN_ID_ENV = "TORCHELASTIC_RUN_ID"  # torchrun's id of the job, the same in every restart (--rdzv-id, or random)
+
+
+class RunFinished(UserError):
+    """``resume='auto'`` found the run finished: nothing is left to train (the command line exits 0)."""
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """A training run whose values passed every check: the config it trains with (a resumed run's merged with
-    its checkpoint's), the keys the user gave, and the checkpoint it resumes from, read once."""
+    its checkpoint's), the keys the user gave, the checkpoint it resumes from, read once, and why it resumes
+    when the user did not name the state (``resume='auto'``, torchrun's restart)."""
 
     config: dict
     given: frozenset[str] = frozenset()
     resume_payload: dict | None = None
+    resumed_by: str | None = None
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
+    try:
+        return int(os.environ.get(RESTART_ENV) or 0)
+    except ValueError:
+        return 0
+
+
+def _own_state(cfg: dict) -> tuple[dict, dict | None, str | None]:
+    """Resolve ``resume='auto'`` and torchrun's restarts to the state they continue from.
+
+    ``resume='auto'`` (a job requeued by its scheduler runs the same command again): save_last when it holds a
+    state of this run's config, the start when there is none; a state of another config, a damaged file or a
+    finished run are refused in one line, and the file is kept. After torchrun restarted the workers: save_last
+    when this very job wrote it (``TORCHELASTIC_RUN_ID``) with this config, else ``resume`` as given.
+
+    Returns:
+        ``(cfg, payload, why)``: the config with ``resume`` set to the state's path (or None, or as given), the
+        loaded state, and why it is resumed (for the console and the record).
+    """
+    auto, restarts, path = cfg["resume"] == AUTO, restart_count(), cfg["save_last"]
+    check_path("save_last", path)
+    if not os.path.lexists(path):  # nothing written yet: the run starts (a restart: as its command says)
+        return ({**cfg, "resume": None} if auto else cfg), None, None
+    said = f"resume={AUTO!r}" if auto else f"torchrun's restart {restarts}"
+    try:
+        check_checkpoint_file(path)
+        payload = load_checkpoint(path)
+    except UserError as problem:
+        raise UserError(f"{said}: {problem}; {path} is kept: move it away to start over") from None
+    meta = payload.get("meta") or {}
+    differ = differing_keys(cfg, meta.get("config") or {}, meta.get("corpus_folder"))
+    this_job = restarts > 0 and meta.get("elastic_run_id") == os.environ.get(RUN_ID_ENV)
+    if payload.get("training") and not differ and (auto or this_job):
+        state = payload["training"]["state"]
+        epochs = (meta.get("config") or {}).get("epochs", cfg["epochs"])
+        if auto and not this_job and (state.get("finished") or state["epoch"] > epochs):
+            best = f" (best valid ppl {perplexity(state['best_val_loss']):.2f})" if state.get("best_epoch") else ""
+            raise RunFinished(
+                f"resume='auto': the run whose latest state is {path} has finished{best}; its best model is in "
+                f"{cfg['save']}. Nothing is trained again: give epochs or time_budget more with resume={path}, or "
+                "a new save= for a new run"
+            )
+        why = f"torchrun restarted the workers: restart {restarts}" if this_job else "resume='auto'"
+        return {**cfg, "resume": path}, payload, why
+    if not auto:  # a restart: the state is another run's, or none of this job yet
+        return cfg, None, None
+    if not payload.get("training"):
+        raise UserError(f"resume='auto': {path} holds no training state; move it away to start over")
+    shown = ", ".join(f"{key}={cfg[key]!r}, not its {meta['config'][key]!r}" for key in differ[:4])
+    raise UserError(
+        f"resume='auto': {path} holds the state of another run ({shown}); it is kept: give this run its own "
+        f"save=, or resume={path} to continue that run with these keys"
+    )
 
 
 def plan_run(cfg: dict, given: set[str] | frozenset[str] = frozenset()) -> RunPlan:
@@ -115,11 +182,14 @@ def plan_run(cfg: dict, given: set[str] | frozenset[str] = frozenset()) -> RunPl
     Raises:
         UserError: one line naming the key and what to give instead.
     """
-    payload = None
+    payload, why = None, None
+    if cfg["resume"] == AUTO or restart_count() > 0:
+        cfg, payload, why = _own_state(cfg)
     if cfg["resume"] is not None:
-        check_path("resume", cfg["resume"])
-        check_checkpoint_file(cfg["resume"])
-        payload = load_checkpoint(cfg["resume"])
+        if payload is None:
+            check_path("resume", cfg["resume"])
+            check_checkpoint_file(cfg["resume"])
+            payload = load_checkpoint(cfg["resume"])
         cfg = resumed_config(cfg, set(given), payload, cfg["resume"])
     validate_training_config(cfg)
     folder = check_dataset(cfg["dataset"])
@@ -130,7 +200,7 @@ def plan_run(cfg: dict, given: set[str] | frozenset[str] = frozenset()) -> RunPl
     if folder is not None and cfg["adaptive_softmax"] is not None:  # its cutoffs must fall inside the vocabulary
         corpus, _ = load_corpus_cached(folder, cfg["min_freq"], cfg["max_vocab"])
         build_model_config(len(corpus.vocab), cfg)
-    return RunPlan(cfg, frozenset(given), payload)
+    return RunPlan(cfg, frozenset(given), payload, why)
 
 
 def train_run(
@@ -180,12 +250,14 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Run
     if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
         model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
-    meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve())}
+    meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve()),
+            "elastic_run_id": os.environ.get(RUN_ID_ENV)}  # fmt: skip
     keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
     state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
     if payload is not None:
         state, optimizer, own_rng = keeper.restore(payload, cfg, plan.given)
-        log.info("resumed from %s at epoch %d, batch %d", cfg["resume"], state.epoch, state.batch)
+        why = f" ({plan.resumed_by})" if plan.resumed_by else ""
+        log.info("resumed from %s at epoch %d, batch %d%s", cfg["resume"], state.epoch, state.batch, why)
     if not own_rng:
         split_rng_streams(world)  # ranks > 0: dropout masks of their own
     log.info(
@@ -221,6 +293,8 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Run
         stop_signal=stop.name or None,
         stopped_at={"epoch": state.epoch, "batch": state.batch} if interrupted else None,
         resumed_from=cfg["resume"],
+        resumed_by=plan.resumed_by,
+        torchrun_restarts=restart_count(),
         best_epoch=state.best_epoch,
         best_valid_ppl=perplexity(state.best_val_loss) if state.best_epoch else None,
         test_ppl=test_ppl,

@@ -55,6 +55,7 @@ class TrainState:
     interval_loss: float | torch.Tensor = 0.0  # sum of batch losses since the last progress line
     interval_batches: int = 0
     seconds: float = 0.0  # time spent training and validating, over every session of the run (time_budget's)
+    finished: bool = False  # the last epoch, or the time budget, is done: nothing is left to train
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (the hidden state as CPU tensors)."""
@@ -436,7 +437,9 @@ class Trainer:
                     self._valid_seconds = self._agreed_clock(time.perf_counter() - valid_start)
                 seconds = time.perf_counter() - start
                 self.reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
-                if self.end_epoch(val_loss) and self.checkpoints is not None:
+                improved = self.end_epoch(val_loss)
+                state.finished = state.epoch > options.epochs or self.budget_spent
+                if improved and self.checkpoints is not None:
                     self.checkpoints.write_best(self)  # with the next epoch's start: it resumes like save_last
             if self.checkpoints is not None:
                 self.checkpoints.write_last(self)
