@@ -1,0 +1,282 @@
+"""Test-time adaptation of a trained checkpoint: the cache pointer and dynamic evaluation, tuned on validation.
+
+    python benchmarks/adapt.py --checkpoint ptb.pt --dataset penn --record docs/runs/budget_2h/x.json [--quick]
+
+Scores the checkpoint on the valid and test splits of ``--dataset`` three ways, each with what
+``python main.py evaluate with checkpoint=... split=...`` computes (``wordlm.evaluation.evaluate_text``, the
+same keys): plainly; with the continuous cache pointer (Grave, Joulin & Usunier 2017: ``cache_window``,
+``cache_theta``, ``cache_lambda``); and with dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018, SGD
+variant: ``dynamic_lr``, ``dynamic_decay``). As both papers do, each method's parameters are chosen on the
+validation split only, by a coordinate search over a small grid (each grid point is one pass over valid: each
+coordinate in turn is swept over its grid with the others held at their best so far: 7 passes a method with
+the default grids), and the best setting of each is then run once on test. Every pass is timed.
+
+The record named by ``--record`` (a JSON object; created if missing, its other fields kept) gains
+``test_ppl_plain``, ``valid_ppl_plain``, ``test_ppl_cache``, ``valid_ppl_cache``, ``cache_params``,
+``cache_seconds_test``, ``test_ppl_dynamic_eval``, ``valid_ppl_dynamic_eval``, ``dynamic_eval_params``,
+``dynamic_eval_seconds_test``, ``adapt_tuning_seconds`` (all the valid passes of both searches),
+``adapt_command``, ``adapt_cpu``, ``adapt_threads``, and beside them ``plain_seconds_test``, ``adapt_grid``
+(every valid pass: method, parameters, perplexity, seconds), ``adapt_grid_edges`` (chosen values that end
+their grid, where a wider one might do better), ``adapt_checkpoint``, ``adapt_dataset``, ``adapt_device``,
+``adapt_torch`` and ``adapt_commit``. ``--quick`` shrinks the grids to two points a coordinate (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from budget import commit, cpu_name  # noqa: E402  (benchmarks/ is on the path: this file runs as a script)
+
+import wordlm  # noqa: E402
+from wordlm.corpora import resolve_dataset  # noqa: E402
+from wordlm.errors import UserError  # noqa: E402
+from wordlm.evaluation import evaluate_text, perplexity  # noqa: E402
+
+# Grave et al. used a window of 500 on PTB and 2000 on WikiText-2 for their LSTM; AWD-LSTM's pointer.py used
+# θ 1.0, λ 0.1 on PTB and θ 0.662, λ 0.128 on WikiText-2 (evaluate's defaults). Each search starts at ``start``.
+CACHE_GRID = {"cache_lambda": [0.05, 0.1, 0.2], "cache_theta": [0.3, 0.662, 1.0], "cache_window": [500, 1000, 2000]}
+CACHE_START = {"cache_window": 500, "cache_theta": 0.662, "cache_lambda": 0.1}
+# SGD steps on each segment's mean loss (no clipping): training takes lr 20-35 on clipped gradients; decay is
+# the fraction of the way back to the trained weights taken after each step (Krause et al.'s λ).
+DYNAMIC_GRID = {"dynamic_lr": [0.1, 0.3, 1.0, 3.0, 10.0], "dynamic_decay": [0.0, 0.001, 0.01]}
+DYNAMIC_START = {"dynamic_lr": 1.0, "dynamic_decay": 0.0}
+QUICK_CACHE_GRID = {"cache_lambda": [0.1, 0.2], "cache_theta": [0.3, 1.0], "cache_window": [20, 50]}
+QUICK_CACHE_START = {"cache_window": 20, "cache_theta": 0.3, "cache_lambda": 0.1}
+QUICK_DYNAMIC_GRID = {"dynamic_lr": [0.1, 1.0], "dynamic_decay": [0.0, 0.01]}
+QUICK_DYNAMIC_START = {"dynamic_lr": 0.1, "dynamic_decay": 0.0}
+
+
+def coordinate_search(
+    grid: dict[str, list], start: dict, score: Callable[[dict], float], rounds: int = 1
+) -> tuple[dict, float]:
+    """The grid point with the lowest ``score``, found one coordinate at a time.
+
+    A round sweeps every coordinate in ``grid``'s order over its values with the others held at the best point
+    so far; rounds repeat while one changes something (``rounds`` at most). A point is scored once, however
+    often the sweeps reach it; of equal scores the first kept wins. Returns the best point and its score.
+    """
+    seen: dict[tuple, float] = {}
+
+    def cost(point: dict) -> float:
+        key = tuple(point[name] for name in grid)
+        if key not in seen:
+            seen[key] = score(point)
+        return seen[key]
+
+    best = dict(start)
+    best_cost = cost(best)
+    for _ in range(rounds):
+        moved = False
+        for name, values in grid.items():
+            for value in values:
+                point = {**best, name: value}
+                if cost(point) < best_cost:  # ties keep the earlier point
+                    best, best_cost, moved = point, cost(point), True
+        if not moved:
+            break
+    return best, best_cost
+
+
+class Scorer:
+    """Runs ``evaluate_text`` on one split, as ``main.py evaluate`` does, timing each pass."""
+
+    def __init__(self, lm: wordlm.LanguageModel, ids: torch.Tensor, eval_batch_size: int, bptt: int) -> None:
+        self.lm, self.ids, self.keys = lm, ids, {"eval_batch_size": eval_batch_size, "bptt": bptt}
+
+    def __call__(self, **options) -> tuple[float, float]:
+        """Perplexity and seconds of one pass with ``options`` (evaluate's cache and dynamic evaluation keys)."""
+        started = time.perf_counter()
+        loss, _, _ = evaluate_text(self.lm.model, self.ids, **self.keys, **options)
+        return perplexity(loss), time.perf_counter() - started
+
+
+def read_record(path: Path) -> dict:
+    """The record's fields (``{}`` when the file does not exist yet); a file that is no JSON object is an error."""
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise UserError(f"--record {path}: cannot read it as JSON ({problem})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"--record {path}: holds a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write ``record`` whole or not at all: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(record, indent=1) + "\n")
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+def check_record_writable(path: Path) -> None:
+    """Fail before any scoring when the record's folder cannot take the file."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if path.is_dir() or not os.access(folder if not path.exists() else path, os.W_OK):
+        raise UserError(f"--record {path}: cannot write there; give a JSON file in a writable folder")
+
+
+def parse_values(text: str | None, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(value < 0 for value in values):
+        raise UserError(f"{text!r}: give one or more numbers, none negative")
+    return sorted(set(values))
+
+
+def grids(args) -> tuple[dict, dict, dict, dict]:
+    """The cache's and dynamic evaluation's grids and starting points, with ``--windows``/``--lrs`` applied."""
+    if args.quick:
+        cache, cache_start = dict(QUICK_CACHE_GRID), dict(QUICK_CACHE_START)
+        dynamic, dynamic_start = dict(QUICK_DYNAMIC_GRID), dict(QUICK_DYNAMIC_START)
+    else:
+        cache, cache_start = dict(CACHE_GRID), dict(CACHE_START)
+        dynamic, dynamic_start = dict(DYNAMIC_GRID), dict(DYNAMIC_START)
+    windows, lrs = parse_values(args.windows, int), parse_values(args.lrs, float)
+    if windows:
+        if 0 in windows:
+            raise UserError("--windows: a window of 0 is no cache; give windows of 1 or more words")
+        cache["cache_window"], cache_start["cache_window"] = windows, windows[0]
+    if lrs:
+        if 0 in lrs:
+            raise UserError("--lrs: an lr of 0 is no dynamic evaluation; give positive values")
+        dynamic["dynamic_lr"], dynamic_start["dynamic_lr"] = lrs, lrs[len(lrs) // 2]
+    return cache, cache_start, dynamic, dynamic_start
+
+
+def at_edges(best: dict, grid: dict) -> list[str]:
+    """``key=value`` for each coordinate whose best value ends its grid (a 0 excepted: nothing lies below it), where
+    a wider grid might do better."""
+    return [f"{name}={best[name]:g}" for name, values in grid.items()
+            if len(values) > 1 and best[name] in (values[0], values[-1]) and best[name] != 0]  # fmt: skip
+
+
+def show(params: dict) -> str:
+    return ", ".join(f"{name.split('_', 1)[1]} {value:g}" for name, value in params.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a wordlm checkpoint (the save= file of a run)")
+    parser.add_argument("--dataset", required=True, help="the corpus it was trained on: a name or a folder")
+    parser.add_argument("--record", required=True, help="JSON record to add the figures to (created if missing)")
+    parser.add_argument("--quick", action="store_true", help="two-point grids (for tests)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as evaluate's device=)")
+    parser.add_argument("--eval-batch-size", type=int, default=10, help="plain evaluation's columns (evaluate's)")
+    parser.add_argument("--bptt", type=int, default=35, help="dynamic evaluation's segment length (evaluate's)")
+    parser.add_argument("--windows", help="cache windows to try, e.g. 500,1000,2000 (instead of the grid's)")
+    parser.add_argument("--lrs", help="dynamic evaluation lrs to try, e.g. 0.3,1,3 (instead of the grid's)")
+    args = parser.parse_args()
+    try:
+        run(args)
+    except UserError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args) -> None:
+    # every input is checked before the first pass: a bad one costs a line, not an hour
+    cache_grid, cache_start, dynamic_grid, dynamic_start = grids(args)
+    for key, value in (("--eval-batch-size", args.eval_batch_size), ("--bptt", args.bptt)):
+        if value < 1:
+            raise UserError(f"{key}={value}: give a positive whole number")
+    record_path = Path(args.record)
+    record = read_record(record_path)
+    check_record_writable(record_path)
+    lm = wordlm.load(args.checkpoint, args.device)
+    folder = resolve_dataset(args.dataset)
+    splits = {}
+    for split in ("valid", "test"):
+        splits[split], unknown = lm.tokenize(folder / f"{split}.txt")
+        if unknown:
+            print(f"note: {unknown} {split} tokens are not in the checkpoint's vocabulary and were read as <unk>; "
+                  "is --dataset the corpus it was trained on?", flush=True)  # fmt: skip
+    valid, test = (Scorer(lm, splits[split], args.eval_batch_size, args.bptt) for split in ("valid", "test"))
+    print(f"{args.checkpoint}: valid {len(splits['valid']):,} tokens, test {len(splits['test']):,}, "
+          f"{torch.get_num_threads()} threads, {lm.device}", flush=True)  # fmt: skip
+
+    valid_plain, valid_plain_seconds = valid()
+    test_plain, test_plain_seconds = test()
+    print(f"plain: valid {valid_plain:.2f} ({valid_plain_seconds:.1f} s), test {test_plain:.2f} "
+          f"({test_plain_seconds:.1f} s)", flush=True)  # fmt: skip
+
+    passes = []
+
+    def on_valid(method: str) -> Callable[[dict], float]:
+        def score(params: dict) -> float:
+            ppl, seconds = valid(**params)
+            passes.append({"method": method, "params": params, "valid_ppl": ppl, "seconds": round(seconds, 2)})
+            print(f"  valid | {method} | {show(params)} | ppl {ppl:.2f} | {seconds:.1f} s", flush=True)
+            return ppl
+
+        return score
+
+    tuning_started = time.perf_counter()
+    cache_params, valid_cache = coordinate_search(cache_grid, cache_start, on_valid("cache"))
+    cache_params = {name: cache_params[name] for name in ("cache_window", "cache_theta", "cache_lambda")}
+    dynamic_params, valid_dynamic = coordinate_search(dynamic_grid, dynamic_start, on_valid("dynamic_eval"))
+    tuning_seconds = time.perf_counter() - tuning_started
+    edges = at_edges(cache_params, cache_grid) + at_edges(dynamic_params, dynamic_grid)
+    if edges:
+        print(f"note: best at the end of its grid: {', '.join(edges)}; a wider grid may do better (--windows and "
+              "--lrs widen two of them)", flush=True)  # fmt: skip
+    test_cache, cache_seconds = test(**cache_params)
+    test_dynamic, dynamic_seconds = test(**dynamic_params)
+
+    record.update({
+        "test_ppl_plain": test_plain, "valid_ppl_plain": valid_plain,
+        "plain_seconds_test": round(test_plain_seconds, 2),
+        "test_ppl_cache": test_cache, "valid_ppl_cache": valid_cache,
+        "cache_params": {name: cache_params[f"cache_{name}"] for name in ("window", "theta", "lambda")},
+        "cache_seconds_test": round(cache_seconds, 2),
+        "test_ppl_dynamic_eval": test_dynamic, "valid_ppl_dynamic_eval": valid_dynamic,
+        "dynamic_eval_params": {**{name.split("_", 1)[1]: value for name, value in dynamic_params.items()},
+                                "bptt": args.bptt},
+        "dynamic_eval_seconds_test": round(dynamic_seconds, 2),
+        "adapt_tuning_seconds": round(tuning_seconds, 1), "adapt_grid": passes,
+        "adapt_grid_edges": edges,
+        "adapt_checkpoint": str(args.checkpoint), "adapt_dataset": args.dataset,
+        "adapt_command": shlex.join(["python", "benchmarks/adapt.py", *sys.argv[1:]]),
+        "adapt_cpu": cpu_name(), "adapt_threads": torch.get_num_threads(), "adapt_device": str(lm.device),
+        "adapt_torch": torch.__version__, "adapt_commit": commit(),
+    })  # fmt: skip
+    write_record(record_path, record)
+
+    rows = [
+        ("plain", "", valid_plain, test_plain, test_plain_seconds),
+        ("cache pointer", show(cache_params), valid_cache, test_cache, cache_seconds),
+        ("dynamic evaluation", show(dynamic_params), valid_dynamic, test_dynamic, dynamic_seconds),
+    ]
+    print(f"{'method':<19} {'parameters (tuned on valid)':<34} {'valid':>8} {'test':>8} {'test s':>8}")
+    for method, params, valid_ppl, test_ppl, seconds in rows:
+        print(f"{method:<19} {params:<34} {valid_ppl:8.2f} {test_ppl:8.2f} {seconds:8.1f}")
+    print(f"tuning: {len(passes)} valid passes, {tuning_seconds:.1f} s; record in {record_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

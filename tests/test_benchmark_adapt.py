@@ -1,0 +1,92 @@
+"""benchmarks/adapt.py tunes the cache pointer and dynamic evaluation on valid, tests each once, and adds its figures
+to a record; its plain figures are main.py evaluate's."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import cut_corpus, run_cli
+
+import wordlm
+from wordlm.evaluation import evaluate_text, perplexity
+
+QUICK_GRIDS = {  # adapt.py's --quick grids
+    "window": [20, 50], "theta": [0.3, 1.0], "lambda": [0.1, 0.2], "lr": [0.1, 1.0], "decay": [0.0, 0.01],
+}  # fmt: skip
+FIELDS = (
+    "test_ppl_plain", "valid_ppl_plain", "test_ppl_cache", "valid_ppl_cache", "cache_params", "cache_seconds_test",
+    "test_ppl_dynamic_eval", "valid_ppl_dynamic_eval", "dynamic_eval_params", "dynamic_eval_seconds_test",
+    "adapt_tuning_seconds", "adapt_command", "adapt_cpu", "adapt_threads",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke-preset model on a tiny cut of WikiText-2: (corpus folder, checkpoint)."""
+    folder = tmp_path_factory.mktemp("adapt")
+    corpus = cut_corpus(folder / "corpus", tokens=(6_600, 900, 900))
+    checkpoint = folder / "tiny.pt"
+    wordlm.train(preset="smoke", dataset=str(corpus), save=str(checkpoint), log_interval=1000)
+    return corpus, checkpoint
+
+
+def test_adapt_tunes_on_valid_tests_once_and_adds_its_fields_to_the_record(trained, tmp_path):
+    corpus, checkpoint = trained
+    record_path = tmp_path / "runs" / "record.json"
+    record_path.parent.mkdir()
+    record_path.write_text(json.dumps({"minutes": 120, "wordlm_test_ppl": 99.5}))  # a budget record's fields stay
+    result = run_cli("--checkpoint", str(checkpoint), "--dataset", str(corpus), "--record", str(record_path),
+                     "--quick", cwd=tmp_path, script="benchmarks/adapt.py", timeout=300)  # fmt: skip
+    record = json.loads(record_path.read_text())
+    assert record["minutes"] == 120 and record["wordlm_test_ppl"] == 99.5
+    for field in FIELDS:
+        assert record[field] is not None, field
+
+    # the plain figures are those of main.py evaluate and of the API, split by split
+    lm = wordlm.load(checkpoint, "cpu")
+    assert record["valid_ppl_plain"] == pytest.approx(lm.perplexity(corpus / "valid.txt"), rel=1e-9)
+    evaluate = run_cli("evaluate", "-u", "with", f"checkpoint={checkpoint}", f"dataset={corpus}", "split=test",
+                       "device=cpu", cwd=tmp_path)  # fmt: skip
+    printed = float(re.search(r"\| ppl +([\d.]+)", evaluate.stdout).group(1))
+    assert f"{record['test_ppl_plain']:8.2f}".strip() == f"{printed:.2f}"
+
+    # the chosen settings are grid points, and their test figures are evaluate's with those keys
+    cache, dynamic = record["cache_params"], record["dynamic_eval_params"]
+    for name, value in {**cache, **{k: v for k, v in dynamic.items() if k != "bptt"}}.items():
+        assert value in QUICK_GRIDS[name], (name, value)
+    ids = lm.tokenize(corpus / "test.txt")[0]
+    with_cache = evaluate_text(lm.model, ids, cache_window=cache["window"], cache_theta=cache["theta"],
+                               cache_lambda=cache["lambda"])[0]  # fmt: skip
+    dynamic_loss = evaluate_text(lm.model, ids, bptt=dynamic["bptt"], dynamic_lr=dynamic["lr"],
+                                 dynamic_decay=dynamic["decay"])[0]  # fmt: skip
+    assert record["test_ppl_cache"] == pytest.approx(perplexity(with_cache), rel=1e-9)
+    assert record["test_ppl_dynamic_eval"] == pytest.approx(perplexity(dynamic_loss), rel=1e-6)
+
+    # tuned on valid: the chosen point is the best valid pass of its method, and every pass was timed
+    grid = record["adapt_grid"]
+    for method, field in (("cache", "valid_ppl_cache"), ("dynamic_eval", "valid_ppl_dynamic_eval")):
+        passes = [entry for entry in grid if entry["method"] == method]
+        assert 2 <= len(passes) <= 8 and all(entry["seconds"] >= 0 for entry in passes)
+        assert record[field] == min(entry["valid_ppl"] for entry in passes)
+    assert record["adapt_threads"] >= 1 and record["adapt_command"].startswith("python benchmarks/adapt.py")
+    assert record["cache_seconds_test"] > 0 and record["dynamic_eval_seconds_test"] > 0
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("cache pointer ") for line in lines) and f"record in {record_path}" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "missing.pt"], "missing.pt"),
+        (["--dataset", "no-such-corpus"], "no-such-corpus"),
+    ],
+)
+def test_adapt_refuses_bad_input_in_one_line(trained, tmp_path, args, message):
+    corpus, checkpoint = trained
+    args = [*args, "--dataset", str(corpus)] if "--checkpoint" in args else ["--checkpoint", str(checkpoint), *args]
+    result = run_cli(*args, "--record", str(tmp_path / "r.json"), cwd=tmp_path, script="benchmarks/adapt.py",
+                     check=False)  # fmt: skip
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert not Path(tmp_path / "r.json").exists()
