@@ -91,3 +91,15 @@ def test_a_bad_value_given_beside_resume_leaves_no_run_record(gru_run):
     result = run_cli("-F", "runs", "with", "resume=gru.last.pt", "lr=-1", cwd=gru_run, check=False)
     assert only_error_line(result).startswith("error: lr=-1 must be a positive")
     assert no_run_record(gru_run)
+
+
+def test_a_resume_given_a_new_save_keeps_and_tests_the_best_model_of_the_run(gru_run):
+    # the best model so far is in the resumed run's save (gru.pt), not in the new save: it is carried over at once
+    first = torch.load(gru_run / "gru.pt", weights_only=True)
+    result = run_cli("-u", "with", "resume=gru.last.pt", "save=copy.pt", cwd=gru_run)  # (finished: nothing to train)
+    assert "could not be written" not in result.stderr, result.stderr
+    copy = torch.load(gru_run / "copy.pt", weights_only=True)
+    assert all(torch.equal(copy["model_state"][k], v) for k, v in first["model_state"].items())
+    assert copy["meta"]["config"]["save"] == "copy.pt" and copy["meta"]["epoch"] == first["meta"]["epoch"]
+    tested = float(result.stdout.split("test ppl")[1].split()[0])
+    assert f"{tested:.2f}" == f"{wordlm.load(gru_run / 'gru.pt').perplexity(gru_run / 'tiny' / 'test.txt'):.2f}"

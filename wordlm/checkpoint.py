@@ -1,7 +1,7 @@
 """Checkpoints as plain data: written atomically, loaded without ever running code from the file.
 
-Lives here: ``save_checkpoint``, ``load_checkpoint``, ``model_from_checkpoint``, and the ``CheckpointKeeper`` of a
-training run (best, latest and stopped states). Must not import Sacred.
+Lives here: ``save_checkpoint``, ``write_payload``, ``load_checkpoint``, ``model_from_checkpoint``, and the
+``CheckpointKeeper`` of a training run (best, latest and stopped states). Must not import Sacred.
 
 A checkpoint is one ``torch.save`` file holding a dict of tensors, numbers, strings and lists:
 
@@ -54,7 +54,6 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
         OSError: the write failed (disk full, permission denied, ``path`` a device or FIFO); the previous file
             is untouched.
     """
-    path = Path(path)
     payload = {
         "format_version": FORMAT_VERSION,
         "model_config": model.config.to_dict(),
@@ -62,6 +61,12 @@ def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary,
         "vocab": list(vocab.idx2word),
         **extra,
     }
+    return write_payload(path, payload)
+
+
+def write_payload(path: str | os.PathLike, payload: dict) -> tuple[int, int]:
+    """Write a checkpoint's ``payload`` atomically, as ``save_checkpoint`` does, and return the file's identity."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as stream:
         torch.save(payload, stream)
@@ -262,19 +267,31 @@ class CheckpointKeeper:
             state.lr = cfg["lr"]
         rng, own_rng = rank_rng_state(payload["training"], self.world)
         restore_rng_state(rng)
-        self.resume_best(state.best_epoch)
+        self.resume_best(state.best_epoch, ((payload.get("meta") or {}).get("config") or {}).get("save"))
         return state, optimizer, own_rng
 
-    def resume_best(self, best_epoch: int) -> None:
-        """A resumed run's best model so far: from ``save``, if that file holds the epoch the state names."""
-        if not best_epoch or not os.path.isfile(self.save):
+    def resume_best(self, best_epoch: int, previous_save: str | None = None) -> None:
+        """A resumed run's best model so far: from ``save``, or else from the ``save`` of the run it resumes (a resume
+        given a new ``save=``), if that file holds the epoch the state names. One found in the other file is written
+        to ``save`` at once: ``save`` then holds this run's best model even if no later epoch improves on it."""
+        if not best_epoch:
             return
-        try:
-            payload = load_checkpoint(self.save)
-        except UserError:
-            return
-        if (payload.get("meta") or {}).get("epoch") == best_epoch:
+        for path in dict.fromkeys(path for path in (self.save, previous_save) if path):
+            try:
+                payload = load_checkpoint(path) if os.path.isfile(path) else {}
+            except UserError:
+                continue
+            meta = payload.get("meta") or {}
+            if meta.get("epoch") != best_epoch or payload.get("vocab") != self.vocab.idx2word:
+                continue
             self.best_weights = payload["model_state"]
+            if path != self.save and self.world.is_main:
+                meta = {**self.meta, "valid_loss": meta.get("valid_loss"), "epoch": best_epoch}
+                try:
+                    self.written, self.written_meta = write_payload(self.save, {**payload, "meta": meta}), meta
+                except OSError as problem:
+                    warn(f"could not write {self.save} ({problem.strerror or problem}); its best model is in {path}")
+            return
 
     def write_best(self, trainer) -> None:
         """Keep the model as the best so far (it just improved validation), with the state to resume from."""
