@@ -1,13 +1,13 @@
 """One training run from a config: check, set up, train, test, save, record.
 
 Lives here: ``plan_run`` (the one check of a run's values before any work, and resume's merge), its ``RunPlan``,
-``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``RunResult``, and the ``Recorder`` a
+``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``TrainingRun``, and the ``Recorder`` a
 run reports its figures to: in memory here; the command line's forwards them to Sacred's run.
 Must not import Sacred.
 
     cfg, given = make_config("smoke", dataset="wikitext-2")
     result = train_run(plan_run(cfg, given))
-    result.test_ppl, result.history.metrics["valid.ppl"]
+    result.test_ppl, result.history["valid.ppl"]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.export import check_export_available, export_onnx
 from wordlm.files import same_file
-from wordlm.model import ModelConfig, RNNModel, build_model
+from wordlm.language_model import LanguageModel
+from wordlm.model import ModelConfig, build_model
 from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
 from wordlm.runs import MetricHistory
 from wordlm.signals import StopRequests, ignore_termination
@@ -78,17 +79,28 @@ class Recorder:
 
 
 @dataclass
-class RunResult:
-    """What a training run gives back: the best model (or the stopped one) with its vocabulary and figures."""
+class TrainingRun:
+    """What a training run gives back (``train_run``, ``wordlm.train``).
 
-    config: dict  # the keys the run trained with (a resumed run's merged with the checkpoint's)
-    model: RNNModel  # the tested model, in eval mode
-    vocab: object
-    meta: dict  # what the save file holds beside the model
-    test_loss: float
+    Attributes:
+        model: the tested model (the best by validation loss, or the stopped one) as a ``LanguageModel``.
+        test_ppl: its test perplexity (``test_loss`` in nats per token).
+        best_valid_ppl: the best validation perplexity (None when no epoch finished).
+        history: every metric as ``(step, value)`` pairs, e.g. ``history["valid.ppl"]`` (step: the epoch),
+            ``history["train.ppl"]`` (step: tokens seen).
+        checkpoint: the file holding the best model (``save``).
+        config: every key the run trained with (a resumed run's merged with its checkpoint's).
+        info: what a run record's info holds: ``best_epoch``, ``interrupted``, ``training_seconds``, ...
+    """
+
+    model: LanguageModel
     test_ppl: float
-    info: dict = field(default_factory=dict)  # the run record's info: best epoch and valid ppl, tokens, seconds ...
-    history: MetricHistory = field(default_factory=MetricHistory)
+    best_valid_ppl: float | None
+    history: dict[str, list[tuple[int, float]]]
+    checkpoint: Path
+    config: dict
+    info: dict = field(default_factory=dict)
+    test_loss: float = float("nan")
 
 
 AUTO = "auto"  # resume="auto": from save_last when it holds this run's latest state, else from the start
@@ -206,7 +218,7 @@ def plan_run(cfg: dict, given: set[str] | frozenset[str] = frozenset()) -> RunPl
 def train_run(
     plan: RunPlan | dict, *, modified: set[str] = frozenset(), recorder: Recorder | None = None,
     log: logging.Logger | None = None, interactive: bool = False,
-) -> RunResult:  # fmt: skip
+) -> TrainingRun:  # fmt: skip
     """Train a model as the config says, keep the best one by validation loss, test it, and record the run.
 
     Args:
@@ -237,7 +249,7 @@ def train_run(
         stop_world()
 
 
-def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> RunResult:
+def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> TrainingRun:
     cfg, payload = plan.config, plan.resume_payload
     world, device = _start(cfg)
     with world.local_rank_first():  # one download or tokenization per machine, the cache for the rest
@@ -307,8 +319,11 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Run
     )
     if world.is_main:  # rank 0 records the run and writes the files
         _record(cfg, recorder, keeper, state, interrupted, test_ppl, log)
-    return RunResult(cfg, model.eval(), corpus.vocab, keeper.written_meta, test_loss, test_ppl,
-                     dict(recorder.info), recorder.history)  # fmt: skip
+    history = {name: list(zip(series.steps, series.values)) for name, series in recorder.history.metrics.items()}
+    return TrainingRun(
+        LanguageModel(model, corpus.vocab, keeper.written_meta), test_ppl, recorder.info.get("best_valid_ppl"),
+        history, Path(cfg["save"]), cfg, dict(recorder.info), test_loss,
+    )  # fmt: skip
 
 
 def _rate(tokens: int, seconds: float) -> float | None:
