@@ -343,6 +343,39 @@ def test_plot_leaves_out_runs_without_a_curve_and_refuses_a_database(workdir, tm
         plot(runs_db="sqlite:///runs.db")
 
 
+def test_a_file_that_is_no_sqlite_database_is_one_line_at_once_and_records_nothing(tmp_path):
+    """-s sqlite:////abs/notes.txt started the run, retried for 6 s and printed two tracebacks (the second
+    Sacred's AttributeError in failed_event) before its error line."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    url = f"sqlite:///{notes}"
+    cut_corpus(tmp_path / "c", lines=(60, 10, 10))
+    result = run_cli("-F", str(tmp_path / "records"), "-s", url, "with", *SMOKE, f"dataset={tmp_path / 'c'}",
+                     f"save={tmp_path / 'model.pt'}", cwd=tmp_path, check=False)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output and "AttributeError" not in output, output
+    assert result.stderr.splitlines() == [f"error: {url}: {notes} is not an SQLite database (it does not begin with "
+                                          "SQLite's header)"]  # fmt: skip
+    assert notes.read_text() == "not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "notes.txt"]  # no run record, no model, no records/
+    with pytest.raises(UserError, match="notes.txt is not an SQLite database"):
+        read_runs_db(url)
+
+
+def test_a_run_whose_start_the_database_refused_is_one_error_without_a_traceback(tmp_path, monkeypatch, capfd, caplog):
+    """The SQL observer's failed_event met a run it never recorded: Sacred logged its AttributeError traceback."""
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    observer = experiment._SqlObserver(f"sqlite:///{tmp_path / 'notes.txt'}")  # bypassing main's check of -s
+    monkeypatch.setattr(experiment._SqlObserver, "TRIES", 1)
+    monkeypatch.setattr(experiment.ex, "observers", [observer])
+    with pytest.raises(experiment.error, match="cannot record the run in sqlite:///.*: file is not a database"):
+        experiment.ex.run("export", config_updates={"checkpoint": str(tmp_path / "none.pt")},
+                          options={"--loglevel": "WARNING"})  # fmt: skip
+    logged = capfd.readouterr().err + caplog.text  # (Sacred's logger reaches pytest's log capture)
+    assert "Traceback" not in logged and "AttributeError" not in logged, logged
+    assert (tmp_path / "notes.txt").read_text() == "not a database\n"
+
+
 def test_runs_starting_together_on_a_new_sqlite_database_are_all_recorded(tmp_path):
     """Sacred's own SQL observer loses runs here (24 of 40 in one trial: "table source already exists")."""
     import datetime as dt

@@ -485,6 +485,16 @@ class _SqlObserver(SqlObserver):
                     raise error(f"cannot record the run in {shown}: {reason}") from None
                 time.sleep(_JITTER.uniform(0.05, 0.2) * (attempt + 1))
 
+    # A run whose start could not be recorded has no row to mark: Sacred's observer then failed with an
+    # AttributeError on None, a second traceback under the run's one-line error.
+    def failed_event(self, *args, **kwargs):
+        if self.run is not None:
+            super().failed_event(*args, **kwargs)
+
+    def interrupted_event(self, *args, **kwargs):
+        if self.run is not None:
+            super().interrupted_event(*args, **kwargs)
+
 
 _JITTER = random.Random()  # its own stream: Sacred seeds the global one
 

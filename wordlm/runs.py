@@ -250,7 +250,7 @@ def open_database(url, label: str = "runs_db", create: bool = False):
 
     Raises:
         UserError: SQLAlchemy or the driver is missing, ``url`` is no URL or names no dialect SQLAlchemy knows, a
-            SQLite file or folder is missing, or the server cannot be reached.
+            SQLite file or folder is missing, the file is not an SQLite database, or the server cannot be reached.
     """
     try:
         import sqlalchemy as sa
@@ -284,6 +284,7 @@ def open_database(url, label: str = "runs_db", create: bool = False):
             raise UserError(f"{shown}: there is no folder {file.parent} for the database file; make it first")
         if not create and not file.is_file():
             raise UserError(f"{shown}: there is no database file {database}")  # connecting would create an empty one
+        _check_sqlite_header(file, shown)
     try:
         with engine.connect():
             pass
@@ -292,6 +293,23 @@ def open_database(url, label: str = "runs_db", create: bool = False):
         reason = str(getattr(problem, "orig", None) or problem).strip().splitlines()[0]
         raise UserError(f"cannot open the database {shown}: {reason}") from None
     return engine
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _check_sqlite_header(file: Path, shown: str) -> None:
+    """Refuse an existing, non-empty ``file`` that is no SQLite database: SQLite itself says so only at the first
+    query, which for Sacred's observer is inside the run, after it started (an empty file is a new database)."""
+    if not file.is_file():
+        return  # absent (connecting creates it) or no regular file (reading a FIFO would block): left to connecting
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError:
+        return  # unreadable: connecting says so in SQLite's words
+    if head and head != SQLITE_HEADER:
+        raise UserError(f"{shown}: {file} is not an SQLite database (it does not begin with SQLite's header)")
 
 
 def read_runs_db(url: str, now: datetime | None = None, stale_after: float = STALE_AFTER) -> list[RunRecord]:
