@@ -188,14 +188,14 @@ def test_ctrl_c_after_an_epoch_tests_the_best_model(tmp_path, tiny_corpus):
     assert run["info"]["interrupted"] is True and run["info"]["best_epoch"] == checkpoint["meta"]["epoch"]
 
 
-def test_progress_bar_on_a_terminal_and_plain_lines_in_the_run_record(tmp_path, tiny_corpus):
-    import os
+def run_in_terminal(*args: str, cwd) -> tuple[int, str]:
+    """Run main.py with stdin, stdout and stderr on a pseudo-terminal; its exit status and what the terminal got."""
     import pty
 
     leader, follower = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "with", "smoke", f"dataset={tiny_corpus}"],
-        cwd=tmp_path, env=cli_env(), stdin=follower, stdout=follower, stderr=follower,
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=cwd, env=cli_env(), stdin=follower, stdout=follower, stderr=follower,
     )  # fmt: skip
     os.close(follower)
     screen = b""
@@ -209,12 +209,31 @@ def test_progress_bar_on_a_terminal_and_plain_lines_in_the_run_record(tmp_path, 
         screen += chunk
     process.wait(timeout=120)
     os.close(leader)
-    text = screen.decode(errors="replace")
-    assert process.returncode == 0, text
+    return process.returncode, screen.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_in_the_run_record(tmp_path, tiny_corpus):
+    code, text = run_in_terminal("with", "smoke", f"dataset={tiny_corpus}", cwd=tmp_path)
+    assert code == 0, text
     assert re.search(r"epoch 1: +\d+%\|", text)  # tqdm's bar
     assert "| end of epoch   1 |" in text
     record = (tmp_path / "runs" / "1" / "cout.txt").read_text()
     assert "| end of epoch   1 |" in record and "\r" not in record  # redraws filtered from the record
+
+
+def test_a_run_record_made_on_a_terminal_holds_the_printed_lines_only(tmp_path, tiny_corpus):
+    """Sacred captures stdout and stderr through two tee processes: a progress line landed after a drawing of the
+    bar, and cout.txt kept lines like '36/1865 [00:08<06:30, 4.69batch/s]h]-----' (issue 33)."""
+    code, text = run_in_terminal("-F", "records", "with", "smoke", f"dataset={tiny_corpus}", "log_interval=1",
+                                 f"save={tmp_path / 'm.pt'}", cwd=tmp_path)  # fmt: skip
+    assert code == 0 and re.search(r"epoch 1: +\d+%\|", text), text  # the bar was drawn, 20 lines printed
+    record = (tmp_path / "records" / "1" / "cout.txt").read_text()
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", record), repr(record)  # no \r, \b or escape sequence
+    assert "batch/s" not in record and "%|" not in record, record
+    lines = record.splitlines()
+    progress = [line for line in lines if "batches | lr" in line]
+    assert [line[:35] for line in progress] == [f"| epoch   1 |    {n:2d}/   20 batches |" for n in range(1, 21)]
+    assert all(re.fullmatch(r"(INFO|WARNING) - [\w.]+ - .*|\| .*|-{89}|={89}", line) for line in lines), lines
 
 
 # -- bad input is one line, and outputs never destroy what they name (issue 23, items 6-9)
@@ -245,6 +264,106 @@ def checkpoint(tmp_path):
 def test_an_unknown_key_is_one_line_naming_it_and_the_nearest_key(tmp_path):
     line = one_error(run_cli("with", "bptt_len=20", "-u", cwd=tmp_path, check=False))
     assert line.startswith("error: bptt_len=20 (did you mean bptt?) is not a config key"), line
+
+
+def main_exits(capsys, *args: str, program: str = "main.py") -> tuple[object, str, str]:
+    """Run the command line in this process; its exit status, stdout and stderr (torch's ``record``, which wraps
+    ``main``, turns an exit with status 0 into a return)."""
+    import wordlm.experiment as experiment
+
+    try:
+        experiment.main([program, *args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["with", "nope"], "error: 'nope' is not a preset; use one of zaremba_small, "),
+        (["evaluate", "with", "smokey", "split=valid"], "error: 'smokey' is not a preset (did you mean smoke?); use "),
+        (["with", "lr"], "error: 'lr' is not a preset (to set the key lr, give lr=VALUE); use one of zaremba_small, "),
+        (["with", "a.b"], "error: 'a.b' is not a preset; use one of zaremba_small, "),
+        (["with", "nope.json"], "error: there is no config file nope.json (after `with`, a name ending in .json is a "
+                                "config file to read)"),
+        (["with", "smoke", "nope.yaml"], "error: there is no config file nope.yaml (after `with`, a name ending in "),
+        (["with", "broken.json"], "error: cannot read the config file broken.json: Expecting "),
+        (["with", "list.json"], "error: the config file list.json holds a list, not keys and their values"),
+        (["with", "notes.txt"], "error: cannot read the config file notes.txt: Configuration file \"notes.txt\" has "
+                                "invalid or unsupported extension \".txt\""),
+    ],
+)  # fmt: skip
+def test_an_unknown_preset_or_config_file_is_one_line_naming_the_presets(tmp_path, monkeypatch, capsys, args, start):
+    """Sacred printed its NamedConfigNotFoundError, a KeyError traceback for a name with a dot (nope.json), or
+    its file reader's traceback."""
+    import wordlm.experiment as experiment
+    from wordlm.config import PRESETS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment.ex, "observers", [])
+    (tmp_path / "broken.json").write_text("{lr: 1")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "notes.txt").write_text("lr=1\n")
+    code, out, err = main_exits(capsys, *args)
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith(start), (err, out)
+    if "preset" in start:
+        assert all(name in err for name in PRESETS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "list.json", "notes.txt"]  # no run record
+    (tmp_path / "good.json").write_text('{"lr": 0.5}')  # a config file that is there is read, as before
+    code, out, err = main_exits(capsys, "print_config", "with", "good.json", "smoke")
+    assert code == 0 and parse_config(out)["lr"][0] == "0.5" and parse_config(out)["nhid"][0] == "32", err
+
+
+def test_an_unknown_preset_is_one_line_from_the_command_line(tmp_path):
+    line = one_error(run_cli("with", "smok", "lr=1", cwd=tmp_path, check=False))
+    assert line.startswith("error: 'smok' is not a preset (did you mean smoke?); use one of zaremba_small, "), line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["nosuch"], "error: 'nosuch' is not a command; use one of print_config, print_dependencies, save_config, "
+                     "print_named_configs, train, runs, plot, generate, evaluate, export"),
+        (["evalute", "with", "split=valid"], "error: 'evalute' is not a command (did you mean evaluate?); use one of "
+                                             "print_config, print_dependencies, save_config, print_named_configs, "
+                                             "train, runs, plot, generate, evaluate, export"),
+        (["lr=1"], "error: 'lr=1' is not a command; config updates and presets follow `with`: main.py with lr=1"),
+        (["smoke"], "error: 'smoke' is not a command; config updates and presets follow `with`: main.py with smoke"),
+        (["runs", "plot"], "error: 'runs' and 'plot' are both commands; give one at a time"),
+        (["runs", "runs_sort=id"], "error: 'runs_sort=id' is not expected after the command runs; config updates "
+                                   "and presets follow `with`: main.py runs with runs_sort=id"),
+        (["-x"], "error: -x is not an option; `main.py --help` lists them"),
+        (["-ux", "with", "smoke"], "error: -x is not an option; `main.py --help` lists them"),
+        (["print_config", "with", "smoke", "--unobserverd"],
+         "error: --unobserverd is not an option (did you mean --unobserved?); `main.py --help` lists them"),
+        (["--foo=1"], "error: --foo is not an option (did you mean --force?); `main.py --help` lists them"),
+        (["with"], "error: `with` needs config updates or a preset after it, e.g. main.py with smoke lr=10"),
+    ],
+)  # fmt: skip
+def test_an_unknown_command_or_option_is_one_error_line(tmp_path, monkeypatch, capsys, args, line):
+    """Sacred said `Error: Command "nosuch" not found` after its usage, and for an unknown option printed docopt's
+    warning and the usage of a program called 'dummy'."""
+    import wordlm.experiment as experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment.ex, "observers", [])
+    code, out, err = main_exits(capsys, *args)
+    assert (code, out, err) == (1, "", line + "\n")
+
+
+def test_an_unknown_command_or_option_from_the_scripts(tmp_path):
+    line = one_error(run_cli("trian", "with", "smoke", cwd=tmp_path, check=False))
+    assert line == (
+        "error: 'trian' is not a command (did you mean train?); use one of print_config, "
+        "print_dependencies, save_config, print_named_configs, train, runs, plot, generate, evaluate, export"
+    )
+    result = run_cli("-x", "with", "words=3", cwd=tmp_path, check=False, script="generate.py")
+    assert one_error(result) == "error: -x is not an option; `generate.py --help` lists them"
+    assert "Error" not in result.stdout + result.stderr and "dummy" not in result.stdout + result.stderr
 
 
 def test_outputs_write_through_symbolic_links(tmp_path, checkpoint):

@@ -6,14 +6,18 @@ with its default and meaning, and `python main.py print_named_configs` for the p
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import pprint
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
+from typing import NoReturn
 
 from sacred import Experiment
 from sacred.observers import FileStorageObserver, SqlObserver
@@ -83,6 +87,27 @@ def _has_git_commit(path: str) -> bool:
     return True
 
 
+# What a terminal shows but a run's captured output (cout.txt) must not hold: ANSI escape sequences, and the
+# progress bar of training.Reporter, which tqdm draws on stderr as '\r<desc>: <pct>%|<bar>| <n>/<total> [<times>]'
+# padded with spaces, and clears as '\r' and spaces.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_BAR_DRAWN = re.compile(r"\r[^\r\n|]*\d+%\|[^|\r\n]*\|[^\r\n\[]*\[[^\]\r\n]*\] *")
+_BAR_CLEARED = re.compile(r"\r +")
+
+
+def _plain_output(text: str) -> str:
+    """A run's captured output as the plain lines its commands printed: no progress bar, no escape sequences.
+
+    Sacred's ``apply_backspaces_and_linefeeds`` alone is not enough: Sacred captures stdout and stderr through two
+    ``tee`` processes appending to one file, so a line printed on stdout lands anywhere among the bar's redraws on
+    stderr, often right after a drawn bar, and the record kept '36/1865 [00:08<06:30, 4.69batch/s]h]-----'. The
+    bar's drawings and clearings are taken out wherever they landed; what is left is read as a terminal would.
+    Sacred filters the whole output so far at each heartbeat: this gives plain text back unchanged.
+    """
+    text = _BAR_CLEARED.sub("", _BAR_DRAWN.sub("", _ANSI_ESCAPE.sub("", text)))
+    return apply_backspaces_and_linefeeds(text)
+
+
 # Run from a checkout (pyproject.toml beside the package), a run records its sources relative to the
 # checkout, with its git commit. Installed, relative to the package folder instead: Sacred counts any
 # imported module under its base_dir as a source, and site-packages would make torch and sacred sources.
@@ -122,7 +147,7 @@ def _given_keys(config_updates: dict, named_configs) -> frozenset[str]:
 
 
 ex = _Experiment("wordlm", base_dir=_PROJECT_ROOT, save_git_info=_IN_CHECKOUT and _has_git_commit(_PROJECT_ROOT))
-ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
+ex.captured_out_filter = _plain_output  # keep the progress bar and its redraws out of cout.txt
 _INTERACTIVE = sys.stdout.isatty() and sys.stderr.isatty()  # read before Sacred captures the streams
 
 
@@ -514,6 +539,173 @@ def _take_sql_urls(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, urls
 
 
+_CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".pickle")  # what Sacred reads as a config file after `with`
+
+
+def _command_line(argv: list[str]) -> tuple[list[str], list[str], list[str], list[str], bool]:
+    """``argv`` read as Sacred's docopt reads it: the words before ``with`` (the command), the options (long
+    names), the options Sacred does not know, the updates after ``with``, and whether ``with`` was given.
+
+    Options may stand anywhere, a long one shortened to a unique prefix, short ones joined (``-uq``); those that
+    take a value take the next word unless it is joined (``-Fruns``, ``--name=x``)."""
+    takes_value = {}
+    for option in ex.all_cli_options:
+        takes_value[option.short_flag] = takes_value[option.get_flag()] = not option.is_flag
+    longs = sorted(flag for flag in takes_value if flag.startswith("--"))
+    short_to_long = {option.short_flag: option.get_flag() for option in ex.all_cli_options}
+    words, options, unknown, updates, given_with = [], [], [], [], False
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "with" and not given_with:
+            given_with = True
+        elif arg.startswith("--") and len(arg) > 2:
+            name, joined, _ = arg.partition("=")
+            matches = [name] if name in longs else [flag for flag in longs if flag.startswith(name)]
+            if len(matches) != 1:
+                unknown.append(name)
+                continue
+            options.append(matches[0])
+            if takes_value[matches[0]] and not joined:
+                next(args, None)
+        elif arg.startswith("-") and len(arg) > 1:
+            for at, char in enumerate(arg[1:], start=2):
+                flag = f"-{char}"
+                if flag not in takes_value:
+                    unknown.append(flag)
+                    break
+                options.append(short_to_long[flag])
+                if takes_value[flag]:
+                    if at == len(arg):
+                        next(args, None)
+                    break
+        elif given_with:
+            updates.append(arg)
+        else:
+            words.append(arg)
+    return words, options, unknown, updates, given_with
+
+
+def _exit_with_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _config_entries() -> dict[str, tuple[object, str]]:
+    """Every config key with its default and its one-line doc (the comment in its config scope), as
+    ``print_config`` shows them: each scope sees the keys of those before it, as Sacred runs them."""
+    values, docs = {}, {}
+    for scope in ex.configurations:
+        summary = scope(preset=values)
+        values.update(summary)
+        for key, doc in summary.docs.items():
+            docs[key] = docs.get(key) or doc
+    return {key: (value, docs.get(key, "")) for key, value in values.items()}
+
+
+def _command_help(name: str, program: str) -> str:
+    """What ``COMMAND --help`` and ``help COMMAND`` print: the command's description and the config keys it reads."""
+    function = ex.commands[name]
+    doc = (inspect.getdoc(function) or "").split("\n\n")[0]
+    arguments = function.signature.arguments
+    entries = _config_entries()
+    if "_config" in arguments and name == ex.default_command:  # training reads the keys of training_config
+        keys = [key for key in entries if key in set(defaults()) | {"seed"}]
+    else:
+        keys = [key for key in arguments if key in entries]
+    shown = f"[{name}]" if name == ex.default_command or program == f"{name}.py" else name
+    lines = [f"usage: {program} {shown} [with KEY=VALUE ...] [options]", "", " ".join(doc.split()), ""]
+    if keys:
+        lines.append("Config keys it reads (`with key=value` sets one, a preset's name several):")
+        for key in keys:
+            value, key_doc = entries[key]
+            assign = f"  {key} = {pprint.pformat(value)}"
+            lines.append(f"{assign:<35}  # {key_doc}" if key_doc else assign)
+    elif name == "print_config":
+        lines.append("It shows every config key, with the updates and presets given after `with`.")
+    elif "_config" in arguments:
+        lines.append(f"It reads every config key (`{program} print_config` lists them).")
+    else:
+        lines.append("It reads no config key.")
+    if name == ex.default_command:
+        lines += ["", f"Presets: {', '.join(PRESETS)} (`{program} print_named_configs` shows their keys)."]
+    records = "" if function.unobserved else f" A run is recorded in {_default_runs_dir()}/ (-F DIR: in DIR; -u: not)."
+    lines += ["", f"Options: `{program} --help` lists them.{records}"]
+    return "\n".join(lines)
+
+
+def _print_help(argv: list[str], program: str) -> None:
+    """``COMMAND --help``, ``COMMAND -h`` and ``help COMMAND`` print the command's help and exit; Sacred's docopt
+    cannot parse the first two (its usage is printed for a program called 'dummy') and prints only the signature
+    and docstring for the third. Without a command, Sacred's usage, as ``--help`` prints it."""
+    words, options, _, _, _ = _command_line(argv)
+    if "--help" not in options and words[:1] != ["help"]:
+        return
+    command = (words[1:] if words[:1] == ["help"] else words)[:1]
+    if not command and argv[1:] in (["-h"], ["--help"], ["help"]):
+        return  # Sacred's own
+    if not command:  # e.g. `with lr=1 --help`, which Sacred's docopt cannot parse
+        print(ex.get_usage()[1])
+        sys.exit(0)
+    if command[0] not in ex.commands:
+        _exit_with_error(_not_a_command(command[0], program))
+    print(_command_help(command[0], program))
+    sys.exit(0)
+
+
+def _not_a_command(word: str, program: str) -> str:
+    if "=" in word or word in PRESETS:
+        return f"{word!r} is not a command; config updates and presets follow `with`: {program} with {word}"
+    return f"{word!r} is not a command{did_you_mean(word, ex.commands)}; use one of {', '.join(ex.commands)}"
+
+
+def _check_command_line(argv: list[str], program: str) -> None:
+    """Options, commands and presets that Sacred does not know are one line each, not Sacred's usage for a program
+    called 'dummy' (an unknown option), its ``Error: Command ... not found`` or a traceback (an unknown preset)."""
+    words, _, unknown, updates, given_with = _command_line(argv)
+    if unknown:
+        flags = [flag for option in ex.all_cli_options for flag in (option.short_flag, option.get_flag())]
+        _exit_with_error(f"{unknown[0]} is not an option{did_you_mean(unknown[0], flags)}; "
+                         f"`{program} --help` lists them")  # fmt: skip
+    if words == ["help"]:
+        return  # Sacred's usage (_print_help saw to `help COMMAND`)
+    if words and words[0] not in ex.commands:
+        _exit_with_error(_not_a_command(words[0], program))
+    for word in words[1:]:
+        if word in ex.commands:
+            _exit_with_error(f"{words[0]!r} and {word!r} are both commands; give one at a time")
+        command = "" if program == f"{words[0]}.py" else f" {words[0]}"
+        _exit_with_error(f"{word!r} is not expected after the command {words[0]}; config updates and presets "
+                         f"follow `with`: {program}{command} with {word}")  # fmt: skip
+    if given_with and not [update for update in updates if update]:
+        _exit_with_error(f"`with` needs config updates or a preset after it, e.g. {program} with smoke lr=10")
+    for name in (update for update in updates if update and "=" not in update):
+        _check_named_config(name)
+
+
+def _check_named_config(name: str) -> None:
+    """A word without '=' after ``with`` is a preset, or the config file Sacred reads when it exists."""
+    if name in PRESETS:
+        return
+    if os.path.isfile(name):
+        from sacred.config import load_config_file
+
+        try:
+            loaded = load_config_file(name)
+        except Exception as problem:  # noqa: BLE001 - whatever the reader says of the file is the user's to fix
+            reason = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+            _exit_with_error(f"cannot read the config file {name}: {reason}")
+        if not isinstance(loaded, dict):
+            _exit_with_error(f"the config file {name} holds a {type(loaded).__name__}, not keys and their values")
+        return
+    if name.endswith(_CONFIG_FILE_SUFFIXES):
+        _exit_with_error(f"there is no config file {name} (after `with`, a name ending in "
+                         f"{os.path.splitext(name)[1]} is a config file to read)")  # fmt: skip
+    hint = did_you_mean(name, PRESETS)
+    if not hint and name in _config_entries():
+        hint = f" (to set the key {name}, give {name}=VALUE)"
+    _exit_with_error(f"{name!r} is not a preset{hint}; use one of {', '.join(PRESETS)}, or key=value")
+
+
 @record  # under torchrun: a rank's traceback in the failure summary instead of "error_file: <N/A>"
 def main(argv: list[str] | None = None) -> None:
     """Run Sacred's command line, recording runs in ``runs/`` unless an observer flag or ``-u`` is given.
@@ -530,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
         return short.replace("WORDLM_PROGRAM", program), long.replace("WORDLM_PROGRAM", program), internal
 
     ex.get_usage = usage
+    _print_help(argv, program)  # `COMMAND --help`, `help COMMAND`: the command's description and keys
     # logging.getLevelNamesMapping() is Python 3.11+; logging._nameToLevel is what it copies (and 3.10 has)
     names = dict(getattr(logging, "getLevelNamesMapping", lambda: logging._nameToLevel)())
     for level in _log_levels(argv):  # Sacred would hand it to logging, whose ValueError is a traceback
@@ -537,6 +730,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: -l {level!r} is not a log level; use one of {', '.join(sorted(names, key=names.get))} "
                   "or a number", file=sys.stderr)  # fmt: skip
             sys.exit(1)
+    _check_command_line(argv, program)  # unknown options, commands and presets: one line each
     observed = any(arg.startswith(flag) for arg in argv[1:] for flag in _OBSERVER_FLAGS)
     follower = launched_rank() > 0  # under torchrun every process runs this; rank 0 alone records and prints
     if follower:

@@ -1,0 +1,82 @@
+"""`main.py COMMAND --help`, `-h` and `main.py help COMMAND`: each command's description and the config keys it
+reads, with the defaults and docs `print_config` shows (issue 33)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, cli_env, run_cli
+from test_cli import main_exits, one_error, parse_config
+
+import wordlm.experiment as experiment
+from wordlm.config import defaults
+
+READS = {  # command: the config keys it reads (None: every key of the training config)
+    "train": None,
+    "runs": ["runs_dir", "runs_db", "runs_status", "runs_sort"],
+    "plot": ["runs_dir", "runs_db", "run_ids", "plot_path"],
+    "generate": ["checkpoint", "words", "temperature", "top_k", "top_p", "prompt", "samples", "stop_at_eos", "outf",
+                 "seed", "device"],
+    "evaluate": ["checkpoint", "dataset", "split", "text", "line_scores", "eval_batch_size", "bptt", "device",
+                 "cache_window", "cache_theta", "cache_lambda", "dynamic_lr", "dynamic_decay"],
+    "export": ["checkpoint", "onnx_export"],
+    "print_config": [],
+    "print_dependencies": [],
+    "save_config": [],
+    "print_named_configs": [],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def printed_config(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Every key as `print_config` shows it: (default, doc)."""
+    return parse_config(run_cli("print_config", cwd=tmp_path_factory.mktemp("print_config")).stdout)
+
+
+@pytest.mark.parametrize("command", sorted(READS))
+def test_every_command_says_what_it_does_and_the_keys_it_reads(capsys, printed_config, command):
+    shown = set()
+    for args in ([command, "--help"], [command, "-h"], ["help", command], [command, "with", "lr=1", "--help"]):
+        code, out, err = main_exits(capsys, *args)
+        assert code in (0, None) and err == "", (args, code, err)
+        shown.add(out)
+    assert len(shown) == 1  # the four ways ask for the same help
+    text = shown.pop()
+    usage = "main.py [train]" if command == "train" else f"main.py {command}"
+    assert text.startswith(f"usage: {usage} [with KEY=VALUE ...] [options]\n\n"), text
+    summary = " ".join(experiment.ex.commands[command].__doc__.strip().split("\n\n")[0].split())
+    assert text.splitlines()[2] == summary
+    listed = parse_config(text)
+    expected = sorted(set(defaults()) | {"seed"}) if READS[command] is None else sorted(READS[command])
+    assert sorted(listed) == expected
+    assert listed == {key: printed_config[key] for key in listed}  # print_config's defaults and docs
+    assert set(experiment.ex.commands) == set(READS)  # every command is tested
+    if not expected:
+        assert "It reads no config key." in text or "every config key" in text
+
+
+def test_help_through_the_scripts_and_the_module(tmp_path):
+    result = run_cli("runs", "--help", cwd=tmp_path)
+    assert result.stdout.startswith("usage: main.py runs [with KEY=VALUE ...] [options]\n"), result.stdout
+    assert "runs_sort = 'id'" in result.stdout and "dummy" not in result.stdout + result.stderr
+    result = run_cli("with", "words=3", "--help", cwd=tmp_path, script="generate.py")
+    assert result.stdout.startswith("usage: generate.py [generate] [with KEY=VALUE ...] [options]\n"), result.stdout
+    assert "words = 1000" in result.stdout
+    assert run_cli("--help", cwd=tmp_path, script="generate.py").stdout.startswith("Usage:\n  generate.py [(with")
+    module = subprocess.run([sys.executable, "-m", "wordlm", "evaluate", "-h"], cwd=tmp_path, capture_output=True,
+                            text=True, env=cli_env(PYTHONPATH=str(ROOT)), timeout=300)  # fmt: skip
+    assert module.returncode == 0 and module.stdout.startswith("usage: python -m wordlm evaluate "), module.stderr
+
+
+def test_the_usage_is_still_sacreds(capsys):
+    for args in (["--help"], ["-h"], ["help"], ["with", "lr=1", "--help"]):
+        code, out, err = main_exits(capsys, *args)
+        assert code in (0, None) and err == "" and out.startswith("Usage:\n  main.py [(with UPDATE...)] [options]\n")
+        assert "--file_storage" in out
+
+
+def test_help_for_an_unknown_command_is_one_line(tmp_path):
+    line = one_error(run_cli("help", "trian", cwd=tmp_path, check=False))
+    assert line.startswith("error: 'trian' is not a command (did you mean train?); use one of "), line
