@@ -1,8 +1,8 @@
 """Checks of values shared by the Python API and the command line, each raising one ``UserError`` line.
 
-Lives here: ``check_positive_int``, ``check_positive_number``, ``check_number_in``, ``check_within_float32``,
-``check_seed``, ``check_checkpoint_path``, ``check_readable_path``, ``check_path``, ``check_output`` and
-``write_output`` (every output path, by the one policy of ``wordlm.files``), ``path_problem`` and
+Lives here: ``check_int``, ``check_positive_int``, ``check_positive_number``, ``check_number_in``,
+``check_within_float32``, ``check_seed``, ``check_checkpoint_path``, ``check_readable_path``, ``check_path``,
+``check_output`` and ``write_output`` (every output path, by the one policy of ``wordlm.files``), ``path_problem`` and
 ``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError`` into its one-line ``error``.
 """
 
@@ -21,12 +21,20 @@ from wordlm.errors import UserError
 from wordlm.files import atomic_file, output_kind, same_file, write_target, write_through
 
 
-def check_positive_int(key: str, value, allow_none: bool = False) -> None:
-    """``value`` a positive ``int`` (``None`` too where allowed), else one line naming ``key``."""
+def check_int(key: str, value, low: int = 1, allow_none: bool = False, hint: str = "") -> None:
+    """``value`` an ``int`` (not a ``bool``) of at least ``low`` (``None`` too where allowed), else one line naming
+    ``key``, with ``hint`` (what a value means) in brackets: the one rule for every integer key."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(low, f"an integer >= {low}")
+        what = f"None or {what}" if allow_none and low != 1 else what + (" or None" if allow_none else "")
+        raise UserError(f"{key}={value!r} must be {what}" + (f" ({hint})" if hint else ""))
+
+
+def check_positive_int(key: str, value, allow_none: bool = False) -> None:
+    """``value`` a positive ``int`` (``None`` too where allowed), else one line naming ``key``."""
+    check_int(key, value, 1, allow_none)
 
 
 _FLOAT32 = torch.finfo(torch.float32)  # what the weights, and so every number multiplied into them, can hold

@@ -20,6 +20,7 @@ from wordlm.checks import check_path, check_positive_int, check_positive_number
 from wordlm.corpora import resolve_dataset
 from wordlm.errors import UserError
 from wordlm.model import TRANSFORMER, ModelConfig
+from wordlm.training import OPTIMIZERS, amp_problem
 
 
 # The training keys, their defaults and one-line docs: a config scope (``print_config`` shows the comments), so
@@ -222,8 +223,8 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     for other in ("lr_decay", "nonmono"):
         if cfg["lr_schedule"] and cfg[other] is not None:
             raise UserError(f"lr_schedule={cfg['lr_schedule']!r} and {other}={cfg[other]!r} both steer the lr; set one")
-    if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
-        raise UserError(f"optimizer={cfg['optimizer']!r} must be 'sgd', 'adam' or 'adamw'")
+    if not isinstance(cfg["optimizer"], str) or cfg["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"optimizer={cfg['optimizer']!r} must be {_either(OPTIMIZERS)}")
     if isinstance(cfg["wdecay"], bool) or not isinstance(cfg["wdecay"], (int, float)) or not 0 <= cfg["wdecay"] < 1:
         raise UserError(f"wdecay={cfg['wdecay']!r} must be a number with 0 <= wdecay < 1")
     check_positive_int("nonmono", cfg["nonmono"], allow_none=True)
@@ -234,9 +235,15 @@ def validate_training_config(cfg: dict) -> ModelConfig:
     for key in ("variable_bptt", "compile"):
         if not isinstance(cfg[key], bool):
             raise UserError(f"{key}={cfg[key]!r} must be True or False")
-    if cfg["amp"] not in (None, "bf16", "fp16"):
-        raise UserError(f"amp={cfg['amp']!r} must be 'bf16', 'fp16' or None")
+    if problem := amp_problem(cfg["amp"]):
+        raise UserError(problem)
     return build_model_config(sys.maxsize, cfg)  # the vocabulary's size is checked once it is known
+
+
+def _either(names) -> str:
+    """``'a', 'b' or 'c'``."""
+    shown = [repr(name) for name in names]
+    return f"{', '.join(shown[:-1])} or {shown[-1]}" if len(shown) > 1 else shown[0]
 
 
 MODEL_KEYS = ("model_type", "emsize", "nhid", "nlayers", "dropout", "tied", "init_range", "locked_dropout", "dropouti",

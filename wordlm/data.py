@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wordlm.checks import check_int
 from wordlm.errors import UserError
 
 EOS = "<eos>"
@@ -264,10 +265,8 @@ def _tokenize_pieces(pieces: Iterable[str], vocab: Vocabulary, grow: bool) -> tu
 
 def check_vocabulary_options(min_freq: int, max_vocab: int | None) -> None:
     """Refuse a ``min_freq`` or ``max_vocab`` that cannot work, with one line saying why."""
-    if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
-        raise UserError(f"min_freq={min_freq!r} must be a positive integer (1 keeps every word of train.txt)")
-    if max_vocab is not None and (isinstance(max_vocab, bool) or not isinstance(max_vocab, int) or max_vocab < 2):
-        raise UserError(f"max_vocab={max_vocab!r} must be None or an integer >= 2 (room for <eos> and <unk>)")
+    check_int("min_freq", min_freq, 1, hint="1 keeps every word of train.txt")
+    check_int("max_vocab", max_vocab, 2, allow_none=True, hint="room for <eos> and <unk>")
 
 
 def restrict_vocabulary(

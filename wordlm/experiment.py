@@ -65,7 +65,7 @@ from wordlm.generation import (
     format_samples,
 )
 from wordlm.plots import has_display, plot_validation_curves
-from wordlm.run import Recorder, plan_run, train_run
+from wordlm.run import Recorder, RunFinished, plan_run, train_run
 from wordlm.runs import (
     SQL_LACKS,
     format_runs_table,
@@ -241,6 +241,9 @@ def _plan_training_run(config, command_name, logger):
         return {}
     try:
         plan = plan_run(_plain(config), ex.given)
+    except RunFinished as finished:  # resume='auto' of a finished run: said, and nothing to do (a requeued job)
+        print(finished, flush=True)
+        raise SystemExit(0) from None
     except UserError as problem:
         raise error(str(problem)) from None
     _PLANNED["plan"] = plan

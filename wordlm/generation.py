@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from wordlm.checks import check_int
 from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.model import RNNModel
@@ -43,9 +44,8 @@ def check_sampling_options(
 
     ``words`` and ``samples`` are also held to ``MAX_WORDS``, ``MAX_SAMPLES`` and, together, ``MAX_TOKENS``.
     """
-    for key, value in (("words", words), ("samples", samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{key}={value!r} must be a positive integer")
+    check_int("words", words)
+    check_int("samples", samples)
     if words > MAX_WORDS:
         raise UserError(f"words={words!r} is more than {MAX_WORDS:,}, the most tokens one sample may have; "
                         "ask for fewer (more calls, with other seeds, give more text)")  # fmt: skip
@@ -57,8 +57,7 @@ def check_sampling_options(
                         f"{MAX_TOKENS:,} one call may sample; lower words or samples")  # fmt: skip
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise UserError(f"temperature={temperature!r} must be a positive, finite number (1.0 = the model's own odds)")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise UserError(f"top_k={top_k!r} must be a non-negative integer (0 = no limit)")
+    check_int("top_k", top_k, 0, hint="0 = no limit")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UserError(f"top_p={top_p!r} must be in (0, 1] (1.0 = no limit)")
     if not isinstance(stop_at_eos, bool):

@@ -164,14 +164,21 @@ def _lr_text(lr: float) -> str:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def amp_problem(amp) -> str | None:
+    """What is wrong with an ``amp`` value, in one line, or None: the one rule of the config and ``Precision``."""
+    if amp is None or (isinstance(amp, str) and amp in AMP_DTYPES):
+        return None
+    return f"amp={amp!r} must be {', '.join(map(repr, AMP_DTYPES))} or None"
+
+
 class Precision:
     """How a training step computes: float32 (``amp`` None), or the forward pass under autocast to
     bfloat16 or float16 (``amp`` 'bf16' / 'fp16'), float16 with dynamic loss scaling. Parameters,
     gradients and the optimizer stay float32; evaluation always runs in float32."""
 
     def __init__(self, amp: str | None = None, device_type: str = "cpu") -> None:
-        if amp is not None and amp not in AMP_DTYPES:
-            raise ValueError(f"amp={amp!r} must be 'bf16', 'fp16' or None")
+        if problem := amp_problem(amp):
+            raise ValueError(problem)
         self.amp, self.device_type = amp, device_type
         self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
 
@@ -211,16 +218,13 @@ def sample_bptt(bptt: int) -> int:
     return max(5, int(np.random.normal(base, 5)))
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """'sgd' (plain SGD, the classic update), 'adam' or 'adamw'; the lr schedule reaches all of them."""
-    parameters = list(parameters)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={name!r} is not one of sgd, adam, adamw")
+    """A key of ``OPTIMIZERS``: 'sgd' (plain SGD, the classic update), 'adam' or 'adamw'; the lr schedule reaches
+    all of them (the config's check, ``validate_training_config``, names them)."""
+    return OPTIMIZERS[name](list(parameters), lr=lr, weight_decay=weight_decay)
 
 
 def averaging_optimizer(parameters, lr: float, weight_decay: float = 0.0) -> torch.optim.ASGD:
