@@ -223,7 +223,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_in_the_run_record(tmp_path, 
 
 def test_a_run_record_made_on_a_terminal_holds_the_printed_lines_only(tmp_path, tiny_corpus):
     """Sacred captures stdout and stderr through two tee processes: a progress line landed after a drawing of the
-    bar, and cout.txt kept lines like '36/1865 [00:08<06:30, 4.69batch/s]h]-----' (issue 33)."""
+    bar, and cout.txt kept lines like '36/1865 [00:08<06:30, 4.69batch/s]h]-----'."""
     code, text = run_in_terminal("-F", "records", "with", "smoke", f"dataset={tiny_corpus}", "log_interval=1",
                                  f"save={tmp_path / 'm.pt'}", cwd=tmp_path)  # fmt: skip
     assert code == 0 and re.search(r"epoch 1: +\d+%\|", text), text  # the bar was drawn, 20 lines printed
@@ -236,7 +236,7 @@ def test_a_run_record_made_on_a_terminal_holds_the_printed_lines_only(tmp_path, 
     assert all(re.fullmatch(r"(INFO|WARNING) - [\w.]+ - .*|\| .*|-{89}|={89}", line) for line in lines), lines
 
 
-# -- bad input is one line, and outputs never destroy what they name (issue 23, items 6-9)
+# -- bad input is one line, and outputs never destroy what they name
 
 
 def one_error(result) -> str:

@@ -1,5 +1,5 @@
 """`main.py COMMAND --help`, `-h` and `main.py help COMMAND`: each command's description and the config keys it
-reads, with the defaults and docs `print_config` shows (issue 33)."""
+reads, with the defaults and docs `print_config` shows."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The options beyond the spec's keys, through the library and the command line.
 
-The speed options that change the math (issue 5, item 4): adaptive softmax, mixed precision, torch.compile.
+The speed options that change the math: adaptive softmax, mixed precision, torch.compile.
 Each is off by default; these tests pin what each computes and that the fused recurrent kernel stays in use.
-The optimization options (issue 23, item 3): ``init_range``, ``optimizer=adamw`` with ``wdecay`` and
+The optimization options: ``init_range``, ``optimizer=adamw`` with ``wdecay`` and
 ``lr_decay``, NT-ASGD (``nonmono``), and runs that repeat bit for bit at the default model size.
 """
 
@@ -36,29 +36,30 @@ def test_adaptive_softmax_gives_normalised_probabilities_in_id_order():
     model = adaptive_model()
     counts = torch.arange(V).flip(0).float()  # id 0 the most frequent, id V-1 the rarest
     counts[[3, 40]] = counts[[40, 3]]  # ... except that ids 3 and 40 swap places
-    model.sort_words_by_frequency(counts)
-    assert model.word_rank[3] == 40 and model.word_rank[40] == 3 and model.word_rank[0] == 0
+    model.decoder.sort_words_by_frequency(counts)
+    word_rank = model.decoder.word_rank
+    assert word_rank[3] == 40 and word_rank[40] == 3 and word_rank[0] == 0
     inputs = torch.randint(0, V, (5, 2))
     targets = torch.randint(0, V, (5, 2))
     with torch.no_grad():
         scores, _ = model(inputs, model.init_hidden(2))  # (T, B, V) log-probabilities
         features, _ = model.features(inputs, model.init_hidden(2))
         # the id-order scores are the adaptive softmax's own rank-order log-probabilities, permuted
-        ranked = model.adaptive.log_prob(features.reshape(-1, 16))
-        assert torch.allclose(scores.reshape(-1, V), ranked[:, model.word_rank])
+        ranked = model.decoder.adaptive.log_prob(features.reshape(-1, 16))
+        assert torch.allclose(scores.reshape(-1, V), ranked[:, word_rank])
         assert torch.allclose(scores.exp().sum(-1), torch.ones(5, 2), atol=1e-5)
         expected = F.cross_entropy(scores.reshape(-1, V), targets.reshape(-1), reduction="sum")
-        assert model.decoder_nll_sum(features, targets).item() == pytest.approx(expected.item(), rel=1e-5)
-        assert model.decoder_loss(features, targets).item() == pytest.approx(expected.item() / 10, rel=1e-5)
+        assert model.decoder.nll_sum(features, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+        assert model.decoder.loss(features, targets).item() == pytest.approx(expected.item() / 10, rel=1e-5)
 
 
 def test_adaptive_softmax_word_order_travels_with_the_checkpoint(tmp_path):
     model = adaptive_model()
-    model.sort_words_by_frequency(torch.rand(V))
+    model.decoder.sort_words_by_frequency(torch.rand(V))
     vocab = Vocabulary([f"w{index}" for index in range(V)])
     save_checkpoint(tmp_path / "a.pt", model, vocab)
     loaded, _ = model_from_checkpoint(load_checkpoint(tmp_path / "a.pt"))
-    assert torch.equal(loaded.word_rank, model.word_rank)
+    assert torch.equal(loaded.decoder.word_rank, model.decoder.word_rank)
     inputs = torch.randint(0, V, (4, 1))
     with torch.no_grad():
         assert torch.equal(loaded(inputs, loaded.init_hidden(1))[0], model(inputs, model.init_hidden(1))[0])
@@ -148,16 +149,16 @@ def test_bf16_autocast_trains_close_to_float32_and_keeps_float32_weights():
 def test_the_decoder_is_fused_in_float32_and_under_bf16_autocast(dtype, products, monkeypatch):
     """On the CPU the fused decoder serves float32 and ``amp='bf16'`` (in bfloat16); any other autocast
     (float16) takes the plain path."""
-    import wordlm.model
+    import wordlm.decoder
 
     seen = []
-    fused_loss = wordlm.model.linear_cross_entropy
-    monkeypatch.setattr(wordlm.model, "linear_cross_entropy", lambda *args: seen.append(args[-1]) or fused_loss(*args))
+    fused_loss = wordlm.decoder.linear_cross_entropy
+    monkeypatch.setattr(wordlm.decoder, "linear_cross_entropy", lambda *a: seen.append(a[-1]) or fused_loss(*a))
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(V, emsize=16, nhid=16))
     features, targets = torch.randn(6, 3, 16, requires_grad=True), torch.randint(0, V, (6, 3))
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        loss = model.decoder_loss(features if dtype is None else features.to(dtype), targets)
+        loss = model.decoder.loss(features if dtype is None else features.to(dtype), targets)
     loss.backward()
     assert seen == ([] if products is None else [products])
     assert torch.isfinite(loss) and features.grad is not None
