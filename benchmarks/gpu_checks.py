@@ -177,7 +177,7 @@ def cudnn(out: Path, work: Path, seconds: float) -> bool:
         data = ids[: steps * columns + 1].to(lm.device)
         inputs, targets = data[:-1].view(columns, steps).t(), data[1:].view(columns, steps).t()  # (T, B)
         features, _ = model.features(inputs, model.init_hidden(columns))
-        loss = F.cross_entropy(model.scores(features).reshape(-1, lm.config.ntoken), targets.reshape(-1))
+        loss = F.cross_entropy(model.decoder.scores(features).reshape(-1, lm.config.ntoken), targets.reshape(-1))
         model.zero_grad(set_to_none=True)
         loss.backward()
         grads[device] = {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
@@ -240,7 +240,7 @@ def amp(out: Path, work: Path, seconds: float) -> bool:
                 continue
             with torch.no_grad(), torch.autocast(lm.device.type, dtype=dtype, enabled=dtype is not None):
                 features, _ = model.features(inputs, model.init_hidden(8))
-                logits = model.scores(features).float().reshape(-1, lm.config.ntoken)
+                logits = model.decoder.scores(features).float().reshape(-1, lm.config.ntoken)
                 losses[name] = F.cross_entropy(logits, targets.reshape(-1)).item()
         gaps = {name: abs(loss - losses["fp32"]) for name, loss in losses.items() if name != "fp32"}
         result["same_weights_loss"] = losses

@@ -201,7 +201,7 @@ def worker(args) -> None:
                                      tied="adaptive_softmax" not in options,
                                      adaptive_softmax=options.get("adaptive_softmax")))  # fmt: skip
         if "adaptive_softmax" in options:
-            model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=ntoken))
+            model.decoder.sort_words_by_frequency(torch.bincount(corpus.train, minlength=ntoken))
         precision = Precision(options.get("amp"), "cpu")
         network = torch.compile(model) if options.get("compile") else None
 

@@ -49,7 +49,7 @@ def windowed_loss(model, ids: torch.Tensor) -> float:
         for i in range(0, source.size(0) - 1, BPTT):
             inputs, targets = get_batch(source, i, BPTT)
             features, _ = model.features(inputs, model.init_hidden(source.size(1)))
-            total += model.decoder_nll_sum(features, targets).item()
+            total += model.decoder.nll_sum(features, targets).item()
             count += targets.numel()
     return total / count
 

@@ -2,14 +2,18 @@
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from wordlm.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.data import Vocabulary
 from wordlm.errors import UserError
-from wordlm.model import MODEL_TYPES, ModelConfig, RNNModel
+from wordlm.model import MODEL_TYPES, ModelConfig, RNNModel, build_model
+
+OLD_CHECKPOINTS = Path(__file__).resolve().parent / "fixtures" / "old_checkpoints"  # see the README.md there
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -27,6 +31,45 @@ def test_round_trip_gives_identical_logits(tmp_path, model_type):
     assert loaded_vocab.idx2word == vocab.idx2word and payload["meta"] == {"note": "x"}
     assert loaded.decoder.weight is loaded.encoder.weight  # tying survives the round trip
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "name", ["lstm_tied", "gru_adaptive", "lstm_layered_projection", "transformer_tied", "transformer_adaptive"]
+)
+def test_a_checkpoint_from_before_the_decoder_module_loads_scores_and_saves_alike(name):
+    """Checkpoints written when the models held the decoder's parts themselves (``decoder.*``, or ``adaptive.*``
+    and ``word_rank``) load, give the scores they gave then bit for bit, and are saved under the same names in
+    the same order; the parameters come in the same order too, so an optimizer's state of then fits them."""
+    payload = load_checkpoint(OLD_CHECKPOINTS / f"{name}.pt")
+    model, _ = model_from_checkpoint(payload)
+    meta = payload["meta"]
+    with torch.no_grad():
+        scores, _ = model(meta["inputs"], model.init_hidden(2))
+    assert torch.equal(scores, meta["scores"])
+    assert list(model.state_dict()) == list(payload["model_state"])
+    stored_as = {id(value): key for key, value in reversed(model.state_dict(keep_vars=True).items())}  # first name
+    assert [stored_as[id(parameter)] for parameter in model.parameters()] == meta["parameters"]
+    if model.config.tied:
+        assert model.decoder.weight is model.encoder.weight
+
+
+@pytest.mark.parametrize("options", [{}, {"model_type": "Transformer", "tied": False, "adaptive_softmax": (8,)}])
+def test_a_wrapped_model_saves_and_loads_under_its_wrappers_prefix(options):
+    """As inside DistributedDataParallel (``module.``) or torch.compile (``_orig_mod.``): the checkpoint names,
+    under the prefix, and a load back into a fresh wrapped model."""
+    torch.manual_seed(0)
+    config = ModelConfig(ntoken=20, emsize=8, nhid=8, nlayers=1, **options)
+    model = build_model(config).eval()
+    wrapped = nn.ModuleDict({"module": model})
+    state = wrapped.state_dict()
+    assert list(state) == [f"module.{key}" for key in model.state_dict()]
+    fresh = nn.ModuleDict({"module": build_model(config).eval()})
+    fresh.load_state_dict(state)
+    inputs = torch.randint(20, (5, 2))
+    with torch.no_grad():
+        expected, _ = model(inputs, model.init_hidden(2))
+        actual, _ = fresh["module"](inputs, model.init_hidden(2))
+    assert torch.equal(expected, actual)
 
 
 class CreatesFile:

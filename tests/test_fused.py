@@ -374,21 +374,21 @@ assert wordlm.fused.available_backends()[0] == "auto" and calls == [1], calls
 
 def test_the_fused_path_can_be_switched_off_and_on(monkeypatch):
     """``set_enabled(False)`` (what the benchmarks use) makes the model compute the plain loss."""
-    import wordlm.model
+    import wordlm.decoder
     from wordlm.model import ModelConfig, RNNModel
 
     seen = []
     monkeypatch.setattr(
-        wordlm.model, "linear_cross_entropy", lambda *args: seen.append(1) or linear_cross_entropy(*args)
+        wordlm.decoder, "linear_cross_entropy", lambda *args: seen.append(1) or linear_cross_entropy(*args)
     )
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(50, emsize=8, nhid=8))
     features, targets = torch.randn(4, 2, 8), torch.randint(0, 50, (4, 2))
     with fused.enabled(False):
-        plain = model.decoder_loss(features, targets)
+        plain = model.decoder.loss(features, targets)
         assert fused.set_enabled(False) is False  # (the setting before)
     assert seen == [] and fused.BACKEND.enabled
-    assert model.decoder_loss(features, targets).item() == pytest.approx(plain.item(), rel=1e-6) and seen == [1]
+    assert model.decoder.loss(features, targets).item() == pytest.approx(plain.item(), rel=1e-6) and seen == [1]
 
 
 def test_all_backends_give_the_same_loss_and_gradients():

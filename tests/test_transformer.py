@@ -151,7 +151,7 @@ def test_the_cache_pointer_and_dynamic_evaluation_work_on_the_transformer(softma
     torch.manual_seed(3)
     model = transformer(**softmax)
     if "adaptive_softmax" in softmax:
-        model.sort_words_by_frequency(torch.randperm(V).float())  # a word rank that is not the identity
+        model.decoder.sort_words_by_frequency(torch.randperm(V).float())  # a word rank that is not the identity
     ids = torch.cat([torch.randint(0, V, (60,))] * 3)
     plain, count = evaluate_loss(model, ids, batch_size=1)
     assert count == ids.numel() - 1

@@ -34,13 +34,13 @@ from wordlm.data import Vocabulary
 from wordlm.distributed import rank_rng_state
 from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
-from wordlm.model import ModelConfig, RNNModel, build_model
+from wordlm.model import ModelConfig, WordModel, build_model
 from wordlm.training import TrainState, averaging_optimizer, make_optimizer, restore_rng_state
 
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | os.PathLike, model: RNNModel, vocab: Vocabulary, **extra) -> tuple[int, int]:
+def save_checkpoint(path: str | os.PathLike, model: WordModel, vocab: Vocabulary, **extra) -> tuple[int, int]:
     """Write a checkpoint atomically (``wordlm.files.atomic_file``): a temporary file, fsync, rename.
 
     A reader (or a crash at any moment) sees either the previous file or the complete new one.
@@ -199,7 +199,7 @@ def _foreign_globals(path: Path, limit: int = 16) -> list[str]:
     return list(dict.fromkeys(foreign))
 
 
-def model_from_checkpoint(payload: dict) -> tuple[RNNModel, Vocabulary]:
+def model_from_checkpoint(payload: dict) -> tuple[WordModel, Vocabulary]:
     """Rebuild the model (in eval mode) and its vocabulary from a loaded checkpoint.
 
     Raises:
@@ -232,7 +232,7 @@ class CheckpointKeeper:
     ``meta`` (the config, the corpus folder, the version) goes into every file.
     """
 
-    def __init__(self, save: str, save_last: str, model: RNNModel, vocab: Vocabulary, meta: dict, world) -> None:
+    def __init__(self, save: str, save_last: str, model: WordModel, vocab: Vocabulary, meta: dict, world) -> None:
         self.save, self.save_last = save, save_last
         self.model, self.vocab, self.meta, self.world = model, vocab, meta, world
         self.best_weights: dict | None = None

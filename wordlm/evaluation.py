@@ -31,7 +31,7 @@ from wordlm.data import UNK, Vocabulary, batchify_eval, get_batch, tokenize_file
 from wordlm.distributed import SINGLE, World
 from wordlm.errors import UserError
 from wordlm.fused import frozen_decoder
-from wordlm.model import RNNModel, detach_hidden, unwrap
+from wordlm.model import WordModel, detach_hidden, unwrap
 
 EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: matmul-sized, yet a modest buffer ...
 EVAL_BUFFER_BYTES = 128 << 20  # ... unless the (V, tokens) float32 buffer would pass this
@@ -49,7 +49,7 @@ def eval_chunk_tokens(ntoken: int) -> int:
 
 
 def target_chunks(
-    model: RNNModel, ids: torch.Tensor, batch_size: int, *, tokens: int | None = None, world: World = SINGLE
+    model: WordModel, ids: torch.Tensor, batch_size: int, *, tokens: int | None = None, world: World = SINGLE
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Walk ``ids`` (N,) so that every token but the first is a target exactly once, in chunks.
 
@@ -89,7 +89,7 @@ def target_chunks(
 
 @torch.inference_mode()
 def evaluate_loss(
-    model: RNNModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None, world: World = SINGLE
+    model: WordModel, ids: torch.Tensor, batch_size: int, bptt: int | None = None, world: World = SINGLE
 ) -> tuple[float, int]:
     """Mean cross-entropy (nats per token) of ``ids`` (1-D) with every token but the first a target once.
 
@@ -106,14 +106,14 @@ def evaluate_loss(
     count = 0
     with frozen_decoder():  # the weights stay as they are for the whole pass: columns and tail
         for features, targets, _ in target_chunks(model, ids, batch_size, world=world):
-            total += model.decoder_nll_sum(features, targets)
+            total += model.decoder.nll_sum(features, targets)
             count += targets.numel()
     total, count = world.total(torch.stack([total, total.new_tensor(count)])).tolist()
     return (total / count if count else math.nan), int(count)
 
 
 @torch.inference_mode()
-def target_log_probs(model: RNNModel, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+def target_log_probs(model: WordModel, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Log-probability (nats) of every token of ``ids`` (N,) but the first, in text order.
 
     The targets are those of ``evaluate_loss``, scored from the same states: each value is that token's
@@ -127,7 +127,7 @@ def target_log_probs(model: RNNModel, ids: torch.Tensor, batch_size: int) -> tor
     scores = torch.zeros(max(ids.numel() - 1, 0), dtype=torch.float64, device=ids.device)
     tokens = max(1, eval_chunk_tokens(model.config.ntoken) // 4)
     for features, targets, where in target_chunks(model, ids, batch_size, tokens=tokens):
-        log_probs = F.log_softmax(model.scores(features).double(), dim=-1)  # (T, B, V)
+        log_probs = F.log_softmax(model.decoder.scores(features).double(), dim=-1)  # (T, B, V)
         scores[where.reshape(-1)] = log_probs.gather(-1, targets.unsqueeze(-1)).reshape(-1)
     return scores
 
@@ -190,7 +190,7 @@ def score_lines(ids: torch.Tensor, log_probs: torch.Tensor, eos_id: int) -> list
 
 @torch.inference_mode()
 def cache_pointer_loss(
-    model: RNNModel, ids: torch.Tensor, window: int, theta: float, lambdah: float, chunk: int = 500
+    model: WordModel, ids: torch.Tensor, window: int, theta: float, lambdah: float, chunk: int = 500
 ) -> tuple[float, int]:
     """Mean loss with the continuous cache pointer (Grave, Joulin & Usunier 2017).
 
@@ -209,7 +209,7 @@ def cache_pointer_loss(
     total, count = 0.0, 0
     for features, targets, _ in target_chunks(model, ids, 1, tokens=chunk):
         states, targets = features.squeeze(1), targets.squeeze(1)  # (T, H), (T,)
-        log_model = torch.log_softmax(model.scores(states).double(), dim=-1)  # (T, V)
+        log_model = torch.log_softmax(model.decoder.scores(states).double(), dim=-1)  # (T, V)
         model_log_prob = log_model.gather(1, targets.view(-1, 1)).squeeze(1)  # (T,)
         if window > 0 and lambdah > 0:
             keys = torch.cat([memory_states, states])  # (M + T, H): cache, then this chunk
@@ -233,7 +233,7 @@ def cache_pointer_loss(
 
 
 def dynamic_evaluation_loss(
-    model: RNNModel, ids: torch.Tensor, bptt: int, lr: float, decay: float = 0.0
+    model: WordModel, ids: torch.Tensor, bptt: int, lr: float, decay: float = 0.0
 ) -> tuple[float, int]:
     """Mean loss with dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018), SGD variant.
 
@@ -250,7 +250,7 @@ def dynamic_evaluation_loss(
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for features, targets, _ in target_chunks(adapted, ids, 1, tokens=bptt):
-        loss = F.cross_entropy(adapted.scores(features.squeeze(1)), targets.squeeze(1), reduction="sum")
+        loss = F.cross_entropy(adapted.decoder.scores(features.squeeze(1)), targets.squeeze(1), reduction="sum")
         total += loss.detach().double().cpu()
         count += targets.numel()
         if lr > 0 or decay > 0:
@@ -281,7 +281,7 @@ def check_evaluation_options(
 
 
 def evaluate_text(
-    model: RNNModel, ids: torch.Tensor, *, eval_batch_size: int = 10, bptt: int = 35, cache_window: int = 0,
+    model: WordModel, ids: torch.Tensor, *, eval_batch_size: int = 10, bptt: int = 35, cache_window: int = 0,
     cache_theta: float = 0.662, cache_lambda: float = 0.1279, dynamic_lr: float = 0.0, dynamic_decay: float = 0.0,
 ) -> tuple[float, int, str]:  # fmt: skip
     """Score ``ids`` as ``main.py evaluate`` does, with its keys and defaults.

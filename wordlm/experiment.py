@@ -29,15 +29,18 @@ from wordlm import (  # noqa: F401
     __version__,
     cache,
     data,
+    decoder,
     download,
     files,
     fused,
     hidden,
     regularize,
+    rnn,
     signals,
     system,
     training,
     transformer,
+    word_model,
 )  # fmt: skip
 from wordlm import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)
 from wordlm import model as _model_module  # noqa: F401

@@ -41,14 +41,14 @@ from wordlm.data import Vocabulary
 from wordlm.errors import UserError
 from wordlm.files import atomic_path
 from wordlm.hidden import Hidden, map_hidden
-from wordlm.model import RNNModel
+from wordlm.model import WordModel
 
 _EXPORT_NEEDS = ("onnx", "onnxscript")
 _CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # each logs every optimisation pass at INFO
 _SINGLE_FILE_BYTES = 1 << 30  # ONNX protobufs stop at 2 GiB: larger weights go to a .data file beside it
 
 
-def state_names(model: RNNModel) -> tuple[str, ...]:
+def state_names(model: WordModel) -> tuple[str, ...]:
     """Names of the state inputs, in order: ``("hidden",)``, ``("hidden", "cell")`` when the state is a
     pair, and for a layered model ``("hidden_0", "cell_0", "hidden_1", ...)``."""
     state = model.init_hidden(1)
@@ -75,7 +75,7 @@ def unflatten_state(tensors, like: Hidden) -> Hidden:
 class _Step(nn.Module):
     """The model as a function of one token per column and the flattened state."""
 
-    def __init__(self, model: RNNModel) -> None:
+    def __init__(self, model: WordModel) -> None:
         super().__init__()
         self.model = model
         self.shape = model.init_hidden(1)  # what the flat state is put back into
@@ -101,7 +101,7 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def export_onnx(model: RNNModel, path: str | os.PathLike, vocab: Vocabulary | None = None) -> Path:
+def export_onnx(model: WordModel, path: str | os.PathLike, vocab: Vocabulary | None = None) -> Path:
     """Write one step of ``model`` (see the module docstring) to ``path`` as ONNX.
 
     Args:

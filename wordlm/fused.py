@@ -1,8 +1,9 @@
 """The decoder and its cross-entropy as one operation, for CPUs: same math, less time and memory.
 
-Lives here: ``linear_cross_entropy`` (training, with autograd) and ``linear_nll_sum`` (evaluation).
-Must not import Sacred. Nothing is computed at import: the run-time state (the switch that turns the
-path off, the matrix-product libraries and their choice) is ``BACKEND``, filled in at first use.
+Lives here: ``linear_cross_entropy`` (training, with autograd), ``linear_nll_sum`` (evaluation) and
+``fused_dtype`` (whether this path serves a call, and in which dtype). Must not import Sacred. Nothing is
+computed at import: the run-time state (the switch that turns the path off, the matrix-product libraries and
+their choice) is ``BACKEND``, filled in at first use.
 
 Why: on a CPU, the classic path (``Linear`` → ``log_softmax`` → ``nll_loss``) spends about half of a
 training step outside the decoder's matrix products: it materialises log-probabilities, zero-fills a
@@ -56,10 +57,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from wordlm.cache import cache_folder
 from wordlm.files import atomic_file
 
 CHUNK = 2048  # vocabulary rows per chunk in training (timed against 256-4096 in docs/PERFORMANCE.md)
@@ -161,7 +162,7 @@ class Backend:
     """The fused decoder's run-time state, in one object made empty at import (nothing is probed or
     timed until the decoder first runs).
 
-    - ``enabled``: whether ``RNNModel`` uses the fused path at all (``set_enabled``); off, it computes
+    - ``enabled``: whether the decoder uses the fused path at all (``set_enabled``); off, it computes
       the plain ``cross_entropy`` of the logits;
     - ``name``: which libraries run the float32 products (``set_backend``): 'auto' (the default where
       torch has oneDNN), 'onednn' or 'blas' (``torch.mm``, MKL on x86) throughout;
@@ -249,7 +250,7 @@ class Backend:
 
     def _read(self) -> dict:
         try:
-            saved = json.loads((cache_folder() / CHOICES_FILE).read_text(encoding="utf-8"))
+            saved = json.loads(_choices_path().read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none yet, unreadable, or not JSON: measured afresh
             return {}
         return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else {}
@@ -260,12 +261,21 @@ class Backend:
             return
         saved = self._read()
         saved.setdefault(machine(), {})[key] = self._chosen[key]
+        path = _choices_path()
         try:
-            cache_folder().mkdir(parents=True, exist_ok=True)
-            with atomic_file(cache_folder() / CHOICES_FILE) as stream:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as stream:
                 stream.write(json.dumps(saved, indent=1, sort_keys=True).encode())
         except OSError:  # a read-only cache: the choice holds for this process only
             pass
+
+
+def _choices_path() -> Path:
+    """Where the remembered choices are: ``CHOICES_FILE`` in the corpus cache's folder, looked up when first
+    read or written (so that a model, which imports this module, does not import the corpus cache)."""
+    from wordlm.cache import cache_folder
+
+    return cache_folder() / CHOICES_FILE
 
 
 BACKEND = Backend()
@@ -296,9 +306,9 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 def set_enabled(on: bool) -> bool:
-    """Whether ``RNNModel`` computes its decoder loss on the CPU with this module (True, the default) or
-    as the plain ``cross_entropy`` of the logits (False: for benchmarks and tests); returns the setting
-    before."""
+    """Whether the full softmax (``wordlm.decoder``) computes its losses on the CPU with this module (True, the
+    default) or as the plain ``cross_entropy`` of the logits (False: for benchmarks and tests); returns the
+    setting before."""
     previous, BACKEND.enabled = BACKEND.enabled, bool(on)
     return previous
 
@@ -311,6 +321,23 @@ def enabled(on: bool) -> Iterator[None]:
         yield
     finally:
         set_enabled(previous)
+
+
+def fused_dtype(features: torch.Tensor) -> torch.dtype | None:
+    """The dtype of this path's products for ``features``, or None where the plain path serves instead.
+
+    float32 outside autocast; bfloat16 under CPU autocast to bfloat16, where this path rounds the operands
+    and logits as autocast does and keeps the log-sum-exp and the gradients float32. The plain path under any
+    other autocast, and under torch.compile, which fuses it itself, and where ``set_enabled(False)`` turned
+    this path off.
+    """
+    if features.device.type != "cpu" or torch.compiler.is_compiling() or not BACKEND.enabled:
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if features.dtype == torch.float32 else None
+    if torch.get_autocast_dtype("cpu") == torch.bfloat16 and features.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16
+    return None
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, role: str = "logits") -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from wordlm.checks import check_int
 from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
-from wordlm.model import RNNModel
+from wordlm.model import WordModel
 
 # The most one call samples, so that sampling never asks for memory a machine lacks and always ends:
 # - MAX_WORDS: a million tokens a sample is about 7 MB of text and a million steps one after the other, minutes
@@ -155,7 +155,7 @@ def _stepwise_kernels(device: torch.device):
 
 @torch.inference_mode()
 def sample_ids(
-    model: RNNModel,
+    model: WordModel,
     context: list[int],
     *,
     words: int,
@@ -207,7 +207,7 @@ def sample_ids(
 
 
 def generate_words(
-    model: RNNModel,
+    model: WordModel,
     vocab: Vocabulary,
     *,
     words: int,

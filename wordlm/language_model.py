@@ -26,7 +26,7 @@ from wordlm.data import EOS, Vocabulary
 from wordlm.errors import UserError
 from wordlm.evaluation import evaluate_text, perplexity, score_lines, target_log_probs, tokenize_for_scoring
 from wordlm.generation import check_sampling_options, format_samples, generate_words
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.model import ModelConfig, WordModel
 
 Text = str | os.PathLike | torch.Tensor  # text itself, a UTF-8 file, or the ids ``LanguageModel.tokenize`` gave
 
@@ -116,13 +116,13 @@ class LanguageModel:
     """A trained word-level language model and its vocabulary.
 
     Attributes:
-        model: the ``RNNModel`` (in eval mode).
+        model: the ``WordModel`` (in eval mode).
         vocab: its ``Vocabulary`` (id = index into ``vocab.idx2word``).
         config: the model's ``ModelConfig`` (``model.config``).
         meta: what the checkpoint recorded beside the model (the training config, the validation loss), or ``{}``.
     """
 
-    def __init__(self, model: RNNModel, vocab: Vocabulary, meta: dict | None = None) -> None:
+    def __init__(self, model: WordModel, vocab: Vocabulary, meta: dict | None = None) -> None:
         if len(vocab) != model.config.ntoken:
             raise UserError(f"the vocabulary has {len(vocab)} words, the model {model.config.ntoken}; they do not fit")
         self.model = model.eval()

@@ -260,7 +260,7 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
     _check_memory(model_config, cfg, device)
     model = build_model(model_config).to(device)
     if cfg["adaptive_softmax"] is not None:  # (a resumed run loads the order with the weights)
-        model.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
+        model.decoder.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
     meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve()),
             "elastic_run_id": os.environ.get(RUN_ID_ENV)}  # fmt: skip

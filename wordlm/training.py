@@ -26,7 +26,7 @@ from wordlm.distributed import SINGLE, World
 from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.hidden import Hidden, map_hidden
-from wordlm.model import RNNModel, detach_hidden, unwrap
+from wordlm.model import WordModel, detach_hidden, unwrap
 
 MetricLogger = Callable[[str, float, int], None]
 BatchHook = Callable[[], None]
@@ -253,7 +253,7 @@ def averaged_weights(optimizer: torch.optim.Optimizer):
 
 
 def train_epoch(
-    model: RNNModel,
+    model: WordModel,
     data: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
@@ -394,7 +394,7 @@ class Trainer:
     """
 
     def __init__(
-        self, model: RNNModel, train_data: torch.Tensor, valid_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
+        self, model: WordModel, train_data: torch.Tensor, valid_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
         state: TrainState, options: TrainOptions, *, reporter: Reporter | None = None, checkpoints=None,
         world: World = SINGLE, precision: Precision = FLOAT32, network: torch.nn.Module | None = None,
         stop=None, log: Callable[..., None] | None = None,

@@ -1,8 +1,8 @@
 """The Transformer language model: causal self-attention over a sliding window that reaches into earlier chunks.
 
-Lives here: ``TransformerModel``. Must not import Sacred. ``model.build_model`` builds it for
-``model_type='Transformer'``; it offers ``RNNModel``'s interface, so training, evaluation, generation,
-checkpoints, DDP and ONNX export treat both alike.
+Lives here: ``TransformerModel``. Must not import Sacred. ``wordlm.model.build_model`` builds it for
+``model_type='Transformer'``; a ``WordModel`` as ``RNNModel`` is, with the same decoder, so training,
+evaluation, generation, checkpoints, DDP and ONNX export treat both alike.
 
 What a word sees: itself and the ``window - 1`` words before it (``window`` is the training ``bptt``), in
 every layer, whether those words are in this chunk or an earlier one. The "hidden state" carried from
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from wordlm.hidden import Hidden
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.regularize import activation_penalties, embedding_dropout
+from wordlm.regularize import embedding_dropout
+from wordlm.word_model import ModelConfig, WordModel
 
 
 class _Layer(nn.Module):
@@ -55,71 +55,28 @@ class _Layer(nn.Module):
         return hidden + self.drop(self.feed_forward(self.norm_feed_forward(hidden)))
 
 
-class TransformerModel(nn.Module):
+class TransformerModel(WordModel):
     """A causal Transformer language model with a sliding attention window of ``config.window`` words.
 
     With ``tied`` the decoder shares the embedding matrix (any ``nhid``: the features are ``emsize`` wide).
     ``dropout`` applies to the top layer's output (as in ``RNNModel``) and, unless ``dropouth`` says
     otherwise, inside the layers (attention weights, feed-forward, residual branches); ``dropouti`` (None:
     ``dropout``) to the scaled embeddings; ``dropoute`` drops whole words from the embedding matrix. The
-    decoder (full or adaptive softmax, the fused CPU path) is ``RNNModel``'s own.
+    layers keep PyTorch's initialisation and the distance biases their zeros (no preference); see
+    ``WordModel.reset_parameters``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        dropouti = config.dropout if config.dropouti is None else config.dropouti
-        dropouth = config.dropout if config.dropouth is None else config.dropouth
+        super().__init__(config)
         self.encoder = nn.Embedding(config.ntoken, config.emsize)
-        self.drop_input = nn.Dropout(dropouti)
+        self.drop_input = nn.Dropout(config.input_dropout)
         self.distance_bias = nn.Parameter(torch.zeros(config.nhead, config.window))  # (N, window)
         self.layers = nn.ModuleList(
-            _Layer(config.emsize, config.nhead, config.nhid, dropouth) for _ in range(config.nlayers)
+            _Layer(config.emsize, config.nhead, config.nhid, config.layer_dropout) for _ in range(config.nlayers)
         )
         self.norm = nn.LayerNorm(config.emsize)
         self.drop = nn.Dropout(config.dropout)
-        if config.adaptive_softmax is None:
-            self.decoder = nn.Linear(config.emsize, config.ntoken)
-            if config.tied:
-                self.decoder.weight = self.encoder.weight
-        else:  # as in RNNModel: word_rank[id] is the id's place among the words sorted by frequency
-            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(config.emsize, config.ntoken, list(config.adaptive_softmax))
-            self.register_buffer("word_rank", torch.arange(config.ntoken))
-        self.reset_parameters()
-
-    # The decoder and its losses are RNNModel's: they read only config, decoder / adaptive and word_rank.
-    scores = RNNModel.scores
-    decoder_loss = RNNModel.decoder_loss
-    decoder_nll_sum = RNNModel.decoder_nll_sum
-    sort_words_by_frequency = RNNModel.sort_words_by_frequency
-
-    # The classic example's initialisation, as RNNModel's: embedding and untied decoder uniform(-0.1, 0.1), zero
-    # bias; the layers keep PyTorch's, the distance biases their zeros (no preference). With ``init_range`` r,
-    # every parameter is uniform(-r, r) instead (LayerNorm gains too: r is the user's).
-    reset_parameters = RNNModel.reset_parameters
-
-    def forward(
-        self, inputs: torch.Tensor, hidden: Hidden, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Hidden]:
-        """Run ``inputs`` (T, B) of word ids after the memory ``hidden``; as ``RNNModel.forward``.
-
-        Returns:
-            ``(logits (T, B, V), memory)``, or given ``targets`` (T, B) ``(loss, memory)``: the mean
-            cross-entropy (also in ``last_cross_entropy``) plus AR/TAR on the top layer's output when set.
-        """
-        output, raw, hidden = self._run(inputs, hidden)
-        if targets is None:
-            return self.scores(output), hidden
-        cross_entropy = self.decoder_loss(output, targets)
-        self.last_cross_entropy = cross_entropy.detach()
-        if self.training:
-            return cross_entropy + activation_penalties(output, raw, self.config.alpha, self.config.beta), hidden
-        return cross_entropy, hidden
-
-    def features(self, inputs: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """Everything but the decoder: the dropped-out top-layer output (T, B, E) and the new memory."""
-        output, _, hidden = self._run(inputs, hidden)
-        return output, hidden
+        self._add_decoder(config.emsize)
 
     def _run(self, inputs: torch.Tensor, memory: Hidden) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
         embedded = embedding_dropout(self.encoder, inputs, self.config.dropoute, self.training)  # (T, B, E)
