@@ -14,8 +14,8 @@ nothing of Sacred: ``wordlm.experiment`` is the one module that does.
 """
 
 from wordlm.errors import UserError
+from wordlm.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["PRESETS", "LanguageModel", "TrainingRun", "UserError", "__version__", "load", "train"]
 
 

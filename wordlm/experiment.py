@@ -40,6 +40,7 @@ from wordlm import (  # noqa: F401
     system,
     training,
     transformer,
+    version,
     word_model,
 )  # fmt: skip
 from wordlm import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)

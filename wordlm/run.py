@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from wordlm import __version__
 from wordlm.cache import load_corpus_cached
 from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
 from wordlm.checks import check_output, check_path, path_problem, resolve_device
@@ -55,6 +54,7 @@ from wordlm.training import (
     TrainState,
     make_optimizer,
 )
+from wordlm.version import __version__
 
 
 class Recorder:
