@@ -77,6 +77,11 @@ class Recorder:
     def add_artifact(self, path: str, name: str) -> None:
         pass
 
+    def end_early(self) -> str | None:
+        """Asked after each validated epoch that leaves more to train: why training should end there (a sweep's
+        pruner), or None to go on."""
+        return None
+
 
 @dataclass
 class TrainingRun:
@@ -287,6 +292,7 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
             model, train_data.contiguous().to(device), corpus.valid.to(device), optimizer, state,
             TrainOptions.from_config(cfg), reporter=reporter, checkpoints=keeper, world=world,
             precision=Precision(cfg["amp"], device.type), network=network, stop=stop, log=log.info,
+            end_early=recorder.end_early,
         )  # fmt: skip
         interrupted = trainer.run()
         training_seconds = time.perf_counter() - started

@@ -386,7 +386,9 @@ class Trainer:
     - stop requests: a signal to any rank stops every rank at the same batch (``KeyboardInterrupt``), ``state``
       telling where training stood;
     - checkpoints (``checkpoints``, a ``wordlm.checkpoint.CheckpointKeeper``): the best model when validation
-      improves, the latest state after each epoch and every ``checkpoint_every`` minutes.
+      improves, the latest state after each epoch and every ``checkpoint_every`` minutes;
+    - ending early: ``end_early``, asked after each validated epoch that leaves more to train, may give a reason
+      (a sweep's pruner: ``wordlm.sweeps``) to end training there, as after the last epoch.
 
     In a ``world`` of several processes ``network`` is the DistributedDataParallel wrapper (``model`` the model
     inside it), ``train_data`` this rank's block of columns, and every rank sees the same losses, so all take
@@ -397,7 +399,7 @@ class Trainer:
         self, model: WordModel, train_data: torch.Tensor, valid_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
         state: TrainState, options: TrainOptions, *, reporter: Reporter | None = None, checkpoints=None,
         world: World = SINGLE, precision: Precision = FLOAT32, network: torch.nn.Module | None = None,
-        stop=None, log: Callable[..., None] | None = None,
+        stop=None, log: Callable[..., None] | None = None, end_early: Callable[[], str | None] | None = None,
     ) -> None:  # fmt: skip
         self.model, self.network = model, network if network is not None else model
         self.train_data, self.valid_ids = train_data, valid_ids
@@ -407,13 +409,14 @@ class Trainer:
         self.log = log or (lambda *args: None)
         self._last_write = time.monotonic()
         self.budget_spent = False  # whether the time budget ended training
+        self.end_early, self.ended_early = end_early, None  # asked after each epoch; why it ended training early
         self._clock = (time.perf_counter(), state.seconds, state.tokens_seen)  # this session's start
         self._valid_seconds: float | None = None  # how long the last validation took
 
     def fit(self) -> TrainState:
         """Train to the last epoch or the time budget's end (a stop request propagates as ``KeyboardInterrupt``)."""
         state, options = self.state, self.options
-        while state.epoch <= options.epochs and not self.budget_spent:
+        while state.epoch <= options.epochs and not self.budget_spent and not self.ended_early:
             if self._budget_left() is not None and self._budget_left() <= 0:
                 self.budget_spent = True  # (a resumed run whose budget was spent)
                 break
@@ -442,7 +445,11 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 self.reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
                 improved = self.end_epoch(val_loss)
-                state.finished = state.epoch > options.epochs or self.budget_spent
+                if self.end_early is not None and state.epoch <= options.epochs and not self.budget_spent:
+                    self.ended_early = self.end_early()
+                    if self.ended_early:
+                        self.reporter.write(f"| training ends after epoch {state.epoch - 1}: {self.ended_early} |")
+                state.finished = state.epoch > options.epochs or self.budget_spent or bool(self.ended_early)
                 if improved and self.checkpoints is not None:
                     self.checkpoints.write_best(self)  # with the next epoch's start: it resumes like save_last
             if self.checkpoints is not None:
