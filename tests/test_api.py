@@ -241,6 +241,7 @@ def test_import_wordlm_and_the_api_import_no_sacred(trained):
         "UserError",
         "__version__",
         "train",
+        "sweep",
         "TrainingRun",
         "PRESETS",
     }

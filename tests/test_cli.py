@@ -327,10 +327,10 @@ def test_an_unknown_preset_is_one_line_from_the_command_line(tmp_path):
     "args, line",
     [
         (["nosuch"], "error: 'nosuch' is not a command; use one of print_config, print_dependencies, save_config, "
-                     "print_named_configs, train, runs, plot, generate, evaluate, export"),
+                     "print_named_configs, train, runs, plot, generate, evaluate, export, sweep"),
         (["evalute", "with", "split=valid"], "error: 'evalute' is not a command (did you mean evaluate?); use one of "
                                              "print_config, print_dependencies, save_config, print_named_configs, "
-                                             "train, runs, plot, generate, evaluate, export"),
+                                             "train, runs, plot, generate, evaluate, export, sweep"),
         (["lr=1"], "error: 'lr=1' is not a command; config updates and presets follow `with`: main.py with lr=1"),
         (["smoke"], "error: 'smoke' is not a command; config updates and presets follow `with`: main.py with smoke"),
         (["runs", "plot"], "error: 'runs' and 'plot' are both commands; give one at a time"),
@@ -359,7 +359,7 @@ def test_an_unknown_command_or_option_from_the_scripts(tmp_path):
     line = one_error(run_cli("trian", "with", "smoke", cwd=tmp_path, check=False))
     assert line == (
         "error: 'trian' is not a command (did you mean train?); use one of print_config, "
-        "print_dependencies, save_config, print_named_configs, train, runs, plot, generate, evaluate, export"
+        "print_dependencies, save_config, print_named_configs, train, runs, plot, generate, evaluate, export, sweep"
     )
     result = run_cli("-x", "with", "words=3", cwd=tmp_path, check=False, script="generate.py")
     assert one_error(result) == "error: -x is not an option; `generate.py --help` lists them"

@@ -22,6 +22,7 @@ READS = {  # command: the config keys it reads (None: every key of the training 
     "evaluate": ["checkpoint", "dataset", "split", "text", "line_scores", "eval_batch_size", "bptt", "device",
                  "cache_window", "cache_theta", "cache_lambda", "dynamic_lr", "dynamic_decay"],
     "export": ["checkpoint", "onnx_export"],
+    "sweep": ["sweep_space", "sweep_trials", "sweep_storage", "sweep_name", "sweep_pruner"],
     "print_config": [],
     "print_dependencies": [],
     "save_config": [],

@@ -45,6 +45,7 @@ from wordlm import (  # noqa: F401
 )  # fmt: skip
 from wordlm import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)
 from wordlm import model as _model_module  # noqa: F401
+from wordlm import sweeps as _sweeps
 from wordlm.api import load
 from wordlm.checks import (
     Output,
@@ -281,7 +282,10 @@ def train(_run, _log, _config):
     """Train a language model, keep the best one by validation loss, and report its test perplexity."""
     try:
         plan = _PLANNED.pop("plan", None) or plan_run(_plain(_config), ex.given)  # (the hook's, as a rule)
-        return train_run(plan, recorder=_SacredRecorder(_run), log=_log, interactive=_INTERACTIVE).test_ppl
+        recorder = _SacredRecorder(_run)
+        if "wrap" in _TRIAL:  # a trial of `sweep`: its validation figures go to Optuna too
+            recorder = _TRIAL["wrap"](recorder)
+        return train_run(plan, recorder=recorder, log=_log, interactive=_INTERACTIVE).test_ppl
     except UserError as problem:
         raise error(str(problem)) from None
 
@@ -451,6 +455,64 @@ def export(_log, checkpoint, onnx_export):
         return target
     except UserError as problem:
         raise error(str(problem)) from None
+
+
+# -- Optuna sweeps: `python main.py sweep with sweep_space=... sweep_trials=20 sweep_storage=sweep.db` (docs/SWEEPS.md)
+@ex.config
+def sweep_config():
+    sweep_space = None  # keys to search: a range {'low': 1, 'high': 40, 'log': True} (integers if both are) or a list
+    sweep_trials = 20  # trials the study should have, completed or pruned; the same command adds those missing
+    sweep_storage = "sweep.db"  # the study's SQLite file, or a database URL that sweep processes share
+    sweep_name = "wordlm"  # the study's name in sweep_storage
+    sweep_pruner = "median"  # what stops hopeless trials after an epoch: 'median', 'hyperband' or None
+
+
+_SWEEP_KEYS = tuple(sweep_config())
+
+
+class _SweepSpaceEntries(logging.Filter):
+    """Sacred warns of each key inside a dict given to a key whose default has none ('Added new config entry:
+    "sweep_space.lr.low"'): the ranges of sweep_space are new entries by design. (Its logger is the root logger.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('Added new config entry: "sweep_space.')
+
+
+logging.getLogger().addFilter(_SweepSpaceEntries())
+_TRIAL: dict = {}  # while `sweep` runs a trial: "wrap", which makes the run's recorder the trial's
+
+
+@ex.command(unobserved=True)
+def sweep(_run, _config, sweep_space, sweep_trials, sweep_storage, sweep_name, sweep_pruner):
+    """Search training keys over ranges (sweep_space) for the lowest validation perplexity with Optuna; each trial
+    trains with the other keys as given, and is a recorded training run.
+
+    The study lives in sweep_storage: the same command continues it, and sweep processes on several machines share
+    a database URL. Ctrl-C ends the trial under way as it ends training and stops the sweep. The end names the best
+    trial, its checkpoint, and the `main.py with ...` line that trains it again.
+    """
+    options = {key: value for key, value in (_run.meta_info.get("options") or {}).items() if key.startswith("--")}
+    config = _plain(_config)
+    given = frozenset(ex.given) & _TRAINING_KEYS
+
+    def run_trial(cfg: dict, trial_given: set, wrap) -> None:
+        _TRIAL["wrap"] = wrap
+        try:
+            ex.run(config_updates=cfg, options=options)
+        except error as problem:
+            raise UserError(str(problem)) from problem  # (the chain tells a divergence)
+        finally:
+            _TRIAL.pop("wrap", None)
+
+    try:
+        plan = _sweeps.plan_sweep({key: config[key] for key in _TRAINING_KEYS}, given,
+                                  **{key: config[key] for key in _SWEEP_KEYS})  # fmt: skip
+        _sweeps.run_sweep(plan, run_trial)
+    except UserError as problem:
+        raise error(str(problem)) from None
+    except KeyboardInterrupt:
+        raise error("interrupted: the sweep stopped, and the trial under way is failed in the study; the same "
+                    "command continues the sweep") from None  # fmt: skip
 
 
 _OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db",
