@@ -41,10 +41,10 @@ def sweep_cli(*updates: str, cwd: Path, trials: int, **env) -> subprocess.Comple
                    "sweep_storage=sweep.db", "save=lm.pt", *updates, cwd=cwd, **env)  # fmt: skip
 
 
-def run_records(folder: Path) -> dict[int, dict]:
+def run_records(folder: Path, runs: str = "runs") -> dict[int, dict]:
     """Each recorded run's info by its trial number."""
     records = {}
-    for run in sorted(path for path in (folder / "runs").iterdir() if path.name.isdigit()):
+    for run in sorted(path for path in (folder / runs).iterdir() if path.name.isdigit()):
         info = json.loads((run / "info.json").read_text())
         assert info["trial"] not in records, f"trial {info['trial']} recorded twice"
         records[info["trial"]] = {**info, "status": json.loads((run / "run.json").read_text())["status"]}
@@ -146,6 +146,31 @@ def test_ctrl_c_ends_the_trial_as_training_does_records_it_and_stops_the_sweep(t
     study = load_study(tmp_path / "sweep.db")
     assert [trial.state for trial in study.trials][2:] == [optuna.trial.TrialState.COMPLETE] * 2
     assert result.finished == 3 and not result.stopped
+
+
+def test_ctrl_c_in_a_command_line_sweep_leaves_the_trials_run_recorded_as_interrupted(
+    tmp_path, tiny_corpus, monkeypatch, capsys
+):
+    """`main.py sweep -F DIR with ...`, run in this process: the options reach each trial's run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment.ex, "observers", [])
+    monkeypatch.setattr(sweeps, "_pruner", lambda optuna, choice: InterruptTheSecondTrial())
+    experiment.main(["main.py", "sweep", "-F", "records", "--loglevel=WARNING", "with", *QUICK,
+                     f"dataset={tiny_corpus}", "sweep_space={'dropout': {'low': 0.0, 'high': 0.5}}", "sweep_trials=3",
+                     "save=lm.pt"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "the sweep stops" in out and "stopped by Ctrl-C" in out
+    runs = {info["trial"]: info for info in run_records(tmp_path, "records").values()}
+    assert sorted(runs) == [0, 1] and runs[1]["interrupted"] and runs[1]["status"] == "COMPLETED"
+    assert not runs[0]["interrupted"] and not (tmp_path / "runs").exists()
+    states = [trial.state for trial in load_study(tmp_path / "sweep.db").trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+def test_without_optuna_a_sweep_is_one_line(monkeypatch, tmp_path, tiny_corpus):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # (import optuna then raises ImportError)
+    with pytest.raises(UserError, match=r"^sweeps need Optuna: run .venv/bin/pip install -e '.\[sweep\]' in the"):
+        api_sweep(tmp_path, tiny_corpus, sweep_space={"lr": [1, 2]})
 
 
 def test_a_trial_that_diverges_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_corpus, capsys):
