@@ -134,6 +134,16 @@ class Reporter:
         self.log_metric("train.loss", loss, state.tokens_seen)
         self.log_metric("train.ppl", perplexity(loss), state.tokens_seen)
 
+    def interval_figures(self, state: TrainState, grad_norm: float | None, tokens_per_second: float | None) -> None:
+        """The figures of the interval just reported besides its loss, logged at the same step (tokens seen): the lr,
+        the mean gradient norm before clipping over the interval's batches (those whose norm was finite: fp16's
+        overflowed steps are skipped), and the tokens per second of its timed batches."""
+        self.log_metric("train.lr", state.lr, state.tokens_seen)
+        if grad_norm is not None:
+            self.log_metric("train.grad_norm", grad_norm, state.tokens_seen)
+        if tokens_per_second is not None:
+            self.log_metric("train.tokens_per_second", tokens_per_second, state.tokens_seen)
+
     def epoch_end(self, state: TrainState, seconds: float, val_loss: float, tokens_per_second: float) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -187,18 +197,20 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list, clip: float) -> None:
-        """Backward, clip the gradients' global norm to ``clip``, and take the optimizer's step."""
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list, clip: float) -> torch.Tensor:
+        """Backward, clip the gradients' global norm to ``clip``, and take the optimizer's step. Returns the global
+        norm before clipping, a tensor on the device (inf or nan where fp16's scaled gradients overflowed)."""
         if self.scaler is None:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, clip)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
             optimizer.step()
-            return
+            return norm
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(parameters, clip)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
         self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         self.scaler.update()
+        return norm
 
 
 FLOAT32 = Precision()
@@ -289,7 +301,10 @@ def train_epoch(
     interval_loss = torch.tensor(float(state.interval_loss), dtype=torch.float64, device=data.device)
     state.interval_loss = interval_loss
     interval_start = time.perf_counter()
-    timed_batches = 0
+    timed_batches = timed_tokens = 0
+    # The gradient norms of the interval's batches, summed on the device as the loss is (finite ones only)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    norm_count = torch.zeros((), dtype=torch.int64, device=data.device)
     reporter.epoch_start(state.epoch, total, state.batch)
     while state.position < data.size(0) - 1 and state.batch < total:
         length = sample_bptt(bptt) if variable_bptt else bptt
@@ -304,7 +319,10 @@ def train_epoch(
         if not torch.isfinite(batch_loss):
             reporter.close()
             raise Diverged(state.epoch, state.batch + 1, batch_loss.item(), state.lr)
-        precision.step(loss, optimizer, parameters, clip)
+        norm = precision.step(loss, optimizer, parameters, clip).detach()
+        finite = torch.isfinite(norm)
+        norm_sum += torch.where(finite, norm, 0).double()
+        norm_count += finite
         interval_loss += batch_loss
         state.hidden = detach_hidden(hidden)
         state.interval_batches += 1
@@ -312,14 +330,20 @@ def train_epoch(
         state.batch += 1
         state.position += inputs.size(0)
         state.tokens_seen += targets.numel() * world.size
+        timed_tokens += targets.numel() * world.size
         reporter.batch_end(state, total)
         last = state.batch == total or state.position >= data.size(0) - 1
         if state.batch % log_interval == 0 or last:
             elapsed = time.perf_counter() - interval_start
             mean_loss = interval_loss.item() / state.interval_batches
             reporter.interval(state, total, elapsed * 1000 / max(timed_batches, 1), mean_loss)
+            norms = int(norm_count.item())
+            reporter.interval_figures(state, norm_sum.item() / norms if norms else None,
+                                      timed_tokens / elapsed if elapsed > 0 else None)  # fmt: skip
             interval_loss.zero_()
-            state.interval_batches = timed_batches = 0
+            norm_sum.zero_()
+            norm_count.zero_()
+            state.interval_batches = timed_batches = timed_tokens = 0
             interval_start = time.perf_counter()
         if after_batch is not None:
             after_batch()
