@@ -1,4 +1,4 @@
-"""Each AWD-LSTM technique does exactly what it says (Merity et al. 2017's semantics), and the classic model is unchanged."""
+"""Each AWD-LSTM technique does what Merity et al. 2017 say it does, and the classic model is unchanged."""
 
 import numpy as np
 import pytest

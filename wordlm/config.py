@@ -77,6 +77,7 @@ def training_config():
     resume = None  # continue the run whose checkpoint (save_last, or save) is at this path; 'auto': save_last if there
     on_divergence = "stop"  # a NaN/inf loss: 'stop' (one-line error) or 'reload' (best model, lr / 4)
     onnx_export = None  # write one model step as ONNX here: after training, or from checkpoint with `export`
+    tensorboard = None  # write TensorBoard events live, each run into a sub-folder of this folder (None = off)
 
 
 # -- presets: the published recipes, each building on the one it varies (`print_named_configs` lists them)

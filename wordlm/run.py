@@ -24,7 +24,7 @@ import torch
 from wordlm.cache import load_corpus_cached
 from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
 from wordlm.checks import check_output, check_path, path_problem, resolve_device
-from wordlm.config import build_model_config, differing_keys, resumed_config, validate_training_config
+from wordlm.config import PRESETS, build_model_config, differing_keys, resumed_config, validate_training_config
 from wordlm.corpora import check_dataset, load_dataset, resolve_dataset
 from wordlm.data import SPLITS, Corpus, batchify
 from wordlm.distributed import (
@@ -40,12 +40,14 @@ from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.export import check_export_available, export_onnx
 from wordlm.files import same_file
+from wordlm.generation import format_samples, generate_words
 from wordlm.language_model import LanguageModel
 from wordlm.model import ModelConfig, build_model
 from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
 from wordlm.runs import MetricHistory
 from wordlm.signals import StopRequests, ignore_termination
 from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
+from wordlm.tensorboard_log import SAMPLE_WORDS, TensorBoardLog, check_tensorboard, run_folder_name
 from wordlm.training import (
     Precision,
     Reporter,
@@ -268,7 +270,8 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
         model.decoder.sort_words_by_frequency(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
     meta = {"wordlm_version": __version__, "config": cfg, "corpus_folder": str(folder.resolve()),
-            "elastic_run_id": os.environ.get(RUN_ID_ENV)}  # fmt: skip
+            "elastic_run_id": os.environ.get(RUN_ID_ENV),
+            "tensorboard_run": _tensorboard_run(plan, recorder) if world.is_main else None}  # fmt: skip
     keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
     state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
     if payload is not None:
@@ -285,7 +288,13 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
     network = world.wrap(model)  # what training calls: DDP's wrapper across processes, torch.compile's on top
     if cfg["compile"]:
         network = torch.compile(network)
-    reporter = Reporter(interactive=interactive and world.is_main, log_metric=recorder.log_scalar)
+    board = None  # TensorBoard's writer: rank 0's, with the tensorboard key
+    if cfg["tensorboard"] and world.is_main:
+        board = TensorBoardLog(cfg["tensorboard"], meta["tensorboard_run"], state, cfg,
+                               sample=lambda: _sample(model, corpus.vocab, cfg["seed"]))  # fmt: skip
+        log.info("TensorBoard: %s (%s)", board.path, "continued" if board.resumed else "new")
+    log_metric = recorder.log_scalar if board is None else board.tee(recorder.log_scalar)
+    reporter = Reporter(interactive=interactive and world.is_main, log_metric=log_metric)
     started, tokens_before = time.perf_counter(), state.tokens_seen  # a resumed run's earlier sessions excluded
     with StopRequests(second_interrupts=world.size == 1, ignore_term_after_error=world.size > 1) as stop:
         trainer = Trainer(
@@ -304,8 +313,8 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
     print("=" * 89)
     print(f"| End of training | test loss {test_loss:5.2f} | test ppl {test_ppl:8.2f}")
     print("=" * 89, flush=True)
-    recorder.log_scalar("test.loss", test_loss)
-    recorder.log_scalar("test.ppl", test_ppl)
+    log_metric("test.loss", test_loss)
+    log_metric("test.ppl", test_ppl)
     recorder.update_info(
         interrupted=interrupted,
         stop_signal=stop.name or None,
@@ -323,6 +332,8 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
         time_budget_spent=trainer.budget_spent,
         seconds_trained=state.seconds,  # over every session of a resumed run
     )
+    if board is not None:
+        board.finish(recorder.info, interrupted)
     if world.is_main:  # rank 0 records the run and writes the files
         _record(cfg, recorder, keeper, state, interrupted, test_ppl, log)
     history = {name: list(zip(series.steps, series.values)) for name, series in recorder.history.metrics.items()}
@@ -330,6 +341,25 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
         LanguageModel(model, corpus.vocab, keeper.written_meta), test_ppl, recorder.info.get("best_valid_ppl"),
         history, Path(cfg["save"]), cfg, dict(recorder.info), test_loss,
     )  # fmt: skip
+
+
+def _tensorboard_run(plan: RunPlan, recorder: Recorder) -> str | None:
+    """The run's sub-folder of the tensorboard folder: a resumed run's own (its state keeps the name, even when a
+    session ran without the key), else a new one named by ``run_folder_name`` (None without the key)."""
+    stored = ((plan.resume_payload or {}).get("meta") or {}).get("tensorboard_run")
+    if stored or not plan.config["tensorboard"]:
+        return stored
+    name = run_folder_name(plan.config, plan.given, PRESETS, recorder.run_id)
+    folder, taken = Path(plan.config["tensorboard"]).expanduser(), 1
+    while (folder / (name if taken == 1 else f"{name}-{taken}")).exists():  # two runs started in the same second
+        taken += 1
+    return name if taken == 1 else f"{name}-{taken}"
+
+
+def _sample(model, vocab, seed: int) -> str:
+    """A short text sampled from the model, from its own generator: training's random streams are left alone."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return format_samples("", generate_words(model, vocab, words=SAMPLE_WORDS, generator=generator))
 
 
 def _rate(tokens: int, seconds: float) -> float | None:
@@ -407,6 +437,8 @@ def _check_outputs(cfg: dict) -> None:
     """Every output of a training run checked before any work: writable, a file, each its own, no input."""
     if cfg["onnx_export"]:
         check_export_available()
+    if cfg["tensorboard"] is not None:
+        check_tensorboard(cfg["tensorboard"])
     keys = [key for key in _OUTPUTS if cfg[key]]
     resume = ((f"resume={cfg['resume']!r}", cfg["resume"]),) if cfg["resume"] else ()
     for key in keys:  # save and save_last may well be the resumed file: it is read whole before they are written
