@@ -47,7 +47,8 @@ def run_records(folder: Path, runs: str = "runs") -> dict[int, dict]:
     for run in sorted(path for path in (folder / runs).iterdir() if path.name.isdigit()):
         info = json.loads((run / "info.json").read_text())
         assert info["trial"] not in records, f"trial {info['trial']} recorded twice"
-        records[info["trial"]] = {**info, "status": json.loads((run / "run.json").read_text())["status"]}
+        records[info["trial"]] = {**info, "status": json.loads((run / "run.json").read_text())["status"],
+                                  "run_id": run.name}  # fmt: skip
     return records
 
 
@@ -151,20 +152,24 @@ def test_ctrl_c_ends_the_trial_as_training_does_records_it_and_stops_the_sweep(t
 def test_ctrl_c_in_a_command_line_sweep_leaves_the_trials_run_recorded_as_interrupted(
     tmp_path, tiny_corpus, monkeypatch, capsys
 ):
-    """`main.py sweep -F DIR with ...`, run in this process: the options reach each trial's run."""
+    """`main.py sweep -F DIR with ...`, run in this process: the options reach each trial's run, and a key the preset
+    sets (bptt) may be searched."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(experiment.ex, "observers", [])
     monkeypatch.setattr(sweeps, "_pruner", lambda optuna, choice: InterruptTheSecondTrial())
     experiment.main(["main.py", "sweep", "-F", "records", "--loglevel=WARNING", "with", *QUICK,
-                     f"dataset={tiny_corpus}", "sweep_space={'dropout': {'low': 0.0, 'high': 0.5}}", "sweep_trials=3",
-                     "save=lm.pt"])  # fmt: skip
+                     f"dataset={tiny_corpus}", "sweep_space={'dropout': {'low': 0.0, 'high': 0.5}, 'bptt': [10, 12]}",
+                     "sweep_trials=3", "save=lm.pt"])  # fmt: skip
     out = capsys.readouterr().out
     assert "the sweep stops" in out and "stopped by Ctrl-C" in out
-    runs = {info["trial"]: info for info in run_records(tmp_path, "records").values()}
+    runs = run_records(tmp_path, "records")
     assert sorted(runs) == [0, 1] and runs[1]["interrupted"] and runs[1]["status"] == "COMPLETED"
     assert not runs[0]["interrupted"] and not (tmp_path / "runs").exists()
-    states = [trial.state for trial in load_study(tmp_path / "sweep.db").trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    trials = load_study(tmp_path / "sweep.db").trials
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    for trial in trials:
+        config = json.loads((tmp_path / "records" / runs[trial.number]["run_id"] / "config.json").read_text())
+        assert config["bptt"] == trial.params["bptt"] and config["save"] == f"lm.trial{trial.number}.pt"
 
 
 def test_without_optuna_a_sweep_is_one_line(monkeypatch, tmp_path, tiny_corpus):
@@ -182,6 +187,15 @@ def test_a_trial_that_diverges_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_co
     assert trials[0].user_attrs["error"].startswith("training diverged at epoch 1")
     assert out.count("diverged: pruned, and the sweep goes on") == 2 and "| no trial has completed yet" in out
     assert (result.finished, result.best_trial, result.command) == (2, None, None)
+
+
+def test_keys_that_work_apart_but_not_together_fail_the_trial_and_stop_the_sweep(tmp_path, tiny_corpus):
+    stopped = r"^trial 0 failed, and the sweep stopped: emsize=30 must be divisible by nhead=4"
+    with pytest.raises(UserError, match=stopped):  # either alone trains (smoke: emsize 32, nhead 2)
+        api_sweep(tmp_path, tiny_corpus, model_type="Transformer", sweep_space={"emsize": [30], "nhead": [4]})
+    (trial,) = load_study(tmp_path / "sweep.db").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["end"] == "failed"
+    assert "divisible" in trial.user_attrs["error"] and not (tmp_path / "lm.trial0.pt").exists()
 
 
 # -- bad input: one line each, before any work

@@ -494,6 +494,7 @@ def sweep(_run, _config, sweep_space, sweep_trials, sweep_storage, sweep_name, s
     options = {key: value for key, value in (_run.meta_info.get("options") or {}).items() if key.startswith("--")}
     config = _plain(_config)
     given = frozenset(ex.given) & _TRAINING_KEYS
+    named = {str(key).split(".")[0] for key in _run.meta_info.get("config_updates") or {}} & _TRAINING_KEYS
 
     def run_trial(cfg: dict, trial_given: set, wrap) -> None:
         _TRIAL["wrap"] = wrap
@@ -505,7 +506,7 @@ def sweep(_run, _config, sweep_space, sweep_trials, sweep_storage, sweep_name, s
             _TRIAL.pop("wrap", None)
 
     try:
-        plan = _sweeps.plan_sweep({key: config[key] for key in _TRAINING_KEYS}, given,
+        plan = _sweeps.plan_sweep({key: config[key] for key in _TRAINING_KEYS}, given, named=named,
                                   **{key: config[key] for key in _SWEEP_KEYS})  # fmt: skip
         _sweeps.run_sweep(plan, run_trial)
     except UserError as problem:

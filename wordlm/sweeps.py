@@ -241,7 +241,7 @@ def _check_storage(storage) -> str:
 
 
 def plan_sweep(
-    cfg: dict, given=frozenset(), *, sweep_space, sweep_trials=DEFAULTS["sweep_trials"],
+    cfg: dict, given=frozenset(), *, named=None, sweep_space, sweep_trials=DEFAULTS["sweep_trials"],
     sweep_storage=DEFAULTS["sweep_storage"], sweep_name=DEFAULTS["sweep_name"], sweep_pruner=DEFAULTS["sweep_pruner"],
 ) -> SweepPlan:  # fmt: skip
     """Check a sweep once, before any work: its space, trial count, storage and name; the training keys its trials
@@ -250,7 +250,9 @@ def plan_sweep(
     Args:
         cfg: every training key (``make_config``, or Sacred's config): what each trial trains with, the searched
             keys aside.
-        given: the keys the user gave (a searched key may not be one of them).
+        given: the keys the user gave, a preset's included.
+        named: the keys the user gave by name, which may not be searched too (default: ``given``); a preset's
+            keys may.
 
     Raises:
         UserError: one line naming what is wrong; no study is made or changed, and no trial runs.
@@ -268,7 +270,7 @@ def plan_sweep(
         raise UserError("a sweep runs as one process a trial: start several sweep commands on one sweep_storage "
                         "instead of torchrun (docs/SWEEPS.md)")  # fmt: skip
     space = parse_space(sweep_space, cfg)
-    both = [key for key in space if key in given]
+    both = [key for key in space if key in (given if named is None else named)]
     if both:
         raise UserError(f"{both[0]} is both searched (sweep_space) and given ({both[0]}={cfg[both[0]]!r}); "
                         "drop one")  # fmt: skip
@@ -508,11 +510,11 @@ def _run_sweep(plan: SweepPlan, run_trial: TrialRunner, optuna) -> SweepResult:
     if SPACE_ATTR not in study.user_attrs:
         study.set_user_attr(SPACE_ATTR, plan.space_data)
         study.set_user_attr(FIXED_ATTR, plan.fixed)
-    _check_same_study(plan, (storage, study._study_id))  # (two processes that made it at once)
-    state = optuna.trial.TrialState
-    stop = {"interrupted": False}
+    _check_same_study(plan, (storage, storage.get_study_id_from_name(plan.name)))  # (two made it at once)
+    stop = {"interrupted": False, "trial": None}
 
     def objective(trial):
+        stop["trial"] = trial.number
         if _counted(study, before=trial.number) >= plan.trials:
             trial.set_user_attr("surplus", f"the study had its {plan.trials} trials when this one was asked for")
             raise _Surplus
@@ -584,8 +586,7 @@ def _run_sweep(plan: SweepPlan, run_trial: TrialRunner, optuna) -> SweepResult:
             if not stop["interrupted"]:
                 raise
         except UserError as problem:
-            number = study.get_trials(deepcopy=False, states=(state.FAIL,))[-1].number
-            raise UserError(f"trial {number} failed, and the sweep stopped: {problem}") from None
+            raise UserError(f"trial {stop['trial']} failed, and the sweep stopped: {problem}") from None
     return _summary(plan, study, stopped=stop["interrupted"])
 
 
@@ -683,4 +684,4 @@ def sweep(preset: str | None = None, **keys) -> SweepResult:
         raise TypeError("sweep() needs sweep_space: the keys to search and their ranges")
     cfg, given = make_config(preset, **keys)
     check_seed(cfg["seed"])
-    return run_sweep(plan_sweep(cfg, given, **options))
+    return run_sweep(plan_sweep(cfg, given, named=set(keys), **options))
