@@ -15,7 +15,7 @@ from wordlm.config import defaults
 
 READS = {  # command: the config keys it reads (None: every key of the training config)
     "train": None,
-    "runs": ["runs_dir", "runs_db", "runs_status", "runs_sort"],
+    "runs": ["runs_dir", "runs_db", "runs_status", "runs_sort", "runs_command"],
     "plot": ["runs_dir", "runs_db", "run_ids", "plot_path"],
     "generate": ["checkpoint", "words", "temperature", "top_k", "top_p", "prompt", "samples", "stop_at_eos", "outf",
                  "seed", "device"],

@@ -13,6 +13,7 @@ import os
 import pprint
 import random
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext, redirect_stdout
@@ -72,7 +73,9 @@ from wordlm.generation import (
 from wordlm.plots import has_display, plot_validation_curves
 from wordlm.run import Recorder, RunFinished, plan_run, train_run
 from wordlm.runs import (
+    ALL,
     SQL_LACKS,
+    TRAIN,
     format_runs_table,
     open_database,
     read_runs_db,
@@ -306,6 +309,7 @@ def runs_config():
     runs_db = None  # instead, a database of Sacred's SQL observer (-s URL), e.g. sqlite:///runs.db
     runs_status = None  # list only runs with these statuses, e.g. completed or interrupted,killed (None: all)
     runs_sort = "id"  # sort the table by this column (a leading '-' sorts descending), e.g. -test_ppl
+    runs_command = "train"  # list the runs of this command, with its own figures: generate, evaluate, export; or all
     run_ids = []  # runs whose validation curves `plot` draws (empty: every run with one)
     plot_path = "validation_curves.png"  # where `plot` writes its PNG
 
@@ -323,12 +327,43 @@ def _read_records(runs_dir, runs_db):
     return read_runs_dir(runs_dir or _default_runs_dir())
 
 
+_TERMINAL_COLUMNS = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # before Sacred's capture
+
+
+def _table_width() -> int | None:
+    """How wide the runs table may be: $COLUMNS, else the terminal's; None (no limit) when piped to a file."""
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else _TERMINAL_COLUMNS
+
+
+def _recorded_command(runs_command) -> str:
+    """``runs_command`` checked: a command whose runs are recorded (``train`` for the default command), or all."""
+    recorded = [TRAIN if name == ex.default_command else name for name, f in ex.commands.items() if not f.unobserved]
+    if runs_command not in (*recorded, ALL):
+        raise UserError(f"runs_command={runs_command!r} is not a command whose runs are recorded; use one of "
+                        f"{', '.join(recorded)} or {ALL}")  # fmt: skip
+    return runs_command
+
+
+def _keys_read_by(command: str) -> frozenset[str]:
+    """The config keys a command reads, the only ones its table may show (none for every command's table)."""
+    if command == ALL:
+        return frozenset()
+    if command == TRAIN:
+        return _TRAINING_KEYS
+    return frozenset(key for key in ex.commands[command].signature.arguments if not key.startswith("_"))
+
+
 @ex.command(unobserved=True)
-def runs(runs_dir, runs_db, runs_status, runs_sort):
-    """List the recorded runs: status, times, the config keys that differ, best validation and test perplexity."""
+def runs(runs_dir, runs_db, runs_status, runs_sort, runs_command):
+    """List the recorded training runs (runs_command: another command's): status, times, the training keys that
+    differ, best validation and test perplexity."""
     try:
-        records = select_runs(_read_records(runs_dir, runs_db), runs_status)
-        print(format_runs_table(records, ignore_keys=_READER_KEYS, sort_by=runs_sort) if records else "no runs")
+        command = _recorded_command(runs_command)
+        records = select_runs(_read_records(runs_dir, runs_db), runs_status, command=command)
+        table = format_runs_table(records, sort_by=runs_sort, keys=_keys_read_by(command), command=command,
+                                  width=_table_width())  # fmt: skip
+        print(table if records else f"no runs{'' if command == ALL else f' of {command}'}")
         if runs_db:
             print(SQL_LACKS)
     except UserError as problem:
@@ -342,7 +377,7 @@ def plot(runs_dir, runs_db, run_ids, plot_path):
         if runs_db:
             raise UserError("Sacred's SQL observer stores no metrics: plot needs run folders (runs/ or -F DIR)")
         check_output("plot_path", plot_path, example="curves.png", text=False)
-        chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None)
+        chosen = select_runs(_read_records(runs_dir, None), run_ids=run_ids or None, command=None if run_ids else TRAIN)
         for record in chosen:
             if not record.has_validation_curve:
                 print(f"run {record.run_id} has no validation curve ({'; '.join(record.notes) or record.status})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -357,11 +358,16 @@ def differing_config_keys(records: list[RunRecord], ignore: Iterable[str] = ()) 
     ]
 
 
-def select_runs(records: list[RunRecord], statuses: str | Iterable[str] | None = None, run_ids=None) -> list[RunRecord]:
-    """The records with one of ``statuses`` (all when ``None``) and an id among ``run_ids`` (all when ``None``).
+def select_runs(
+    records: list[RunRecord], statuses: str | Iterable[str] | None = None, run_ids=None, command: str | None = None
+) -> list[RunRecord]:
+    """The records with one of ``statuses`` (all when ``None``), an id among ``run_ids`` (all when ``None``) and run
+    by ``command`` (all when ``None`` or ``ALL``; ``TRAIN`` also takes a record whose command is unknown).
 
     ``statuses`` may be one string naming several, as a command line gives them: ``interrupted,killed``.
     """
+    if command is not None and command != ALL:
+        records = [r for r in records if r.command == command or (command == TRAIN and r.command is None)]
     if isinstance(statuses, str):
         statuses = statuses.strip("[]").replace(",", " ").split()
     if statuses is not None:
@@ -384,13 +390,13 @@ def _local(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def _cell(value) -> str:
+def _cell(value, longest: int = 32) -> str:
     if value is None or value is _ABSENT:
         return "-"
     if isinstance(value, float):
         return repr(value) if len(repr(value)) <= 10 else f"{value:.6g}"  # 20.0 stays 20.0, as it was written
     text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 32 else "…" + text[-31:]
+    return text if len(text) <= longest else "…" + text[-(longest - 1) :]
 
 
 def _config_value(config: dict, key: str):
@@ -407,20 +413,71 @@ def run_labels(records: list[RunRecord], ignore_keys: Iterable[str] = ()) -> lis
     ]
 
 
-def _row(record: RunRecord, keys: list[str]) -> dict[str, object]:
-    """The table's raw values for one run: numbers stay numbers so that they sort as numbers."""
-    return {
-        "id": int(record.run_id) if record.run_id.isdigit() else record.run_id,
-        "command": record.command,
-        "status": record.status,
-        "started": record.start_time,
-        "duration": record.seconds,
-        **{key: _config_value(record.config, key) for key in keys},
-        "valid_ppl": record.valid_ppl,
-        "test_ppl": record.test_ppl,
-        "tokens/s": record.tokens_per_second,
-        "note": "; ".join(record.notes) or None,
-    }
+def _info(key: str) -> Callable[[RunRecord], object]:
+    return lambda record: record.info.get(key)
+
+
+def _config(key: str) -> Callable[[RunRecord], object]:
+    return lambda record: record.config.get(key)
+
+
+def _onnx_written(record: RunRecord):
+    """Where ``export`` wrote: onnx_export, or else the checkpoint's name with .onnx."""
+    written, checkpoint = record.config.get("onnx_export"), record.config.get("checkpoint")
+    return written or (str(Path(checkpoint).with_suffix(".onnx")) if isinstance(checkpoint, str) else None)
+
+
+def _evaluate_ppl(record: RunRecord) -> float | None:
+    return float(record.info["ppl"]) if _is_number(record.info.get("ppl")) else record.result
+
+
+def _summary(record: RunRecord) -> str | None:
+    """One cell saying what a run of any command gave: perplexities, a text scored, words written, a file."""
+    if record.command in (None, TRAIN):
+        valid, test = record.valid_ppl, record.test_ppl
+        shown = [f"{name} {value:.2f}" for name, value in (("valid", valid), ("test", test)) if value is not None]
+        return ", ".join(shown) or None
+    if record.command == "evaluate" and _evaluate_ppl(record) is not None:
+        scored = record.info.get("scored")
+        return f"ppl {_evaluate_ppl(record):.2f}" + (f" on {Path(scored).name}" if isinstance(scored, str) else "")
+    if record.command == "generate" and record.config.get("words") is not None:
+        return f"{record.config['words']} words to {record.config.get('outf')}"
+    if record.command == "export":
+        return _onnx_written(record)
+    return None if record.result is None else f"{record.result:.6g}"
+
+
+TRAIN, ALL = "train", "all"  # the runs of training, and of every command (``select_runs``, ``format_runs_table``)
+# Each command's own figures, shown for its runs whatever their values: (column, the value in a record)
+FIGURES: dict[str, tuple[tuple[str, Callable[[RunRecord], object]], ...]] = {
+    TRAIN: (("valid_ppl", lambda r: r.valid_ppl), ("test_ppl", lambda r: r.test_ppl),
+            ("tokens/s", lambda r: r.tokens_per_second)),
+    "evaluate": (("checkpoint", _config("checkpoint")), ("scored", _info("scored")), ("tokens", _info("tokens")),
+                 ("ppl", _evaluate_ppl)),
+    "generate": (("checkpoint", _config("checkpoint")), ("words", _config("words")), ("outf", _config("outf"))),
+    "export": (("checkpoint", _config("checkpoint")), ("onnx_export", _onnx_written)),
+    ALL: (("result", _summary),),
+}  # fmt: skip
+_OTHER = (("result", lambda r: r.result),)  # a command named nowhere above
+_TIMES = ("started", "duration")
+_NUMBER_TEXT = {
+    "started": lambda v: _local(v) if v else "-",
+    "duration": lambda v: "-" if v is None else str(timedelta(seconds=round(v))),
+    "valid_ppl": lambda v: "-" if v is None else f"{v:.2f}",
+    "test_ppl": lambda v: "-" if v is None else f"{v:.2f}",
+    "ppl": lambda v: "-" if v is None else f"{v:.2f}",
+    "tokens/s": lambda v: "-" if v is None else f"{v:.0f}",
+    "note": lambda v: v or "",
+}
+MIN_NOTE = 12  # characters of the note column kept when the table is cut to a width
+
+
+def _sweep(record: RunRecord) -> str | None:
+    """The sweep whose trial a run was, as its info says (``sweep``, ``trial``: ``wordlm.sweeps``): ``name#trial``."""
+    sweep, trial = record.info.get("sweep"), record.info.get("trial")
+    if sweep is None:
+        return None
+    return f"{_cell(sweep)}#{trial}" if isinstance(trial, int) and not isinstance(trial, bool) else _cell(sweep)
 
 
 def _sort_key(value) -> tuple:
@@ -433,22 +490,44 @@ def _sort_key(value) -> tuple:
     return (1, 0, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
 
 
-def format_runs_table(records: list[RunRecord], ignore_keys: Iterable[str] = (), sort_by: str | None = None) -> str:
+def format_runs_table(
+    records: list[RunRecord], ignore_keys: Iterable[str] = (), sort_by: str | None = None, *,
+    keys: Iterable[str] | None = None, command: str | None = None, width: int | None = None,
+) -> str:  # fmt: skip
     """A plain-text table of ``records``, one line a run, with the config keys that differ between them.
 
     Args:
         records: the runs to list.
         ignore_keys: config keys never shown (e.g. the keys of the commands that read records).
-        sort_by: a column name (``id``, ``status``, ``started``, ``duration``, ``valid_ppl``, ``test_ppl``,
-            ``tokens/s`` or a shown config key); a leading ``-`` sorts descending. Unknown values go last.
+        sort_by: a column name (``id``, ``status``, ``started``, ``duration``, a figure such as ``test_ppl``, or a
+            shown config key); a leading ``-`` sorts descending. Unknown values go last.
+        keys: the config keys that may be shown (those of them that differ between the runs); None: every key.
+        command: whose figures follow the keys: ``FIGURES[command]`` (an unknown command's ``result``); ``ALL``
+            adds a ``command`` column and one ``result`` cell a run. None: training's, with a ``command`` column
+            when the runs ran different commands.
+        width: the most characters a line may have (a terminal's): long config values are cut to 16 characters,
+            then the note, and then ``started``, ``duration`` and the last config keys are left out, a line below
+            the table naming them. None: no limit.
 
     Raises:
         UserError: ``sort_by`` names no column.
     """
-    keys = differing_config_keys(records, ignore_keys)
-    rows = [_row(r, keys) for r in records]
-    columns = [c for c in COLUMNS[:5] if c != "command" or len({r.command for r in records if r.command}) > 1]
-    columns += keys + [c for c in COLUMNS[5:] if c != "note" or any(r.notes for r in records)]
+    figures = FIGURES.get(command or TRAIN, _OTHER)
+    figure_names = [name for name, _ in figures]
+    shown_keys = [k for k in differing_config_keys(records, ignore_keys) if keys is None or k in set(keys)]
+    shown_keys = [k for k in shown_keys if k not in figure_names and k not in COLUMNS]
+    commands = {r.command for r in records if r.command}
+    columns = ["id"] + (["command"] if command == ALL or (command is None and len(commands) > 1) else [])
+    columns += ["status", *_TIMES] + (["sweep"] if any(r.info.get("sweep") is not None for r in records) else [])
+    columns += shown_keys + figure_names + (["note"] if any(r.notes for r in records) else [])
+    rows = []
+    for record in records:
+        row = {"id": int(record.run_id) if record.run_id.isdigit() else record.run_id, "command": record.command,
+               "status": record.status, "started": record.start_time, "duration": record.seconds,
+               "sweep": _sweep(record), "note": "; ".join(record.notes) or None}  # fmt: skip
+        row.update({key: _config_value(record.config, key) for key in shown_keys})
+        row.update({name: value(record) for name, value in figures})
+        rows.append(row)  # raw values: numbers stay numbers, so that they sort as numbers
     if sort_by:
         column = sort_by[1:] if sort_by.startswith("-") else sort_by
         if column not in columns:
@@ -456,17 +535,42 @@ def format_runs_table(records: list[RunRecord], ignore_keys: Iterable[str] = (),
         known = [r for r in rows if _sort_key(r[column])[0] < 2]
         known.sort(key=lambda r: _sort_key(r[column]), reverse=sort_by.startswith("-"))
         rows = known + [r for r in rows if _sort_key(r[column])[0] == 2]
-    shown = {"started": lambda v: _local(v) if v else "-",
-             "duration": lambda v: "-" if v is None else str(timedelta(seconds=round(v))),
-             "valid_ppl": lambda v: "-" if v is None else f"{v:.2f}",
-             "test_ppl": lambda v: "-" if v is None else f"{v:.2f}",
-             "tokens/s": lambda v: "-" if v is None else f"{v:.0f}",
-             "note": lambda v: v or ""}  # fmt: skip
-    cells = [[shown.get(c, _cell)(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-    numeric = [all(_is_number(row[c]) or row[c] is None or row[c] is _ABSENT for row in rows) for c in columns]
+    longest = {key: 16 for key in shown_keys} if width is not None else {}
+    cells = {c: [_NUMBER_TEXT.get(c, lambda v, c=c: _cell(v, longest.get(c, 32)))(row[c]) for row in rows]
+             for c in columns}  # fmt: skip
+    numeric = {c: all(_is_number(row[c]) or row[c] is None or row[c] is _ABSENT for row in rows) for c in columns}
+    left_out = _fit(columns, cells, width, droppable=[*_TIMES, *reversed(shown_keys)]) if width else []
+    widths = {c: max([len(c)] + [len(text) for text in cells[c]]) for c in columns}
 
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(values[c].rjust(widths[c]) if numeric[c] else values[c].ljust(widths[c]) for c in columns)
 
-    return "\n".join([line(columns)] + [line(values) for values in cells])
+    lines = [line({c: c for c in columns}).rstrip()]
+    lines += [line({c: cells[c][i] for c in columns}).rstrip() for i in range(len(rows))]
+    if left_out:
+        said = f"(left out to fit {width} columns: {', '.join(left_out)}; a wider terminal or COLUMNS=N shows them)"
+        lines += textwrap.wrap(said, max(width, 40))
+    return "\n".join(lines)
+
+
+def _fit(columns: list[str], cells: dict[str, list[str]], width: int, droppable: list[str]) -> list[str]:
+    """Cut the table to ``width`` characters a line: the ``droppable`` columns in their order are taken out of
+    ``columns`` while the note is cut to ``MIN_NOTE`` characters, which then gets the room left. Returns the columns
+    left out."""
+
+    def total() -> int:
+        return sum(max([len(c)] + [len(text) for text in cells[c]]) for c in columns) + 2 * (len(columns) - 1)
+
+    notes = cells.get("note", [])
+    if "note" in columns:
+        cells["note"] = [text[: MIN_NOTE - 1] + "…" if len(text) > MIN_NOTE else text for text in notes]
+    left_out = []
+    for column in droppable:
+        if total() <= width:
+            break
+        columns.remove(column)
+        left_out.append(column)
+    if "note" in columns:  # the note's text back, as far as the room left allows
+        room = max(MIN_NOTE, width - total() + max(len(text) for text in cells["note"]))
+        cells["note"] = [text[: room - 1] + "…" if len(text) > room else text for text in notes]
+    return left_out
