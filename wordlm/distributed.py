@@ -1,9 +1,9 @@
 """Several processes training one model: torchrun's environment, the process group and its collectives.
 
 Lives here: ``World`` (this process's rank, how many processes there are, the few collectives training
-needs), ``SINGLE``, ``launched_rank``, ``launched_size``, ``start_world``, ``stop_world``, ``lost_contact``,
-``lost_contact_message``, ``rank_rng_state`` and ``split_rng_streams``. Must not import Sacred or any
-``wordlm`` module but ``errors`` and ``hidden``.
+needs), ``SINGLE``, ``launched_rank``, ``launched_size``, ``start_world``, ``stop_world``, ``elastic_restarts``,
+``lost_contact``, ``lost_contact_message``, ``rank_rng_state`` and ``split_rng_streams``. Must not import Sacred
+or any ``wordlm`` module but ``errors`` and ``hidden``.
 
 ``torchrun --nproc_per_node=N main.py with ...`` starts N copies of the program and tells each one who
 it is through environment variables: ``RANK`` (0 .. WORLD_SIZE-1 over all machines), ``LOCAL_RANK``
@@ -32,6 +32,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -220,12 +222,49 @@ def start_world(device: torch.device) -> tuple[World, torch.device]:
 
 def _store(rank: int, size: int, timeout: timedelta) -> dist.Store:
     """The key-value store the processes meet in (``MASTER_ADDR:MASTER_PORT``, as ``env://`` reads them), its keys
-    under a prefix of their own for each time torchrun (re)started the workers.
+    under a prefix of their own for each start of the workers (``_meet``).
 
     torchrun's agent hosts the store and keeps it across a restart of the workers (``--max-restarts``); plain
     ``env://`` would then read the addresses the killed workers had published and fail in Gloo's
     ``connectFullMesh`` ("Connection refused") or hang. Without the agent's store, rank 0 hosts one.
     """
+    store, start, _ = _meet(rank, size, timeout)
+    return dist.PrefixStore(f"wordlm/start_{start}", store)
+
+
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun's count of the times it restarted the workers (0 at first)
+_MET: dict = {}  # this process's meeting with the other ranks (_meet): once per process
+
+
+def elastic_restarts() -> int:
+    """How often torchrun has restarted the workers of this job: 0 at the first start, or without torchrun; the same
+    number on every rank, which meet for it in torchrun's store when there are several (``_meet``)."""
+    if launched_size() <= 1 or RESTART_ENV not in os.environ:
+        return _counted_restarts()
+    return _meet(launched_rank(), launched_size(), _timeout())[2]
+
+
+def _counted_restarts() -> int:
+    try:
+        return int(os.environ.get(RESTART_ENV) or 0)
+    except ValueError:
+        return 0
+
+
+def _meet(rank: int, size: int, timeout: timedelta) -> tuple[dist.Store, int, int]:
+    """Connect to the store and agree with the other ranks on ``(store, start, restarts)``: which start of the
+    workers this is in the store (its keys' prefix) and how often torchrun restarted them.
+
+    torchrun counts restarts per machine (``TORCHELASTIC_RESTART_COUNT``), and a machine whose workers were healthy
+    when another machine's failed restarts them with its count unchanged: ranks that went by their own count met
+    under different prefixes and waited there for each other, and one resumed while the other started over. Rank 0
+    numbers the starts in the store and tells each other rank. An earlier start's keys stay in the agent's store, so
+    each rank asks under a name of its own; rank 0 answers every name it finds (an earlier one's answer is never
+    read) until each rank has said that it heard, with its machine's count. ``restarts`` is the largest count, or
+    the number of earlier starts of rank 0 in the agent's store (it lives as long as the job) if that is larger.
+    """
+    if _MET:
+        return _MET["store"], _MET["start"], _MET["restarts"]
     try:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     except (KeyError, ValueError):
@@ -235,7 +274,35 @@ def _store(rank: int, size: int, timeout: timedelta) -> dist.Store:
         ) from None
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(host, port, size, is_master=not agent and rank == 0, timeout=timeout)
-    return dist.PrefixStore(f"wordlm/start_{os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0}", store)
+    counted = _counted_restarts()
+    if rank > 0:
+        name = uuid.uuid4().hex
+        store.set(f"wordlm/ask/{rank}", name)
+        start = int(store.get(f"wordlm/answer/{name}"))
+        store.set(f"wordlm/heard/{start}/{rank}", str(counted))
+        restarts = int(store.get(f"wordlm/restarts/{start}"))
+    else:
+        start, counts, answered = store.add("wordlm/starts", 1), [counted], {}
+        waiting, deadline = set(range(1, size)), time.monotonic() + timeout.total_seconds()
+        while waiting:
+            for other in sorted(waiting):
+                asked, heard = f"wordlm/ask/{other}", f"wordlm/heard/{start}/{other}"
+                if store.check([heard]):
+                    counts.append(int(store.get(heard)))
+                    waiting.discard(other)
+                elif store.check([asked]) and (name := store.get(asked).decode()) != answered.get(other):
+                    store.set(f"wordlm/answer/{name}", str(start))
+                    answered[other] = name
+            if waiting and time.monotonic() > deadline:
+                raise UserError(
+                    f"process 0 of {size} waited {timeout.total_seconds():g} s for processes {sorted(waiting)} to "
+                    f"start; raise {TIMEOUT_ENV} if they start that slowly"
+                )
+            time.sleep(0.01 if waiting else 0)
+        restarts = max(*counts, start - 1)  # (rank 0's own store, without the agent's: start 1)
+        store.set(f"wordlm/restarts/{start}", str(restarts))
+    _MET.update(store=store, start=start, restarts=restarts)
+    return store, start, restarts
 
 
 def stop_world() -> None:

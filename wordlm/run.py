@@ -29,6 +29,7 @@ from wordlm.corpora import check_dataset, load_dataset, resolve_dataset
 from wordlm.data import SPLITS, Corpus, batchify
 from wordlm.distributed import (
     World,
+    elastic_restarts,
     launched_size,
     lost_contact,
     lost_contact_message,
@@ -111,7 +112,6 @@ class TrainingRun:
 
 
 AUTO = "auto"  # resume="auto": from save_last when it holds this run's latest state, else from the start
-RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun's count of the times it restarted the workers (0 at first)
 RUN_ID_ENV = "TORCHELASTIC_RUN_ID"  # torchrun's id of the job, the same in every restart (--rdzv-id, or random)
 
 
@@ -132,11 +132,9 @@ class RunPlan:
 
 
 def restart_count() -> int:
-    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
-    try:
-        return int(os.environ.get(RESTART_ENV) or 0)
-    except ValueError:
-        return 0
+    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun), as every rank counts
+    it: a machine's own count can stay 0 when another machine's worker failed (``elastic_restarts``)."""
+    return elastic_restarts()
 
 
 def _own_state(cfg: dict) -> tuple[dict, dict | None, str | None]:
