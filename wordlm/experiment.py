@@ -530,11 +530,15 @@ def sweep(_run, _config, sweep_space, sweep_trials, sweep_storage, sweep_name, s
     config = _plain(_config)
     given = frozenset(ex.given) & _TRAINING_KEYS
     named = {str(key).split(".")[0] for key in _run.meta_info.get("config_updates") or {}} & _TRAINING_KEYS
+    presets = list(_run.meta_info.get("named_configs") or [])
 
-    def run_trial(cfg: dict, trial_given: set, wrap) -> None:
+    def run_trial(cfg: dict, trial_given: set, wrap, searched: dict) -> None:
+        """A trial is `main.py with PRESETS KEYS` as the sweep's command gave them, the searched keys and its own
+        save added: its record says what was given, and Sacred makes the rest of the config as for the sweep."""
+        updates = {key: cfg[key] for key in [*named, *searched, *_sweeps.PER_TRIAL]}
         _TRIAL["wrap"] = wrap
         try:
-            ex.run(config_updates=cfg, options=options)
+            ex.run(config_updates=updates, named_configs=presets, options=options)
         except error as problem:
             raise UserError(str(problem)) from problem  # (the chain tells a divergence)
         finally:

@@ -399,10 +399,10 @@ class TrialRecorder(Recorder):
         return reason
 
 
-TrialRunner = Callable[[dict, set, Callable[[Recorder], Recorder]], None]
+TrialRunner = Callable[[dict, set, Callable[[Recorder], Recorder], dict], None]
 
 
-def train_trial(cfg: dict, given: set, wrap: Callable[[Recorder], Recorder]) -> None:
+def train_trial(cfg: dict, given: set, wrap: Callable[[Recorder], Recorder], searched: dict) -> None:
     """Train one trial in this process, seeded as the command line seeds a run: ``run_sweep``'s own runner."""
     import numpy as np
     import torch
@@ -479,8 +479,8 @@ def run_sweep(plan: SweepPlan, run_trial: TrialRunner = train_trial) -> SweepRes
 
     Args:
         plan: the sweep checked by ``plan_sweep``.
-        run_trial: trains one trial: ``(config, given keys, wrap)``, where ``wrap`` turns the run's ``Recorder``
-            into the trial's; raises ``UserError`` for a failed run.
+        run_trial: trains one trial: ``(config, given keys, wrap, searched keys)``, where ``wrap`` turns the run's
+            ``Recorder`` into the trial's; raises ``UserError`` for a failed run.
 
     Raises:
         UserError: a trial failed (its error, named), or the storage failed.
@@ -540,7 +540,7 @@ def _run_sweep(plan: SweepPlan, run_trial: TrialRunner, optuna) -> SweepResult:
                                     "end": how, "params": params})  # fmt: skip
 
         try:
-            run_trial(cfg, set(plan.given) | set(params) | set(PER_TRIAL), wrap)
+            run_trial(cfg, set(plan.given) | set(params) | set(PER_TRIAL), wrap, params)
         except KeyboardInterrupt:
             end("interrupted")
             _say(f"| trial {trial.number} interrupted before it was tested; it is failed in the study |")
