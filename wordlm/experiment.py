@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 # Modules only used through others: named here so that Sacred records them among the run's sources.
 from wordlm import (  # noqa: F401
     __version__,
+    api,
     cache,
     data,
     decoder,
@@ -39,6 +40,7 @@ from wordlm import (  # noqa: F401
     rnn,
     signals,
     system,
+    tensorboard_log,
     training,
     transformer,
     version,
