@@ -847,11 +847,11 @@ def main(argv: list[str] | None = None) -> None:
     if follower:
         argv += [] if "-u" in argv or "--unobserved" in argv else ["-u"]
         argv += [] if any(arg.startswith(("-l", "--loglevel")) for arg in argv[1:]) else ["-l", "WARNING"]
-    elif not observed and not ex.observers:
-        ex.observers.append(FileStorageObserver(_default_runs_dir()))
     argv, sql_urls = _take_sql_urls(argv)
-    sql_observers = [] if follower else [_sql_observer(url) for url in sql_urls]
-    ex.observers.extend(sql_observers)
+    added = [] if follower else [_sql_observer(url) for url in sql_urls]
+    if not follower and not observed and not ex.observers and not sql_urls:
+        added.append(FileStorageObserver(_default_runs_dir()))
+    ex.observers.extend(added)  # for this command line only: main() called again in one process starts afresh
     try:
         with open(os.devnull, "w") if follower else nullcontext(sys.stdout) as out, redirect_stdout(out):
             ex.run_commandline(argv)
@@ -863,7 +863,7 @@ def main(argv: list[str] | None = None) -> None:
         _report_crash_to_torchrun(stop)
         raise
     finally:
-        for observer in sql_observers:
+        for observer in added:
             ex.observers.remove(observer)
 
 
