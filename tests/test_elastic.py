@@ -28,10 +28,11 @@ import wordlm
 from wordlm.errors import UserError
 from wordlm.run import RunFinished
 
-# dropout 0 and a state written every 0.12 s (every few batches): a restarted run ends as the uninterrupted one did
-# only if it resumed from the batch its state holds. 2 epochs of 83 batches on the tiny corpus: the kill lands in
-# epoch 1, after the progress line of batch 20.
-KEYS = ("smoke", "dropout=0", "max_batches=None", "epochs=2", "log_interval=5", "checkpoint_every=0.002")
+# dropout 0 and a state written after every batch (checkpoint_every=1e-9 minutes: on an idle machine an epoch of
+# this tiny run takes a fraction of a second, so a period in seconds could leave no state before the kill): a
+# restarted run ends as the uninterrupted one did only if it resumed from the batch its state holds. 2 epochs of 83
+# batches on the tiny corpus: the kill lands in epoch 1, after the progress line of batch 20.
+KEYS = ("smoke", "dropout=0", "max_batches=None", "epochs=2", "log_interval=5", "checkpoint_every=1e-9")
 RESUMED = re.compile(r"resumed from model\.last\.pt at epoch (\d+), batch (\d+) \((.*)\)\n")
 
 
