@@ -41,3 +41,17 @@ def test_the_committed_30_minute_records_are_complete_and_quoted_in_results():
         assert f"{record['wordlm_test_ppl']:.2f}" in results, path.name
         if record["classic_test_ppl"] is not None:
             assert f"{record['classic_test_ppl']:.2f}" in results, path.name
+
+
+def test_the_committed_2_hour_records_are_complete_and_quoted_in_results():
+    root = Path(__file__).resolve().parents[1]
+    records = sorted((root / "docs" / "runs" / "budget_2h").glob("*.json"))
+    assert records, "no 2-hour record in docs/runs/budget_2h/"
+    results = (root / "docs" / "RESULTS.md").read_text()
+    for path in records:
+        record = json.loads(path.read_text())
+        assert record["minutes"] == 120 and record["commit"] and record["cpu"] and record["meanwhile"], path.name
+        assert 115 <= record["wordlm_seconds"] / 60 <= 120.5, path.name  # the budget, to a batch and a validation
+        assert (root / "wordlm").is_dir() and record["wordlm_preset"] in (root / "README.md").read_text(), path.name
+        for key in ("wordlm_test_ppl", "wordlm_best_valid_ppl"):
+            assert f"{record[key]:.2f}" in results, (path.name, key)
