@@ -17,7 +17,7 @@ from wordlm.export import export_onnx, flatten_state, state_names
 from wordlm.hidden import map_hidden
 from wordlm.model import ModelConfig, RNNModel
 
-ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'wordlm[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: .venv/bin/pip install -e '.[onnx]'")
 onnx = pytest.importorskip("onnx")
 
 

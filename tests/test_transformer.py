@@ -239,7 +239,7 @@ def test_train_kill_resume_generate_evaluate_and_export_on_the_command_line(tmp_
 
 
 def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path):
-    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'wordlm[onnx]'")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: .venv/bin/pip install -e '.[onnx]'")
     from test_export import run_steps_both_ways
 
     from wordlm.export import export_onnx, state_names
