@@ -75,6 +75,13 @@ def cut_corpus(
 
 
 @pytest.fixture(autouse=True)
+def no_columns(monkeypatch) -> None:
+    """Tables are as wide as their content unless a test asks for a width: pytest-xdist's workers have COLUMNS set
+    (80), which the runs table would fit itself to, in-process and in the command lines the tests start."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def corpus_cache(monkeypatch, tmp_path_factory) -> Path:
     """Give every test its own empty corpus cache, and make any download attempt fail at once.
 

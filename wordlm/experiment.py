@@ -13,7 +13,6 @@ import os
 import pprint
 import random
 import re
-import shutil
 import sys
 import time
 from contextlib import nullcontext, redirect_stdout
@@ -329,7 +328,16 @@ def _read_records(runs_dir, runs_db):
     return read_runs_dir(runs_dir or _default_runs_dir())
 
 
-_TERMINAL_COLUMNS = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # before Sacred's capture
+def _terminal_columns() -> int | None:
+    """The width of the terminal stdout is, or None. Asked of the terminal itself: ``shutil.get_terminal_size`` says
+    80 when it cannot tell, and a stream that only claims to be a tty (a test runner's worker) is no terminal."""
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.stdout.isatty() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_TERMINAL_COLUMNS = _terminal_columns()  # before Sacred's capture
 
 
 def _table_width() -> int | None:
