@@ -102,13 +102,10 @@ def env(out: Path, work: Path, seconds: float) -> bool:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
+    """The CPU's name, as the budget records give it (``budget.cpu_name``: this file runs from benchmarks/)."""
+    from budget import cpu_name as budget_cpu_name
+
+    return budget_cpu_name()
 
 
 # ----------------------------------------------------------------------------- corpora
