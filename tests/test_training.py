@@ -76,10 +76,10 @@ class BestEpochs:
     def __init__(self, saved: list) -> None:
         self.saved = saved
 
-    def write_best(self, trainer) -> None:
-        self.saved.append(trainer.state.best_epoch)
+    def write_best(self, training: dict) -> None:
+        self.saved.append(training["state"]["best_epoch"])
 
-    def write_last(self, trainer) -> None:
+    def write_last(self, training: dict) -> None:
         pass
 
 
@@ -172,10 +172,10 @@ def nt_asgd_fit(corpus, lr, epochs, nonmono=1, max_batches=None) -> SimpleNamesp
     class Saved:
         best_weights = None
 
-        def write_best(self, trainer):
-            run.saved.append((trainer.state.best_epoch, [p.detach().clone() for p in parameters]))
+        def write_best(self, training):
+            run.saved.append((training["state"]["best_epoch"], [p.detach().clone() for p in parameters]))
 
-        def write_last(self, trainer):
+        def write_last(self, training):
             pass
 
     reporter = WeightsAtValidation(model)

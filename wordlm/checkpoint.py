@@ -1,7 +1,8 @@
 """Checkpoints as plain data: written atomically, loaded without ever running code from the file.
 
-Lives here: ``save_checkpoint``, ``write_payload``, ``load_checkpoint``, ``model_from_checkpoint``, and the
-``CheckpointKeeper`` of a training run (best, latest and stopped states). Must not import Sacred.
+Lives here: ``save_checkpoint``, ``write_payload``, ``check_checkpoint_file``, ``load_checkpoint``,
+``model_from_checkpoint``, and the ``CheckpointKeeper`` of a training run (best, latest and stopped states) with its
+null object ``NoCheckpoints``. Must not import Sacred, nor the trainer: the trainer hands the keeper plain payloads.
 
 A checkpoint is one ``torch.save`` file holding a dict of tensors, numbers, strings and lists:
 
@@ -31,11 +32,9 @@ from pathlib import Path
 import torch
 
 from wordlm.data import Vocabulary
-from wordlm.distributed import rank_rng_state
 from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
 from wordlm.model import ModelConfig, WordModel, build_model
-from wordlm.training import TrainState, averaging_optimizer, make_optimizer, restore_rng_state
 
 FORMAT_VERSION = 1
 
@@ -224,8 +223,10 @@ def model_from_checkpoint(payload: dict) -> tuple[WordModel, Vocabulary]:
 
 class CheckpointKeeper:
     """The checkpoints of one training run: the best model (``save``), the latest state (``save_last``), the
-    model at a stop before any epoch finished, and the resume from one of them (``restore``). Every rank calls
-    the ``write_*`` methods (they gather each rank's columns and random streams); rank 0 writes.
+    model at a stop before any epoch finished, and the weights of a resumed one (``restore``). It only writes and
+    reads files: the trainer hands it ``training`` payloads (what a resume needs besides the weights: optimizer,
+    ``TrainState`` as a dict, random streams; ``wordlm.training.Trainer.training_payload``), which it stores as
+    given. Every rank calls the ``write_*`` methods with its payload; rank 0 writes.
 
     A failed write is one warning line and leaves the previous file in place: training goes on. The best weights
     are also kept in memory, on the CPU (``best_weights``), for the final test and a reload after a divergence.
@@ -239,36 +240,20 @@ class CheckpointKeeper:
         self.written: tuple[int, int] | None = None  # identity of the file this run last wrote to save ...
         self.written_meta = meta  # ... and the meta it holds
 
-    def restore(self, payload: dict, cfg: dict, modified: set[str]) -> tuple:
-        """Resume from a checkpoint's payload: its weights into the model, its optimizer state, its training state
-        (position, hidden state, lr, history) and random streams, and the best model so far from ``save``.
+    def restore(self, payload: dict, dataset: str, resume: str) -> dict:
+        """Resume from a checkpoint's payload (read from ``resume``): its weights into the model, and the best model
+        so far from ``save`` (``resume_best``). Returns the payload's ``training`` part, for
+        ``wordlm.training.resume_training``.
 
-        Returns:
-            ``(state, optimizer, own_rng)``: the ``TrainState``, the optimizer to go on with, and whether this
-            rank goes on with the random stream it saved (else ``split_rng_streams`` must follow).
+        Raises:
+            UserError: the corpus ``dataset`` is not the one the checkpoint was trained on.
         """
         if payload["vocab"] != self.vocab.idx2word:
-            raise UserError(
-                f"the corpus {cfg['dataset']!r} is not the one {cfg['resume']} was trained on (its vocabulary differs)"
-            )
-        model = self.model
-        model.load_state_dict(payload["model_state"])
-        state = TrainState.from_dict(payload["training"]["state"], next(model.parameters()).device)
-        optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["wdecay"])
-        if cfg["finetune"]:  # a fresh average from the loaded weights, as AWD-LSTM's finetune.py does
-            state.averaging, state.val_history = True, []
-            optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
-        else:
-            if state.averaging:
-                optimizer = averaging_optimizer(model.parameters(), state.lr, cfg["wdecay"])
-            optimizer.load_state_dict(payload["training"]["optimizer"])
-        state.hidden = self.world.take_columns(state.hidden)  # the checkpoint holds every column's state
-        if "lr" in modified:
-            state.lr = cfg["lr"]
-        rng, own_rng = rank_rng_state(payload["training"], self.world)
-        restore_rng_state(rng)
-        self.resume_best(state.best_epoch, ((payload.get("meta") or {}).get("config") or {}).get("save"))
-        return state, optimizer, own_rng
+            raise UserError(f"the corpus {dataset!r} is not the one {resume} was trained on (its vocabulary differs)")
+        self.model.load_state_dict(payload["model_state"])
+        training = payload["training"]
+        self.resume_best(training["state"]["best_epoch"], ((payload.get("meta") or {}).get("config") or {}).get("save"))
+        return training
 
     def resume_best(self, best_epoch: int, previous_save: str | None = None) -> None:
         """A resumed run's best model so far: from ``save``, or else from the ``save`` of the run it resumes (a resume
@@ -293,30 +278,28 @@ class CheckpointKeeper:
                     warn(f"could not write {self.save} ({problem.strerror or problem}); its best model is in {path}")
             return
 
-    def write_best(self, trainer) -> None:
-        """Keep the model as the best so far (it just improved validation), with the state to resume from."""
-        state = trainer.state
+    def write_best(self, training: dict) -> None:
+        """Keep the model as the best so far (it just improved validation), with ``training``, the state to resume
+        from (its ``state`` names the best epoch and loss)."""
+        state = training["state"]
         self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        meta = {**self.meta, "valid_loss": state.best_val_loss, "epoch": state.best_epoch}
-        training = trainer.training_payload()
+        meta = {**self.meta, "valid_loss": state["best_val_loss"], "epoch": state["best_epoch"]}
         if self.world.is_main:
             self.written, self.written_meta = self._write(self.save, meta=meta, training=training), meta
 
-    def write_last(self, trainer) -> None:
+    def write_last(self, training: dict) -> None:
         """Write the latest state, to resume from."""
-        training = trainer.training_payload()
         if self.world.is_main:
-            self._write(self.save_last, meta={**self.meta, "epoch": trainer.state.epoch}, training=training)
+            self._write(self.save_last, meta={**self.meta, "epoch": training["state"]["epoch"]}, training=training)
 
-    def write_stopped(self, trainer) -> None:
+    def write_stopped(self, training: dict) -> None:
         """At a stop: the latest state, and before any epoch finished the current model as ``save`` (to test)."""
-        self.write_last(trainer)
+        self.write_last(training)
         print(f"The latest state is in {self.save_last}: continue with `with resume={self.save_last}`")
         if self.best_weights is None:
             print(f"No epoch finished yet: saving the current model to {self.save} and testing it")
-            stopped_at = trainer.whole_state()
             if self.world.is_main:
-                meta = {**self.meta, "epoch": 0, "interrupted_at": stopped_at}
+                meta = {**self.meta, "epoch": 0, "interrupted_at": training["state"]}
                 self.written, self.written_meta = self._write(self.save, meta=meta), meta
 
     def load_best(self) -> None:
@@ -351,3 +334,22 @@ class CheckpointKeeper:
         except OSError as problem:
             warn(f"could not write {path} ({problem.strerror or problem}); the previous file is kept, training goes on")
             return None
+
+
+class NoCheckpoints:
+    """The keeper of a training that writes no checkpoint (a ``Trainer`` built without one): it keeps nothing."""
+
+    save = None
+    best_weights = None
+
+    def write_best(self, training: dict) -> None:
+        pass
+
+    def write_last(self, training: dict) -> None:
+        pass
+
+    def write_stopped(self, training: dict) -> None:
+        pass
+
+    def load_best(self) -> None:
+        pass

@@ -56,6 +56,7 @@ from wordlm.training import (
     TrainOptions,
     TrainState,
     make_optimizer,
+    resume_training,
 )
 from wordlm.version import __version__
 
@@ -272,8 +273,13 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
             "tensorboard_run": _tensorboard_run(plan, recorder) if world.is_main else None}  # fmt: skip
     keeper = CheckpointKeeper(cfg["save"], cfg["save_last"], model, corpus.vocab, meta, world)
     state, own_rng = TrainState(lr=cfg["lr"]), False  # own_rng: this rank goes on with the stream it saved
+    options = TrainOptions.from_config(cfg)
     if payload is not None:
-        state, optimizer, own_rng = keeper.restore(payload, cfg, plan.given)
+        training = keeper.restore(payload, cfg["dataset"], cfg["resume"])
+        lr = cfg["lr"] if "lr" in plan.given else None  # a resume keeps its lr unless one is given
+        state, optimizer, own_rng = resume_training(
+            training, model, options, lr=lr, finetune=cfg["finetune"], world=world
+        )
         why = f" ({plan.resumed_by})" if plan.resumed_by else ""
         log.info("resumed from %s at epoch %d, batch %d%s", cfg["resume"], state.epoch, state.batch, why)
     if not own_rng:
@@ -297,7 +303,7 @@ def _train_run(plan: RunPlan, recorder: Recorder, log, interactive: bool) -> Tra
     with StopRequests(second_interrupts=world.size == 1, ignore_term_after_error=world.size > 1) as stop:
         trainer = Trainer(
             model, train_data.contiguous().to(device), corpus.valid.to(device), optimizer, state,
-            TrainOptions.from_config(cfg), reporter=reporter, checkpoints=keeper, world=world,
+            options, reporter=reporter, checkpoints=keeper, world=world,
             precision=Precision(cfg["amp"], device.type), network=network, stop=stop, log=log.info,
             end_early=recorder.end_early,
         )  # fmt: skip

@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from wordlm.checkpoint import NoCheckpoints
 from wordlm.data import get_batch
-from wordlm.distributed import SINGLE, World
+from wordlm.distributed import SINGLE, World, rank_rng_state
 from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
 from wordlm.hidden import Hidden, map_hidden
 from wordlm.model import WordModel, detach_hidden, unwrap
+from wordlm.signals import StopRequests
 
 MetricLogger = Callable[[str, float, int], None]
 BatchHook = Callable[[], None]
@@ -372,6 +374,7 @@ class TrainOptions:
     variable_bptt: bool = False
     nonmono: int | None = None  # NT-ASGD's patience, in epochs (None: no switch to averaging)
     wdecay: float = 0.0
+    optimizer: str = "sgd"  # the optimizer a resume rebuilds: "sgd", "adam" or "adamw" (``make_optimizer``)
     on_divergence: str = "stop"  # or "reload": the best model, lr / 4
     checkpoint_every: float | None = None  # minutes between writes of the latest state within an epoch
     anneal: float = 4.0  # without lr_decay, lr / anneal after an epoch that did not improve (the classic example)
@@ -409,27 +412,31 @@ class Trainer:
       and divides the lr by 4 (at most ``MAX_RELOADS`` times);
     - stop requests: a signal to any rank stops every rank at the same batch (``KeyboardInterrupt``), ``state``
       telling where training stood;
-    - checkpoints (``checkpoints``, a ``wordlm.checkpoint.CheckpointKeeper``): the best model when validation
-      improves, the latest state after each epoch and every ``checkpoint_every`` minutes;
+    - checkpoints: it hands ``checkpoints`` (a ``wordlm.checkpoint.CheckpointKeeper``; by default
+      ``NoCheckpoints``, which keeps nothing) the state to write (``training_payload``) when validation improves,
+      after each epoch and every ``checkpoint_every`` minutes;
     - ending early: ``end_early``, asked after each validated epoch that leaves more to train, may give a reason
       (a sweep's pruner: ``wordlm.sweeps``) to end training there, as after the last epoch.
 
     In a ``world`` of several processes ``network`` is the DistributedDataParallel wrapper (``model`` the model
     inside it), ``train_data`` this rank's block of columns, and every rank sees the same losses, so all take
-    the same decisions. ``network`` may also be ``torch.compile``'s wrapper.
+    the same decisions. ``network`` may also be ``torch.compile``'s wrapper. ``stop`` is the ``StopRequests`` whose
+    handlers are installed (by default one that is not: no signal reaches it).
     """
 
     def __init__(
         self, model: WordModel, train_data: torch.Tensor, valid_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
         state: TrainState, options: TrainOptions, *, reporter: Reporter | None = None, checkpoints=None,
         world: World = SINGLE, precision: Precision = FLOAT32, network: torch.nn.Module | None = None,
-        stop=None, log: Callable[..., None] | None = None, end_early: Callable[[], str | None] | None = None,
+        stop: StopRequests | None = None, log: Callable[..., None] | None = None,
+        end_early: Callable[[], str | None] = lambda: None,
     ) -> None:  # fmt: skip
         self.model, self.network = model, network if network is not None else model
         self.train_data, self.valid_ids = train_data, valid_ids
         self.optimizer, self.state, self.options = optimizer, state, options
         self.reporter = reporter or Reporter()
-        self.checkpoints, self.world, self.precision, self.stop = checkpoints, world, precision, stop
+        self.checkpoints = checkpoints or NoCheckpoints()
+        self.world, self.precision, self.stop = world, precision, stop or StopRequests()
         self.log = log or (lambda *args: None)
         self._last_write = time.monotonic()
         self.budget_spent = False  # whether the time budget ended training
@@ -461,7 +468,7 @@ class Trainer:
                 self._end_early()
             train_seconds = time.perf_counter() - start
             with averaged_weights(self.optimizer):  # NT-ASGD: validation and the best model see the average
-                with self.stop.immediate() if self.stop is not None and self.world.size == 1 else nullcontext():
+                with self.stop.immediate() if self.world.size == 1 else nullcontext():
                     valid_start = time.perf_counter()
                     val_loss, _ = evaluate_loss(self.network, self.valid_ids, options.eval_batch_size, options.bptt,
                                                 self.world)  # fmt: skip
@@ -469,15 +476,14 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 self.reporter.epoch_end(state, seconds, val_loss, (state.tokens_seen - tokens_before) / train_seconds)
                 improved = self.end_epoch(val_loss)
-                if self.end_early is not None and state.epoch <= options.epochs and not self.budget_spent:
+                if state.epoch <= options.epochs and not self.budget_spent:
                     self.ended_early = self.end_early()
                     if self.ended_early:
                         self.reporter.write(f"| training ends after epoch {state.epoch - 1}: {self.ended_early} |")
                 state.finished = state.epoch > options.epochs or self.budget_spent or bool(self.ended_early)
-                if improved and self.checkpoints is not None:
-                    self.checkpoints.write_best(self)  # with the next epoch's start: it resumes like save_last
-            if self.checkpoints is not None:
-                self.checkpoints.write_last(self)
+                if improved:
+                    self.checkpoints.write_best(self.training_payload())  # the next epoch's start: resumes as save_last
+            self.checkpoints.write_last(self.training_payload())
         return state
 
     def end_epoch(self, val_loss: float) -> bool:
@@ -511,7 +517,7 @@ class Trainer:
     def recover(self, divergence: Diverged) -> None:
         """After a NaN/inf loss: reload the best model at lr / 4 (``on_divergence="reload"``), else one line."""
         state, keeper = self.state, self.checkpoints
-        best = keeper.best_weights if keeper is not None else None
+        best = keeper.best_weights
         if self.options.on_divergence == "stop" or best is None or state.divergences >= MAX_RELOADS:
             kept = f"{keeper.save} keeps the best model (epoch {state.best_epoch})" if best else "no model was saved"
             if self.options.on_divergence == "stop":
@@ -533,10 +539,9 @@ class Trainer:
         on values all ranks agree on."""
         every = self.options.checkpoint_every
         due = every is not None and time.monotonic() - self._last_write >= 60 * every
-        requested = self.stop.requested if self.stop is not None else None
         started, seconds, _ = self._clock
         signum, due, milliseconds = self.world.agree(
-            requested or 0, due, round(1000 * (seconds + time.perf_counter() - started))
+            self.stop.requested or 0, due, round(1000 * (seconds + time.perf_counter() - started))
         )
         self.state.seconds = milliseconds / 1000  # every rank's clock alike: the budget and lr follow it
         if signum:  # a signal landing after the agreement waits for the next batch
@@ -545,8 +550,8 @@ class Trainer:
         left = self._budget_left()
         if left is not None and left <= self._validation_estimate():
             raise _BudgetSpent
-        if due and self.checkpoints is not None:
-            self.checkpoints.write_last(self)
+        if due:
+            self.checkpoints.write_last(self.training_payload())
         if self.options.lr_schedule:
             self._schedule_lr()
 
@@ -602,19 +607,17 @@ class Trainer:
         """``fit``, with stop requests taken at batch boundaries. A stop ends training with the latest state
         written (and, before any epoch finished, the current model as the best). Returns whether it stopped."""
         try:
-            with self.stop.deferred() if self.stop is not None else nullcontext():
+            with self.stop.deferred():
                 self.fit()
             return False
         except KeyboardInterrupt:
             self.reporter.close()
-            how = f" by {self.stop.name}" if self.stop is not None and self.stop.name else ""
+            how = f" by {self.stop.name}" if self.stop.name else ""
             self.reporter.write("-" * 89)
             self.reporter.write(
                 f"Exiting from training early{how} (epoch {self.state.epoch}, batch {self.state.batch})"
             )
-            if self.checkpoints is None:
-                raise
-            self.checkpoints.write_stopped(self)
+            self.checkpoints.write_stopped(self.training_payload())
             return True
 
     def whole_state(self) -> dict:
@@ -622,8 +625,38 @@ class Trainer:
         return dataclasses.replace(self.state, hidden=self.world.gather_columns(self.state.hidden)).to_dict()
 
     def training_payload(self) -> dict:
-        """What a resume needs besides the weights: optimizer, state, every rank's RNG states (a collective)."""
+        """What a resume needs besides the weights, as plain data for the checkpoint keeper: optimizer, state, every
+        rank's RNG states (a collective)."""
         self._last_write = time.monotonic()
         rng = self.world.gather_data(capture_rng_state())
         by_rank = {"rng_by_rank": rng} if self.world.size > 1 else {}
         return {"optimizer": self.optimizer.state_dict(), "state": self.whole_state(), "rng": rng[0], **by_rank}
+
+
+def resume_training(
+    training: dict, model: WordModel, options: TrainOptions, *, lr: float | None, finetune: bool, world: World = SINGLE
+) -> tuple[TrainState, torch.optim.Optimizer, bool]:
+    """Where a checkpoint's ``training`` payload left off: its ``TrainState`` (this rank's columns of the hidden
+    state), the optimizer to go on with (with its saved state; with ``finetune``, a fresh average from the loaded
+    weights, as AWD-LSTM's finetune.py does), and the random streams. ``lr``, when given, replaces the saved one.
+
+    Returns:
+        ``(state, optimizer, own_rng)``: whether this rank goes on with the random stream it saved (else
+        ``split_rng_streams`` must follow).
+    """
+    state = TrainState.from_dict(training["state"], next(model.parameters()).device)
+    if finetune:
+        state.averaging, state.val_history = True, []
+        optimizer = averaging_optimizer(model.parameters(), state.lr, options.wdecay)
+    else:
+        if state.averaging:
+            optimizer = averaging_optimizer(model.parameters(), state.lr, options.wdecay)
+        else:
+            optimizer = make_optimizer(options.optimizer, model.parameters(), state.lr, options.wdecay)
+        optimizer.load_state_dict(training["optimizer"])
+    state.hidden = world.take_columns(state.hidden)  # the checkpoint holds every column's state
+    if lr is not None:
+        state.lr = lr
+    rng, own_rng = rank_rng_state(training, world)
+    restore_rng_state(rng)
+    return state, optimizer, own_rng
