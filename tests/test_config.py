@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wordlm.config import PRESETS, defaults, make_config, resumed_config, validate_training_config
+from wordlm.config import PRESETS, build_model_config, defaults, make_config, resumed_config, validate_training_config
 from wordlm.errors import UserError
 
 
@@ -36,7 +36,8 @@ def test_a_derived_key_follows_a_pinned_one_unless_pinned_itself():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_is_a_valid_training_config_with_a_buildable_model(name):
     cfg, _ = make_config(name)
-    model = validate_training_config(cfg)
+    assert validate_training_config(cfg) is None
+    model = build_model_config(100_000, cfg)
     assert (model.emsize, model.nhid, model.nlayers) == (cfg["emsize"], cfg["nhid"], cfg["nlayers"])
 
 

@@ -201,8 +201,10 @@ def did_you_mean(key: str, known) -> str:
     return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
-def validate_training_config(cfg: dict) -> ModelConfig:
-    """Check every training key where it enters; one line naming the key, value and what is allowed."""
+def validate_training_config(cfg: dict) -> None:
+    """Check every training key where it enters; one line naming the key, value and what is allowed. The model's
+    keys are checked as far as they can be without the corpus: that the adaptive softmax's cutoffs fall inside
+    the vocabulary is checked once its size is known (``build_model_config``)."""
     for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
         check_positive_int(key, cfg[key])
     check_positive_int("max_batches", cfg["max_batches"], allow_none=True)
@@ -246,7 +248,7 @@ def validate_training_config(cfg: dict) -> ModelConfig:
             raise UserError(f"{key}={cfg[key]!r} must be True or False")
     if problem := amp_problem(cfg["amp"]):
         raise UserError(problem)
-    return build_model_config(sys.maxsize, cfg)  # the vocabulary's size is checked once it is known
+    build_model_config(sys.maxsize, cfg)  # any vocabulary size: the real one is checked once it is known
 
 
 def _either(names) -> str:
