@@ -7,18 +7,35 @@ Scores the checkpoint on the valid and test splits of ``--dataset`` three ways, 
 same keys): plainly; with the continuous cache pointer (Grave, Joulin & Usunier 2017: ``cache_window``,
 ``cache_theta``, ``cache_lambda``); and with dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018, SGD
 variant: ``dynamic_lr``, ``dynamic_decay``). As both papers do, each method's parameters are chosen on the
-validation split only, by a coordinate search over a small grid (each grid point is one pass over valid: each
-coordinate in turn is swept over its grid with the others held at their best so far: 7 passes a method with
-the default grids), and the best setting of each is then run once on test. Every pass is timed.
+validation split only, by a coordinate search over a small grid (each coordinate in turn is swept over its grid
+with the others held at their best so far: 7 grid points a method with the default grids), and the best setting
+of each is then run once on test. Every pass is timed.
+
+A dynamic evaluation grid point is a pass over valid at batch 1, model and gradient steps (minutes for a 2x650
+LSTM on WikiText-2). The cache pointer's model pass does not depend on its window, θ or λ, so it runs once a
+split (``wordlm.evaluation.cache_pointer_states``: the top-layer states and the model's log-probabilities) and
+each cache grid point only mixes in the cache (``cache_mixed_loss``: products of each state with the window's
+before it, no model): the same floats as evaluate's ``cache_pointer_loss``, which is these two halves.
+
+Options beside the required ``--checkpoint``, ``--dataset`` and ``--record``: ``--windows 500,1000,2000`` sets the
+cache windows tried; ``--dynamic-lr 0.3,1,3`` (or ``--lrs``) and ``--dynamic-decay 0,0.01`` set dynamic
+evaluation's grid (lrs above 0, decays from 0 to 1); ``--skip-cache`` and ``--skip-dynamic`` leave a method out
+(its record fields are then written as null, so that no figure of an earlier run stands beside this run's);
+``--quick`` shrinks the grids to two points a coordinate (for tests); ``--device``, ``--eval-batch-size`` and
+``--bptt`` are evaluate's.
 
 The record named by ``--record`` (a JSON object; created if missing, its other fields kept) gains
 ``test_ppl_plain``, ``valid_ppl_plain``, ``test_ppl_cache``, ``valid_ppl_cache``, ``cache_params``,
-``cache_seconds_test``, ``test_ppl_dynamic_eval``, ``valid_ppl_dynamic_eval``, ``dynamic_eval_params``,
-``dynamic_eval_seconds_test``, ``adapt_tuning_seconds`` (all the valid passes of both searches),
-``adapt_command``, ``adapt_cpu``, ``adapt_threads``, and beside them ``plain_seconds_test``, ``adapt_grid``
-(every valid pass: method, parameters, perplexity, seconds), ``adapt_grid_edges`` (chosen values that end
-their grid, where a wider one might do better), ``adapt_checkpoint``, ``adapt_dataset``, ``adapt_device``,
-``adapt_torch`` and ``adapt_commit``. ``--quick`` shrinks the grids to two points a coordinate (for tests).
+``cache_seconds_test`` (the whole cache evaluation of test: its model pass and the mixing),
+``test_ppl_dynamic_eval``, ``valid_ppl_dynamic_eval``, ``dynamic_eval_params``, ``dynamic_eval_seconds_test``,
+``adapt_tuning_seconds`` (all the valid passes of both searches, the cache's one model pass over valid included),
+``adapt_command``, ``adapt_cpu``, ``adapt_threads``, and beside them ``plain_seconds_test``,
+``cache_states_seconds_valid`` and ``cache_states_seconds_test`` (the cache's one model pass over each split;
+the test one is part of ``cache_seconds_test``), ``adapt_grid`` (every valid grid point: method, parameters,
+perplexity, seconds; a cache point's seconds are its mixing alone, the model pass being
+``cache_states_seconds_valid``), ``adapt_grid_edges`` (chosen values that end their grid, where a wider one might
+do better), ``adapt_skipped`` (the methods left out: ``cache``, ``dynamic_eval``), ``adapt_checkpoint``,
+``adapt_dataset``, ``adapt_device``, ``adapt_torch`` and ``adapt_commit``.
 """
 
 from __future__ import annotations
@@ -42,7 +59,13 @@ from budget import commit, cpu_name  # noqa: E402  (benchmarks/ is on the path: 
 import wordlm  # noqa: E402
 from wordlm.corpora import resolve_dataset  # noqa: E402
 from wordlm.errors import UserError  # noqa: E402
-from wordlm.evaluation import evaluate_text, perplexity  # noqa: E402
+from wordlm.evaluation import (  # noqa: E402
+    cache_mixed_loss,
+    cache_pointer_states,
+    check_evaluation_options,
+    evaluate_text,
+    perplexity,
+)
 
 # Grave et al. used a window of 500 on PTB and 2000 on WikiText-2 for their LSTM; AWD-LSTM's pointer.py used
 # θ 1.0, λ 0.1 on PTB and θ 0.662, λ 0.128 on WikiText-2 (evaluate's defaults). Each search starts at ``start``.
@@ -90,16 +113,41 @@ def coordinate_search(
 
 
 class Scorer:
-    """Runs ``evaluate_text`` on one split, as ``main.py evaluate`` does, timing each pass."""
+    """Scores one split as ``main.py evaluate`` does, timing each pass: ``evaluate_text``, or the cache pointer as
+    its two halves (``cache_states`` once, then ``cache`` a setting), which give ``evaluate_text``'s floats."""
 
     def __init__(self, lm: wordlm.LanguageModel, ids: torch.Tensor, eval_batch_size: int, bptt: int) -> None:
         self.lm, self.ids, self.keys = lm, ids, {"eval_batch_size": eval_batch_size, "bptt": bptt}
+        self.cache_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, **options) -> tuple[float, float]:
         """Perplexity and seconds of one pass with ``options`` (evaluate's cache and dynamic evaluation keys)."""
         started = time.perf_counter()
         loss, _, _ = evaluate_text(self.lm.model, self.ids, **self.keys, **options)
         return perplexity(loss), time.perf_counter() - started
+
+    def cache_states(self) -> float:
+        """Run the cache pointer's model pass over the split (at evaluate's chunk) and keep what it gives; its
+        seconds."""
+        started = time.perf_counter()
+        self.cache_inputs = cache_pointer_states(self.lm.model, self.ids)
+        if self.ids.is_cuda:  # the pass's kernels are timed here, not in the first mixing
+            torch.cuda.synchronize(self.ids.device)
+        return time.perf_counter() - started
+
+    def cache(self, cache_window: int, cache_theta: float, cache_lambda: float) -> tuple[float, float]:
+        """Perplexity and seconds of the cache pointer with these keys, from ``cache_states``' pass: the mixing
+        alone, no model pass."""
+        check_evaluation_options(**self.keys, cache_window=cache_window, cache_theta=cache_theta,
+                                 cache_lambda=cache_lambda, dynamic_lr=0.0, dynamic_decay=0.0)  # fmt: skip
+        assert self.cache_inputs is not None, "cache_states first"
+        started = time.perf_counter()
+        loss, _ = cache_mixed_loss(*self.cache_inputs, cache_window, cache_theta, cache_lambda)
+        return perplexity(loss), time.perf_counter() - started
+
+    def drop_cache_states(self) -> None:
+        """Free ``cache_states``' tensors (N x H floats: hundreds of MB on a large split)."""
+        self.cache_inputs = None
 
 
 def read_record(path: Path) -> dict:
@@ -150,7 +198,8 @@ def parse_values(text: str | None, kind: type) -> list | None:
 
 
 def grids(args) -> tuple[dict, dict, dict, dict]:
-    """The cache's and dynamic evaluation's grids and starting points, with ``--windows``/``--lrs`` applied."""
+    """The cache's and dynamic evaluation's grids and starting points, with ``--windows``, ``--dynamic-lr`` and
+    ``--dynamic-decay`` applied."""
     if args.quick:
         cache, cache_start = dict(QUICK_CACHE_GRID), dict(QUICK_CACHE_START)
         dynamic, dynamic_start = dict(QUICK_DYNAMIC_GRID), dict(QUICK_DYNAMIC_START)
@@ -158,14 +207,20 @@ def grids(args) -> tuple[dict, dict, dict, dict]:
         cache, cache_start = dict(CACHE_GRID), dict(CACHE_START)
         dynamic, dynamic_start = dict(DYNAMIC_GRID), dict(DYNAMIC_START)
     windows, lrs = parse_values(args.windows, int), parse_values(args.lrs, float)
+    decays = parse_values(args.decays, float)
     if windows:
         if 0 in windows:
             raise UserError("--windows: a window of 0 is no cache; give windows of 1 or more words")
         cache["cache_window"], cache_start["cache_window"] = windows, windows[0]
     if lrs:
         if 0 in lrs:
-            raise UserError("--lrs: an lr of 0 is no dynamic evaluation; give positive values")
+            raise UserError("--dynamic-lr: an lr of 0 is no dynamic evaluation; give positive values")
         dynamic["dynamic_lr"], dynamic_start["dynamic_lr"] = lrs, lrs[len(lrs) // 2]
+    if decays:
+        if decays[-1] > 1:
+            raise UserError(f"--dynamic-decay: {decays[-1]:g} is more than the whole way back to the trained "
+                            "weights; give fractions from 0 to 1")  # fmt: skip
+        dynamic["dynamic_decay"], dynamic_start["dynamic_decay"] = decays, decays[0]
     return cache, cache_start, dynamic, dynamic_start
 
 
@@ -190,7 +245,12 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=10, help="plain evaluation's columns (evaluate's)")
     parser.add_argument("--bptt", type=int, default=35, help="dynamic evaluation's segment length (evaluate's)")
     parser.add_argument("--windows", help="cache windows to try, e.g. 500,1000,2000 (instead of the grid's)")
-    parser.add_argument("--lrs", help="dynamic evaluation lrs to try, e.g. 0.3,1,3 (instead of the grid's)")
+    parser.add_argument("--dynamic-lr", "--lrs", dest="lrs",
+                        help="dynamic evaluation lrs to try, e.g. 0.3,1,3 (instead of the grid's)")  # fmt: skip
+    parser.add_argument("--dynamic-decay", dest="decays",
+                        help="dynamic evaluation decays to try, e.g. 0,0.01 (instead of the grid's)")  # fmt: skip
+    parser.add_argument("--skip-cache", action="store_true", help="leave the cache pointer out")
+    parser.add_argument("--skip-dynamic", action="store_true", help="leave dynamic evaluation out (the slow one)")
     args = parser.parse_args()
     try:
         run(args)
@@ -227,39 +287,67 @@ def run(args) -> None:
 
     passes = []
 
-    def on_valid(method: str) -> Callable[[dict], float]:
+    def on_valid(method: str, scorer: Callable[..., tuple[float, float]]) -> Callable[[dict], float]:
         def score(params: dict) -> float:
-            ppl, seconds = valid(**params)
+            ppl, seconds = scorer(**params)
             passes.append({"method": method, "params": params, "valid_ppl": ppl, "seconds": round(seconds, 2)})
             print(f"  valid | {method} | {show(params)} | ppl {ppl:.2f} | {seconds:.1f} s", flush=True)
             return ppl
 
         return score
 
+    skipped = [method for method, skip in (("cache", args.skip_cache), ("dynamic_eval", args.skip_dynamic)) if skip]
+    cache_fields = dict.fromkeys(("test_ppl_cache", "valid_ppl_cache", "cache_params", "cache_seconds_test",
+                                  "cache_states_seconds_valid", "cache_states_seconds_test"))  # fmt: skip
+    dynamic_fields = dict.fromkeys(("test_ppl_dynamic_eval", "valid_ppl_dynamic_eval", "dynamic_eval_params",
+                                    "dynamic_eval_seconds_test"))  # fmt: skip
+    rows = [("plain", "", valid_plain, test_plain, test_plain_seconds)]
+    edges = []
     tuning_started = time.perf_counter()
-    cache_params, valid_cache = coordinate_search(cache_grid, cache_start, on_valid("cache"))
-    cache_params = {name: cache_params[name] for name in ("cache_window", "cache_theta", "cache_lambda")}
-    dynamic_params, valid_dynamic = coordinate_search(dynamic_grid, dynamic_start, on_valid("dynamic_eval"))
+    if not args.skip_cache:
+        states_seconds_valid = valid.cache_states()
+        print(f"  valid | cache | the model's pass (states, log-probabilities), once | {states_seconds_valid:.1f} s",
+              flush=True)  # fmt: skip
+        cache_params, valid_cache = coordinate_search(cache_grid, cache_start, on_valid("cache", valid.cache))
+        cache_params = {name: cache_params[name] for name in ("cache_window", "cache_theta", "cache_lambda")}
+        valid.drop_cache_states()
+        edges += at_edges(cache_params, cache_grid)
+    if not args.skip_dynamic:
+        dynamic_params, valid_dynamic = coordinate_search(dynamic_grid, dynamic_start, on_valid("dynamic_eval", valid))
+        edges += at_edges(dynamic_params, dynamic_grid)
     tuning_seconds = time.perf_counter() - tuning_started
-    edges = at_edges(cache_params, cache_grid) + at_edges(dynamic_params, dynamic_grid)
     if edges:
-        print(f"note: best at the end of its grid: {', '.join(edges)}; a wider grid may do better (--windows and "
-              "--lrs widen two of them)", flush=True)  # fmt: skip
-    test_cache, cache_seconds = test(**cache_params)
-    test_dynamic, dynamic_seconds = test(**dynamic_params)
+        print(f"note: best at the end of its grid: {', '.join(edges)}; a wider grid may do better (--windows, "
+              "--dynamic-lr and --dynamic-decay set three of them)", flush=True)  # fmt: skip
+    if not args.skip_cache:
+        states_seconds_test = test.cache_states()
+        test_cache, mix_seconds = test.cache(**cache_params)
+        test.drop_cache_states()
+        cache_seconds = states_seconds_test + mix_seconds
+        cache_fields = {
+            "test_ppl_cache": test_cache, "valid_ppl_cache": valid_cache,
+            "cache_params": {name: cache_params[f"cache_{name}"] for name in ("window", "theta", "lambda")},
+            "cache_seconds_test": round(cache_seconds, 2),
+            "cache_states_seconds_valid": round(states_seconds_valid, 2),
+            "cache_states_seconds_test": round(states_seconds_test, 2),
+        }  # fmt: skip
+        rows.append(("cache pointer", show(cache_params), valid_cache, test_cache, cache_seconds))
+    if not args.skip_dynamic:
+        test_dynamic, dynamic_seconds = test(**dynamic_params)
+        dynamic_fields = {
+            "test_ppl_dynamic_eval": test_dynamic, "valid_ppl_dynamic_eval": valid_dynamic,
+            "dynamic_eval_params": {**{name.split("_", 1)[1]: value for name, value in dynamic_params.items()},
+                                    "bptt": args.bptt},
+            "dynamic_eval_seconds_test": round(dynamic_seconds, 2),
+        }  # fmt: skip
+        rows.append(("dynamic evaluation", show(dynamic_params), valid_dynamic, test_dynamic, dynamic_seconds))
 
     record.update({
         "test_ppl_plain": test_plain, "valid_ppl_plain": valid_plain,
         "plain_seconds_test": round(test_plain_seconds, 2),
-        "test_ppl_cache": test_cache, "valid_ppl_cache": valid_cache,
-        "cache_params": {name: cache_params[f"cache_{name}"] for name in ("window", "theta", "lambda")},
-        "cache_seconds_test": round(cache_seconds, 2),
-        "test_ppl_dynamic_eval": test_dynamic, "valid_ppl_dynamic_eval": valid_dynamic,
-        "dynamic_eval_params": {**{name.split("_", 1)[1]: value for name, value in dynamic_params.items()},
-                                "bptt": args.bptt},
-        "dynamic_eval_seconds_test": round(dynamic_seconds, 2),
+        **cache_fields, **dynamic_fields,
         "adapt_tuning_seconds": round(tuning_seconds, 1), "adapt_grid": passes,
-        "adapt_grid_edges": edges,
+        "adapt_grid_edges": edges, "adapt_skipped": skipped,
         "adapt_checkpoint": str(args.checkpoint), "adapt_dataset": args.dataset,
         "adapt_command": shlex.join(["python", "benchmarks/adapt.py", *sys.argv[1:]]),
         "adapt_cpu": cpu_name(), "adapt_threads": torch.get_num_threads(), "adapt_device": str(lm.device),
@@ -267,15 +355,11 @@ def run(args) -> None:
     })  # fmt: skip
     write_record(record_path, record)
 
-    rows = [
-        ("plain", "", valid_plain, test_plain, test_plain_seconds),
-        ("cache pointer", show(cache_params), valid_cache, test_cache, cache_seconds),
-        ("dynamic evaluation", show(dynamic_params), valid_dynamic, test_dynamic, dynamic_seconds),
-    ]
     print(f"{'method':<19} {'parameters (tuned on valid)':<34} {'valid':>8} {'test':>8} {'test s':>8}")
     for method, params, valid_ppl, test_ppl, seconds in rows:
         print(f"{method:<19} {params:<34} {valid_ppl:8.2f} {test_ppl:8.2f} {seconds:8.1f}")
-    print(f"tuning: {len(passes)} valid passes, {tuning_seconds:.1f} s; record in {record_path}", flush=True)
+    once = "" if args.skip_cache else " (the cache's model pass over valid included)"
+    print(f"tuning: {len(passes)} valid grid points, {tuning_seconds:.1f} s{once}; record in {record_path}", flush=True)
 
 
 if __name__ == "__main__":

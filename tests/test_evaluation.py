@@ -12,16 +12,19 @@ from wordlm import evaluation
 from wordlm.data import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.evaluation import (
+    cache_mixed_loss,
     cache_pointer_loss,
+    cache_pointer_states,
     dynamic_evaluation_loss,
     eval_chunk_tokens,
     evaluate_loss,
     evaluate_text,
     perplexity,
     score_lines,
+    target_chunks,
     target_log_probs,
 )
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.model import ModelConfig, RNNModel, unwrap
 
 # Blank line, a word the vocabulary lacks (-> <unk>), and lines of different lengths.
 TEXT = "the cat sat\n\non the mat with a hat\nthe zebra sat\na cat\n"
@@ -202,6 +205,59 @@ def test_cache_matches_its_definition_token_by_token():
         p_cache = sum(w.item() for w, i in zip(weights, cached) if targets[i] == targets[t])
         total -= math.log((1 - lambdah) * p_model + lambdah * p_cache)
     assert loss == pytest.approx(total / targets.numel(), rel=1e-6)
+
+
+@torch.inference_mode()
+def one_pass_cache_pointer_loss(model, ids, window, theta, lambdah, chunk=500):
+    """cache_pointer_loss as it was before its split into cache_pointer_states and cache_mixed_loss: model and
+    cache in one walk. Kept as it was, so that the split is held to the same floats."""
+    model = unwrap(model)
+    memory_states = ids.new_empty(0, dtype=torch.float32)  # (≤window, H)
+    memory_words = ids.new_empty(0)  # (≤window,) the word that followed each cached state
+    total, count = 0.0, 0
+    for features, targets, _ in target_chunks(model, ids, 1, tokens=chunk):
+        states, targets = features.squeeze(1), targets.squeeze(1)  # (T, H), (T,)
+        log_model = torch.log_softmax(model.decoder.scores(states).double(), dim=-1)  # (T, V)
+        model_log_prob = log_model.gather(1, targets.view(-1, 1)).squeeze(1)  # (T,)
+        if window > 0 and lambdah > 0:
+            keys = torch.cat([memory_states, states])  # (M + T, H): cache, then this chunk
+            words = torch.cat([memory_words, targets])
+            steps = torch.arange(states.size(0), device=ids.device)
+            positions = torch.arange(keys.size(0), device=ids.device) - memory_states.size(0)
+            visible = (positions[None, :] < steps[:, None]) & (positions[None, :] >= steps[:, None] - window)
+            scores = (theta * states.double() @ keys.double().t()).masked_fill(~visible, -math.inf)  # (T, M+T)
+            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            cache_prob = (weights * (words[None, :] == targets[:, None])).sum(-1)  # (T,)
+            has_cache = visible.any(-1)
+            mixed = (1 - lambdah) * model_log_prob.exp() + lambdah * cache_prob
+            log_prob = torch.where(has_cache, mixed.log(), model_log_prob)
+            memory_states, memory_words = keys[-window:], words[-window:]
+        else:
+            log_prob = model_log_prob
+        total -= log_prob.sum().item()
+        count += targets.numel()
+    return total / count, count
+
+
+@pytest.mark.parametrize("decoder", [{}, {"tied": False, "adaptive_softmax": (10,)}], ids=["full", "adaptive"])
+def test_one_model_pass_serves_every_cache_setting_with_the_one_pass_floats(decoder):
+    """cache_pointer_states once, then cache_mixed_loss per setting: the floats of the model-and-cache walk
+    bit for bit, whatever the window (none, shorter than a chunk, across chunks, past the text's end), θ and λ."""
+    torch.manual_seed(5)
+    model = RNNModel(ModelConfig(ntoken=20, emsize=8, nhid=8, nlayers=1, **decoder)).eval()
+    ids = torch.cat([torch.randint(20, (90,))] * 3 + [torch.randint(20, (31,))])  # 301 tokens, some repeats
+    settings = [(0, 1.0, 0.3), (17, 3.0, 0.0), (1, 0.5, 0.2), (17, 3.0, 0.4), (64, 0.662, 0.1279),
+                (300, 1.0, 0.25), (5000, 0.3, 0.9), (40, 0.0, 1.0)]  # fmt: skip
+    for chunk in (23, 64, 500):  # 500: the whole text in one chunk
+        states, log_probs, targets = cache_pointer_states(model, ids, chunk)
+        assert states.shape == (300, 8) and log_probs.dtype == torch.float64 and torch.equal(targets, ids[1:])
+        for window, theta, lambdah in settings:
+            expected = one_pass_cache_pointer_loss(model, ids, window, theta, lambdah, chunk)
+            assert cache_mixed_loss(states, log_probs, targets, window, theta, lambdah, chunk) == expected
+            assert cache_pointer_loss(model, ids, window, theta, lambdah, chunk) == expected
+    cached = cache_pointer_loss(model, ids, 200, 1.0, 0.3)  # the default chunk
+    assert cached == one_pass_cache_pointer_loss(model, ids, 200, 1.0, 0.3)
+    assert cached[0] < one_pass_cache_pointer_loss(model, ids, 0, 1.0, 0.0)[0]  # the copy 90 words back is in reach
 
 
 def test_dynamic_evaluation_with_lr_zero_is_plain_evaluation_and_adapts_otherwise():

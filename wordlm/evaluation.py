@@ -2,7 +2,8 @@
 
 Lives here: ``perplexity``, ``eval_chunk_tokens``, ``target_chunks`` (the one walk over a text that makes every
 token but the first a target exactly once), ``evaluate_loss``, ``target_log_probs``, ``tokenize_for_scoring``,
-``score_lines``, ``cache_pointer_loss``, ``dynamic_evaluation_loss``, ``check_evaluation_options`` and
+``score_lines``, ``cache_pointer_loss`` (``cache_pointer_states``, the model's one pass, then
+``cache_mixed_loss``, the cache for one setting), ``dynamic_evaluation_loss``, ``check_evaluation_options`` and
 ``evaluate_text`` (what ``main.py evaluate`` computes). Must not import Sacred: every knob is an argument.
 
 Every scorer here is a consumer of ``target_chunks``: the plain loss sums the fused decoder's negative
@@ -189,6 +190,84 @@ def score_lines(ids: torch.Tensor, log_probs: torch.Tensor, eos_id: int) -> list
 
 
 @torch.inference_mode()
+def cache_pointer_states(
+    model: WordModel, ids: torch.Tensor, chunk: int = 500
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the cache pointer reads of the model: one pass over ``ids`` (N,) as one stream (batch 1).
+
+    None of it depends on the cache's window, θ or λ, so one pass serves any number of settings
+    (``cache_mixed_loss``). The text is walked by ``target_chunks``, ``chunk`` tokens a model call, and each
+    target's log-probability is the float64 log-softmax of ``model.decoder.scores`` of its state, gathered at
+    the target. ``cache_mixed_loss`` given the same ``chunk`` returns ``cache_pointer_loss``'s float exactly.
+
+    Returns:
+        ``(states, log_probs, targets)``: the top-layer states (N-1, H) in the model's dtype, the model's
+        float64 log-probability of each target (N-1,), and the targets (N-1,), ``ids[1:]``; all on ``ids``'
+        device. Row ``i`` of each is the step that predicts ``ids[i + 1]``.
+    """
+    model = unwrap(model)
+    states, log_probs, targets = [], [], []
+    for features, chunk_targets, _ in target_chunks(model, ids, 1, tokens=chunk):
+        chunk_states, chunk_targets = features.squeeze(1), chunk_targets.squeeze(1)  # (T, H), (T,)
+        log_model = torch.log_softmax(model.decoder.scores(chunk_states).double(), dim=-1)  # (T, V)
+        log_probs.append(log_model.gather(1, chunk_targets.view(-1, 1)).squeeze(1))  # (T,)
+        states.append(chunk_states)
+        targets.append(chunk_targets)
+    if not states:  # fewer than two tokens: nothing to predict
+        return ids.new_empty(0, 0, dtype=torch.float32), ids.new_empty(0, dtype=torch.float64), ids.new_empty(0)
+    return torch.cat(states), torch.cat(log_probs), torch.cat(targets)
+
+
+@torch.inference_mode()
+def cache_mixed_loss(
+    states: torch.Tensor, log_probs: torch.Tensor, targets: torch.Tensor, window: int, theta: float,
+    lambdah: float, chunk: int = 500,
+) -> tuple[float, int]:  # fmt: skip
+    """Mean loss with the continuous cache pointer, from what ``cache_pointer_states`` returned.
+
+    Reads ``chunk`` targets at a time, in text order, each scored from the cache of the ``window`` states
+    before it (see ``cache_pointer_loss``); the score matrix is float64. No model runs here, so tuning the
+    window, θ and λ costs one model pass in all, not one a setting.
+
+    Args:
+        states: ``(N-1, H)`` top-layer states; row ``t`` predicts ``targets[t]``.
+        log_probs: ``(N-1,)`` float64, the model's log-probability of each target.
+        targets: ``(N-1,)`` the word each state predicts.
+        window, theta, lambdah: the cache's size, the flatness θ of its softmax and its weight λ in the mix.
+        chunk: targets a step; the same ``chunk`` as the states' pass gives ``cache_pointer_loss``'s float
+            exactly.
+
+    Returns:
+        ``(loss, targets)``: mean negative log-likelihood and the number of targets (N-1).
+    """
+    memory_states = states.new_empty(0, states.size(1))  # (≤window, H)
+    memory_words = targets.new_empty(0)  # (≤window,) the word that followed each cached state
+    total, count = 0.0, 0
+    for start in range(0, targets.numel(), chunk):
+        chunk_states = states[start : start + chunk]  # (T, H)
+        chunk_targets = targets[start : start + chunk]  # (T,)
+        model_log_prob = log_probs[start : start + chunk]  # (T,)
+        if window > 0 and lambdah > 0:
+            keys = torch.cat([memory_states, chunk_states])  # (M + T, H): cache, then this chunk
+            words = torch.cat([memory_words, chunk_targets])
+            steps = torch.arange(chunk_states.size(0), device=states.device)
+            positions = torch.arange(keys.size(0), device=states.device) - memory_states.size(0)
+            # state t sees the states of the `window` steps before it, not itself or later ones
+            visible = (positions[None, :] < steps[:, None]) & (positions[None, :] >= steps[:, None] - window)
+            scores = (theta * chunk_states.double() @ keys.double().t()).masked_fill(~visible, -math.inf)  # (T, M+T)
+            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no cache yet: all zero
+            cache_prob = (weights * (words[None, :] == chunk_targets[:, None])).sum(-1)  # (T,)
+            has_cache = visible.any(-1)
+            mixed = (1 - lambdah) * model_log_prob.exp() + lambdah * cache_prob
+            log_prob = torch.where(has_cache, mixed.log(), model_log_prob)
+            memory_states, memory_words = keys[-window:], words[-window:]
+        else:
+            log_prob = model_log_prob
+        total -= log_prob.sum().item()
+        count += chunk_targets.numel()
+    return total / count, count
+
+
 def cache_pointer_loss(
     model: WordModel, ids: torch.Tensor, window: int, theta: float, lambdah: float, chunk: int = 500
 ) -> tuple[float, int]:
@@ -198,38 +277,13 @@ def cache_pointer_loss(
     top-layer states: ``p = (1 - λ) p_model + λ p_cache``, where ``p_cache(w)`` is the softmax of
     ``θ · h_t · h_i`` over the cached states ``h_i`` whose next word was ``w``. With λ = 0 it is the plain
     model. Typical values on WikiText-2 (AWD-LSTM): window 3785, θ 0.662, λ 0.1279. The text is read as
-    one stream, ``chunk`` tokens at a time.
+    one stream, ``chunk`` tokens at a time: ``cache_pointer_states`` runs the model, ``cache_mixed_loss``
+    mixes in the cache (call the two yourself to try several settings on one model pass).
 
     Returns:
         ``(loss, targets)``: mean negative log-likelihood and the number of targets (``len(ids) - 1``).
     """
-    model = unwrap(model)
-    memory_states = ids.new_empty(0, dtype=torch.float32)  # (≤window, H)
-    memory_words = ids.new_empty(0)  # (≤window,) the word that followed each cached state
-    total, count = 0.0, 0
-    for features, targets, _ in target_chunks(model, ids, 1, tokens=chunk):
-        states, targets = features.squeeze(1), targets.squeeze(1)  # (T, H), (T,)
-        log_model = torch.log_softmax(model.decoder.scores(states).double(), dim=-1)  # (T, V)
-        model_log_prob = log_model.gather(1, targets.view(-1, 1)).squeeze(1)  # (T,)
-        if window > 0 and lambdah > 0:
-            keys = torch.cat([memory_states, states])  # (M + T, H): cache, then this chunk
-            words = torch.cat([memory_words, targets])
-            steps = torch.arange(states.size(0), device=ids.device)
-            positions = torch.arange(keys.size(0), device=ids.device) - memory_states.size(0)
-            # state t sees the states of the `window` steps before it, not itself or later ones
-            visible = (positions[None, :] < steps[:, None]) & (positions[None, :] >= steps[:, None] - window)
-            scores = (theta * states.double() @ keys.double().t()).masked_fill(~visible, -math.inf)  # (T, M+T)
-            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no cache yet: all zero
-            cache_prob = (weights * (words[None, :] == targets[:, None])).sum(-1)  # (T,)
-            has_cache = visible.any(-1)
-            mixed = (1 - lambdah) * model_log_prob.exp() + lambdah * cache_prob
-            log_prob = torch.where(has_cache, mixed.log(), model_log_prob)
-            memory_states, memory_words = keys[-window:], words[-window:]
-        else:
-            log_prob = model_log_prob
-        total -= log_prob.sum().item()
-        count += targets.numel()
-    return total / count, count
+    return cache_mixed_loss(*cache_pointer_states(model, ids, chunk), window, theta, lambdah, chunk)
 
 
 def dynamic_evaluation_loss(
