@@ -16,7 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from wordlm.checks import check_path, check_positive_int, check_positive_number
+from wordlm.checks import check_positive_int, check_positive_number
 from wordlm.corpora import resolve_dataset
 from wordlm.errors import UserError
 from wordlm.model import TRANSFORMER, ModelConfig
@@ -202,7 +202,9 @@ def did_you_mean(key: str, known) -> str:
 
 
 def validate_training_config(cfg: dict) -> None:
-    """Check every training key where it enters; one line naming the key, value and what is allowed. The model's
+    """Check every training key where it enters; one line naming the key, value and what is allowed. The output
+    paths (save, save_last, onnx_export) are the run plan's to check (``wordlm.run.plan_run``), with the files
+    they would replace. The model's
     keys are checked as far as they can be without the corpus: that the adaptive softmax's cutoffs fall inside
     the vocabulary is checked once its size is known (``build_model_config``)."""
     for key in ("batch_size", "bptt", "epochs", "log_interval", "eval_batch_size"):
@@ -211,14 +213,6 @@ def validate_training_config(cfg: dict) -> None:
     check_positive_number("lr", cfg["lr"])
     check_positive_number("clip", cfg["clip"])
     check_positive_number("checkpoint_every", cfg["checkpoint_every"], allow_none=True)
-    check_path("save", cfg["save"])
-    check_path("save_last", cfg["save_last"])
-    if cfg["onnx_export"]:
-        check_path("onnx_export", cfg["onnx_export"], example="model.onnx")
-    if os.path.abspath(cfg["save"]) == os.path.abspath(cfg["save_last"]):
-        raise UserError(
-            f"save_last={cfg['save_last']!r} must differ from save: the best model and the latest state are kept apart"
-        )
     if cfg["on_divergence"] not in ("stop", "reload"):
         raise UserError(f"on_divergence={cfg['on_divergence']!r} must be 'stop' or 'reload'")
     if not isinstance(cfg["dataset"], str):

@@ -443,7 +443,7 @@ def _check_outputs(cfg: dict) -> None:
         check_export_available()
     if cfg["tensorboard"] is not None:
         check_tensorboard(cfg["tensorboard"])
-    keys = [key for key in _OUTPUTS if cfg[key]]
+    keys = [key for key in _OUTPUTS if key != "onnx_export" or cfg[key]]  # save and save_last are never optional
     resume = ((f"resume={cfg['resume']!r}", cfg["resume"]),) if cfg["resume"] else ()
     for key in keys:  # save and save_last may well be the resumed file: it is read whole before they are written
         example = "model.onnx" if key == "onnx_export" else "model.pt"
