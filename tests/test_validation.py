@@ -15,6 +15,7 @@ from wordlm.config import build_model_config, validate_training_config
 from wordlm.errors import UserError
 from wordlm.experiment import ex
 from wordlm.model import ModelConfig
+from wordlm.run import plan_run
 
 DEFAULTS = dict(ex.configurations[0]())  # every key of the experiment, as Sacred builds them: never stale
 ANY = st.one_of(
@@ -130,13 +131,21 @@ def test_seeds_log_levels_and_output_paths_are_one_error_line_before_any_work(tm
         ({"clip": 10**40}, r"^clip=10{40} is beyond what float32 holds"),
         ({"adaptive_softmax": [5, 3], "tied": False}, r"^adaptive_softmax=\[5, 3\] must be increasing word counts "
                                                       r"from 1 up, below the vocabulary size, e\.g\. \[2000, 10000\]"),
-        ({"save": None}, r"^save=None must be a file path"),
     ],
 )  # fmt: skip
 def test_values_beyond_float32_and_unknown_sizes_are_said_plainly(changes, message):
     with pytest.raises(UserError, match=message) as caught:
         validate_training_config({**DEFAULTS, **changes})
     assert str(sys.maxsize) not in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["save", "save_last"])
+def test_an_output_that_is_no_path_is_said_plainly_by_the_run_plan(key, tmp_path, monkeypatch):
+    """The output paths are the run plan's to check, once (``plan_run``), not the config validation's."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=rf"^{key}=None must be a file path"):
+        plan_run({**DEFAULTS, key: None}, set())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
