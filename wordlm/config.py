@@ -131,21 +131,13 @@ BUDGET_PTB = dict(
     dataset="penn", model_type="LSTM", emsize=650, nhid=650, nlayers=2, dropout=0.5, tied=True, locked_dropout=True,
     batch_size=20, bptt=35, lr=35.0, clip=5 / 35, init_range=0.05, lr_schedule="cosine", time_budget=120, epochs=1000,
 )  # fmt: skip
-# Two hours on WikiText-2 with 2 CPU cores (docs/RESULTS.md, "Two hours on 2 cores (WikiText-2)"): budget_ptb's
-# 2x650 LSTM with locked dropout and embedding dropout (AWD-LSTM's dropoute), and the adaptive softmax of budget_wt2,
-# whose cheap decoder buys about twice the epochs of a tied full softmax over WikiText-2's 33,278 words.
-BUDGET_WT2_2H = dict(
-    dataset="wikitext-2", model_type="LSTM", emsize=650, nhid=650, nlayers=2, dropout=0.5, locked_dropout=True,
-    dropoute=0.1, tied=False, adaptive_softmax=[2000, 10000], batch_size=20, bptt=35, lr=20.0, clip=0.25,
-    init_range=0.05, lr_schedule="cosine", time_budget=120, epochs=1000,
-)  # fmt: skip
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
 SMOKE = dict(emsize=32, nhid=32, nlayers=1, batch_size=8, bptt=10, epochs=1, max_batches=20, log_interval=10)
 PRESETS = {
     "zaremba_small": ZAREMBA_SMALL, "zaremba_medium": ZAREMBA_MEDIUM, "zaremba_large": ZAREMBA_LARGE,
     "press_wolf_large_tied": PRESS_WOLF_LARGE_TIED, "inan_medium_tied": INAN_MEDIUM_TIED,
     "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2,
-    "budget_wt2": BUDGET_WT2, "budget_ptb": BUDGET_PTB, "budget_wt2_2h": BUDGET_WT2_2H, "smoke": SMOKE,
+    "budget_wt2": BUDGET_WT2, "budget_ptb": BUDGET_PTB, "smoke": SMOKE,
 }  # fmt: skip
 
 
