@@ -10,7 +10,7 @@ each pair the ratio ``off / on`` of the step times is taken; the median over the
 quartiles) is what the speed-up buys. Switching a speed-up takes one unmeasured step to settle (the
 allocator's heap, the decoder's pooled weight, oneDNN's kernels), so each measured step follows one of its own kind.
 
-Speed-ups: ``fused`` (wordlm.fused's decoder loss, against ``F.cross_entropy`` on the logits),
+Speed-ups: ``fused`` (wordlm.models.fused's decoder loss, against ``F.cross_entropy`` on the logits),
 ``onednn`` (the fused loss's products on oneDNN where it is the faster library on this CPU, against
 ``torch.mm``'s BLAS for all of them; where torch has oneDNN) and
 ``allocator`` (wordlm.system.tune_cpu_allocator, against a fixed 128 KiB mmap threshold: glibc's
@@ -36,11 +36,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wordlm import fused  # noqa: E402
-from wordlm.corpora import resolve_dataset  # noqa: E402
-from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.data.corpus import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.data.datasets import resolve_dataset  # noqa: E402
 from wordlm.evaluation import evaluate_loss  # noqa: E402
-from wordlm.model import ModelConfig, RNNModel, detach_hidden  # noqa: E402
+from wordlm.models import (  # noqa: E402
+    ModelConfig,
+    RNNModel,
+    detach_hidden,
+    fused,  # noqa: E402
+)
 from wordlm.system import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, tune_cpu_allocator  # noqa: E402
 
 GLIBC_DEFAULT_THRESHOLD = 128 << 10  # glibc's initial mmap threshold (set explicitly, it stays fixed)

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from budget import commit, cpu_name  # noqa: E402  (benchmarks/ is on the path: this file runs as a script)
 
 import wordlm  # noqa: E402
-from wordlm.corpora import resolve_dataset  # noqa: E402
+from wordlm.data.datasets import resolve_dataset  # noqa: E402
 from wordlm.errors import UserError  # noqa: E402
 from wordlm.evaluation import (  # noqa: E402
     cache_mixed_loss,

@@ -31,8 +31,8 @@ from speed import ROOT, ClassicModel, classic_evaluate
 
 import wordlm
 from wordlm.config import defaults, make_config
-from wordlm.corpora import resolve_dataset
-from wordlm.data import batchify, load_corpus
+from wordlm.data.corpus import batchify, load_corpus
+from wordlm.data.datasets import resolve_dataset
 
 
 def cpu_name() -> str:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from speed import ROOT, ClassicModel, classic_evaluate, repackage
 
-from wordlm.corpora import resolve_dataset
-from wordlm.data import batchify, get_batch, load_corpus
+from wordlm.data.corpus import batchify, get_batch, load_corpus
+from wordlm.data.datasets import resolve_dataset
 
 
 def train_epoch(model, data, bptt, lr, clip, log_interval=200, should_stop=None) -> int:

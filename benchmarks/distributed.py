@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wordlm.corpora import load_dataset  # noqa: E402
-from wordlm.data import batchify  # noqa: E402
-from wordlm.distributed import start_world, stop_world  # noqa: E402
-from wordlm.model import ModelConfig, RNNModel  # noqa: E402
+from wordlm.data.corpus import batchify  # noqa: E402
+from wordlm.data.datasets import load_dataset  # noqa: E402
+from wordlm.models import ModelConfig, RNNModel  # noqa: E402
 from wordlm.system import tune_cpu_allocator  # noqa: E402
-from wordlm.training import Reporter, TrainState, train_epoch  # noqa: E402
+from wordlm.training.distributed import start_world, stop_world  # noqa: E402
+from wordlm.training.trainer import Reporter, TrainState, train_epoch  # noqa: E402
 
 
 def experiment_config(name: str) -> dict:

@@ -3,7 +3,7 @@
     python benchmarks/fused_ab.py REV [--pairs 60] [--backend onednn|blas] [--tokens 1120] [--hidden 200]
                                       [--vocab 33278] [--dtype float32|bfloat16]
 
-A change to ``wordlm/fused.py`` that buys a few percent cannot be seen in separate runs on a VM whose
+A change to ``wordlm/models/fused.py`` that buys a few percent cannot be seen in separate runs on a VM whose
 speed drifts by tens of percent; here both versions run in one process, on the same tensors, one step
 of each in turn (forward and backward of ``linear_cross_entropy``, at the default config's decoder
 shapes unless told otherwise; with ``--dtype bfloat16`` the path ``amp='bf16'`` takes, from bfloat16
@@ -30,16 +30,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wordlm import fused  # noqa: E402
+from wordlm.models import fused  # noqa: E402
 from wordlm.system import tune_cpu_allocator  # noqa: E402
 
 
 def load_revision(revision: str, folder: str):
-    """``wordlm/fused.py`` as it was at ``revision``, imported as a module of its own."""
-    shown = subprocess.run(["git", "show", f"{revision}:wordlm/fused.py"], cwd=ROOT, capture_output=True,
-                           text=True)  # fmt: skip
+    """``wordlm/models/fused.py`` as it was at ``revision``, imported as a module of its own."""
+    for fused_path in ("wordlm/models/fused.py", "wordlm/fused.py"):  # (wordlm/fused.py before the package's re-layout)
+        shown = subprocess.run(["git", "show", f"{revision}:{fused_path}"], cwd=ROOT, capture_output=True,
+                               text=True)  # fmt: skip
+        if shown.returncode == 0:
+            break
     if shown.returncode != 0:
-        sys.exit(f"error: git has no wordlm/fused.py at {revision!r} ({shown.stderr.strip()}); "
+        sys.exit(f"error: git has no wordlm/models/fused.py at {revision!r} ({shown.stderr.strip()}); "
                  "give a commit of this repository, e.g. HEAD~1")  # fmt: skip
     source = shown.stdout
     path = Path(folder) / "fused_at_revision.py"
@@ -52,7 +55,7 @@ def load_revision(revision: str, folder: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("revision", help="a git revision whose wordlm/fused.py is the baseline, e.g. HEAD~1")
+    parser.add_argument("revision", help="a git revision whose wordlm/models/fused.py is the baseline, e.g. HEAD~1")
     parser.add_argument("--pairs", type=int, default=60)
     parser.add_argument("--backend", default=fused.available_backends()[0], choices=fused.available_backends())
     parser.add_argument("--tokens", type=int, default=32 * 35, help="rows of h: batch × bptt")
@@ -66,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_revision(args.revision, folder)
     if dtype != torch.float32 and "dtype" not in inspect.signature(baseline.linear_cross_entropy).parameters:
-        sys.exit(f"error: wordlm/fused.py at {args.revision!r} has no bfloat16 path (it came with commit "
+        sys.exit(f"error: wordlm/models/fused.py at {args.revision!r} has no bfloat16 path (it came with commit "
                  "9e7071a); give a later revision or leave --dtype at float32")  # fmt: skip
     versions = {"revision": baseline, "working tree": fused}
     used = {}

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from wordlm.checkpoint import load_checkpoint, model_from_checkpoint
 from wordlm.checks import resolve_device
 from wordlm.generation import sample_ids
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def words_per_second(model: RNNModel, samples: int, words: int, repeats: int) -> tuple[float, float]:

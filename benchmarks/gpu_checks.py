@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHIPPED_WT2 = ROOT / "wordlm" / "corpora-data" / "wikitext-2"
+SHIPPED_WT2 = ROOT / "wordlm" / "data" / "corpora-data" / "wikitext-2"
 TINY_TOKENS = {"train": 20_000, "valid": 3_000, "test": 3_000}
 SAME_WEIGHTS_LOSS_TOLERANCE = 1e-4  # nats: float32 sums over a few thousand tokens, in another order
 GRADIENT_TOLERANCE = 1e-3  # largest difference over the largest gradient entry
@@ -265,7 +265,7 @@ def timed_run(work: Path, log: Path, preset: str | None, dataset: str, batches: 
     """Two short epochs of ``preset``: the second's training tokens/s, a validation pass's seconds, peak memory."""
     import torch
 
-    from wordlm.corpora import resolve_dataset
+    from wordlm.data.datasets import resolve_dataset
     from wordlm.evaluation import evaluate_loss
 
     if DEVICE != "cpu":
@@ -288,8 +288,8 @@ def timed_run(work: Path, log: Path, preset: str | None, dataset: str, batches: 
 
 
 def speed(out: Path, work: Path, seconds: float) -> bool:
-    from wordlm.corpora import resolve_dataset
-    from wordlm.data import load_corpus
+    from wordlm.data.corpus import load_corpus
+    from wordlm.data.datasets import resolve_dataset
 
     log, ptb = out / "speed.train.log", ptb_folder()
     default = timed_run(work, log, None, "wikitext-2", BATCHES)

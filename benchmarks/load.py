@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import wordlm.cache  # noqa: E402
-from wordlm.corpora import load_dataset, resolve_dataset  # noqa: E402
-from wordlm.data import SPLITS, load_corpus  # noqa: E402
+import wordlm.data.cache  # noqa: E402
+from wordlm.data.corpus import SPLITS, load_corpus  # noqa: E402
+from wordlm.data.datasets import load_dataset, resolve_dataset  # noqa: E402
 
 WT103_VOCABULARY = 267_735
 WT103_EVAL_TOKENS = {"valid": 217_646, "test": 245_569}
@@ -154,14 +154,14 @@ def child(mode: str, folder: str, cache: str) -> None:
     """Load ``folder`` once in this process and print what it cost as JSON (run by ``measure``)."""
     after_imports = peak_rss_mb()
     peaks = {}
-    tokenize = wordlm.cache.tokenize_corpus
+    tokenize = wordlm.data.cache.tokenize_corpus
 
     def tokenize_and_note_the_peak(*args, **kwargs):
         tokenized = tokenize(*args, **kwargs)
         peaks["after_tokenizing"] = peak_rss_mb()
         return tokenized
 
-    wordlm.cache.tokenize_corpus = tokenize_and_note_the_peak
+    wordlm.data.cache.tokenize_corpus = tokenize_and_note_the_peak
     started = time.perf_counter()
     corpus = load_dataset(folder, cache_dir=cache)
     seconds = time.perf_counter() - started

@@ -41,10 +41,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wordlm import fused  # noqa: E402
-from wordlm.corpora import resolve_dataset  # noqa: E402
-from wordlm.data import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.data.corpus import batchify, get_batch, load_corpus  # noqa: E402
+from wordlm.data.datasets import resolve_dataset  # noqa: E402
 from wordlm.evaluation import eval_chunk_tokens  # noqa: E402
+from wordlm.models import fused  # noqa: E402
 from wordlm.system import bfloat16_unavailable  # noqa: E402
 
 CONFIGS = {
@@ -151,7 +151,7 @@ def classic_evaluate(model, ids, bptt):
 
 # ----------------------------------------------------------------------------- wordlm's path
 def wordlm_train(model, data, cfg, batches, precision=None, network=None):
-    from wordlm.training import FLOAT32, Reporter, TrainState, train_epoch
+    from wordlm.training.trainer import FLOAT32, Reporter, TrainState, train_epoch
 
     losses, times = [], []
 
@@ -186,13 +186,13 @@ def worker(args) -> None:
         train, evaluate = classic_train, classic_evaluate
     else:
         from wordlm.evaluation import evaluate_loss
-        from wordlm.model import ModelConfig, RNNModel
+        from wordlm.models import ModelConfig, RNNModel
         from wordlm.system import tune_cpu_allocator
-        from wordlm.training import Precision
+        from wordlm.training.trainer import Precision
 
         if args.impl != "wordlm-no-allocator":
             tune_cpu_allocator()  # what `python main.py` does on a CPU
-        if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.fused
+        if args.impl == "wordlm-unfused":  # the plain cross_entropy of the logits instead of wordlm.models.fused
             fused.set_enabled(False)
         if args.impl == "wordlm-blas":  # the fused loss with torch.mm's products throughout
             fused.set_backend("blas")
@@ -271,7 +271,7 @@ def blas_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     """GFLOP/s of the decoder's three products at their shapes, each in its faster layout and with the
     faster of this torch's libraries (BLAS via ``torch.mm``, and oneDNN where torch has it), whole and
-    split into the vocabulary chunks ``wordlm.fused`` uses (the whole product writes a vocabulary-sized
+    split into the vocabulary chunks ``wordlm.models.fused`` uses (the whole product writes a vocabulary-sized
     output, whose speed moves with the memory; a chunk's stays in cache), timed in steady state: the
     time-weighted rate of forward, grad-of-input and grad-of-weight together."""
     h = torch.randn(tokens, hidden)
@@ -292,7 +292,7 @@ def matmul_ceiling(tokens, hidden, ntoken, repeats=10) -> float:
     rows = [slice(start, start + fused.CHUNK) for start in range(0, ntoken, fused.CHUNK)]
     w_chunks = [w[r].t().contiguous() for r in rows]  # (H, ≤CHUNK) each, as the grad of h takes them
     libraries = [blas_nt] + ([onednn_nt] if "onednn" in fused.available_backends() else [])
-    for nt in libraries:  # chunk by chunk, as wordlm.fused
+    for nt in libraries:  # chunk by chunk, as wordlm.models.fused
         forward.append(lambda nt=nt: [nt(w[r], h) for r in rows])
         grad_input.append(lambda nt=nt: [nt(w_chunk, g[r].t()) for w_chunk, r in zip(w_chunks, rows)])
         grad_weight.append(lambda nt=nt: [nt(g[r], h_t) for r in rows])

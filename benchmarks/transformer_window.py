@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from wordlm.corpora import resolve_dataset
-from wordlm.data import batchify, batchify_eval, get_batch, load_corpus
-from wordlm.model import ModelConfig, build_model
-from wordlm.training import Reporter, TrainState, evaluate_loss, train_epoch
+from wordlm.data.corpus import batchify, batchify_eval, get_batch, load_corpus
+from wordlm.data.datasets import resolve_dataset
+from wordlm.models import ModelConfig, build_model
+from wordlm.training.trainer import Reporter, TrainState, evaluate_loss, train_epoch
 
 BATCH, BPTT, EVAL_BATCH = 20, 35, 10
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # this project's machines keep the real corpora there
-SHIPPED_WT2 = ROOT / "wordlm" / "corpora-data" / "wikitext-2"  # <split>.txt.xz
+SHIPPED_WT2 = ROOT / "wordlm" / "data" / "corpora-data" / "wikitext-2"  # <split>.txt.xz
 _WORDLM_DATA = os.environ.get("WORDLM_DATA")  # as the session started, before any test changes it
 PTB_MEAN_TOKENS_PER_LINE = 22  # 929,589 tokens in 42,068 lines of PTB's train.txt
 

@@ -191,7 +191,7 @@ def test_bad_score_and_save_arguments_are_user_errors(lm, tmp_path):
 
 def test_save_never_replaces_a_checkpoint_holding_training_state(trained, tmp_path):
     """``load(f).save(f)`` would drop what resume= needs: it is refused, and the file is left as it was."""
-    from wordlm.checkpoint import load_checkpoint
+    from wordlm.training.checkpoint import load_checkpoint
 
     checkpoint = tmp_path / "m.pt"
     checkpoint.write_bytes(trained["checkpoint"].read_bytes())  # training's save: it holds training state
@@ -213,9 +213,9 @@ def test_save_never_replaces_a_checkpoint_holding_training_state(trained, tmp_pa
 
 
 def test_scoring_words_a_vocabulary_without_unk_lacks_leaves_the_vocabulary_as_it_was(tmp_path):
-    from wordlm.checkpoint import save_checkpoint
-    from wordlm.data import EOS, Vocabulary
-    from wordlm.model import ModelConfig, RNNModel
+    from wordlm.data.corpus import EOS, Vocabulary
+    from wordlm.models import ModelConfig, RNNModel
+    from wordlm.training.checkpoint import save_checkpoint
 
     vocab = Vocabulary(["the", "cat", EOS])
     save_checkpoint(tmp_path / "m.pt", RNNModel(ModelConfig(3, "GRU", 4, 4, 1, 0.0, False)), vocab)

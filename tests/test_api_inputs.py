@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import wordlm
-from wordlm.checkpoint import save_checkpoint
-from wordlm.data import EOS, UNK, Vocabulary
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.data.corpus import EOS, UNK, Vocabulary
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training.checkpoint import save_checkpoint
 
 WORDS = [EOS, "the", "cat", "sat", "on", "a", "mat", UNK]
 ANY_TEXT = "a str (text), a pathlib.Path (a file) or a 1-D tensor of word ids"

@@ -1,10 +1,10 @@
-"""The batch layout of truncated BPTT, with the alphabet diagrams of data.py as expected values."""
+"""The batch layout of truncated BPTT, with the alphabet diagrams of data/corpus.py as expected values."""
 
 import string
 
 import torch
 
-from wordlm.data import batchify, batchify_eval, get_batch
+from wordlm.data.corpus import batchify, batchify_eval, get_batch
 
 ALPHABET = torch.arange(26)  # a=0 ... z=25
 

@@ -4,7 +4,7 @@ import json
 
 from conftest import cut_corpus, run_cli
 
-from wordlm.fused import available_backends
+from wordlm.models.fused import available_backends
 
 
 def test_the_ablation_benchmark_pairs_each_speed_up_and_counts_page_faults(tmp_path):

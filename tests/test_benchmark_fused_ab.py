@@ -22,7 +22,7 @@ def test_a_revision_and_the_working_tree_are_timed_in_pairs_with_the_same_loss(t
 def test_an_unknown_revision_is_one_clear_line(tmp_path):
     result = run_cli("no-such-revision", cwd=tmp_path, script="benchmarks/fused_ab.py", check=False)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: git has no wordlm/fused.py at 'no-such-revision'")
+    assert result.stderr.startswith("error: git has no wordlm/models/fused.py at 'no-such-revision'")
     assert "Traceback" not in result.stderr
 
 

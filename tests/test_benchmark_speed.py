@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, cut_corpus, run_cli
 
-from wordlm.fused import available_backends
+from wordlm.models.fused import available_backends
 
 BACKENDS = available_backends()
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # a CPU without AVX-512 or AMX (test_system)
@@ -34,7 +34,7 @@ def default_config() -> dict:
 
 
 def test_the_matmul_ceiling_counts_the_products_split_into_wordlms_chunks(monkeypatch):
-    """The whole vocabulary-sized product slows with the memory; wordlm.fused runs chunks. The ceiling
+    """The whole vocabulary-sized product slows with the memory; wordlm.models.fused runs chunks. The ceiling
     must take each of the three products' chunked form as a candidate, or the bound is too low."""
     speed = speed_module()
     seen = []

@@ -1,4 +1,4 @@
-"""The cache of tokenized corpora (wordlm.cache): hits, misses, and damaged entries."""
+"""The cache of tokenized corpora (wordlm.data.cache): hits, misses, and damaged entries."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import write_corpus
 
-import wordlm.cache
-from wordlm.cache import load_corpus_cached
-from wordlm.data import Corpus, load_corpus
+import wordlm.data.cache
+from wordlm.data.cache import load_corpus_cached
+from wordlm.data.corpus import Corpus, load_corpus
 
 
 def assert_same(corpus: Corpus, expected: Corpus) -> None:
@@ -34,7 +34,7 @@ def forbid_tokenizing(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized although the cache should have served this corpus")
 
-    monkeypatch.setattr(wordlm.cache, "tokenize_corpus", refuse)
+    monkeypatch.setattr(wordlm.data.cache, "tokenize_corpus", refuse)
 
 
 def test_the_second_load_reads_the_cache_and_gives_the_same_corpus(small_corpus, corpus_cache, monkeypatch):
@@ -86,12 +86,12 @@ def test_a_file_changed_while_being_tokenized_is_cached_under_what_was_read(tmp_
 
     def edit_then_tokenize(*args, **kwargs):
         (folder / "test.txt").write_text("a a\n", encoding="utf-8")
-        return wordlm.data.tokenize_corpus(*args, **kwargs)
+        return wordlm.data.corpus.tokenize_corpus(*args, **kwargs)
 
-    monkeypatch.setattr(wordlm.cache, "tokenize_corpus", edit_then_tokenize)
+    monkeypatch.setattr(wordlm.data.cache, "tokenize_corpus", edit_then_tokenize)
     load_corpus_cached(folder)  # hashed "b", tokenized "a a"
     (folder / "test.txt").write_text("b\n", encoding="utf-8")
-    monkeypatch.setattr(wordlm.cache, "tokenize_corpus", wordlm.data.tokenize_corpus)
+    monkeypatch.setattr(wordlm.data.cache, "tokenize_corpus", wordlm.data.corpus.tokenize_corpus)
     corpus, from_cache = load_corpus_cached(folder)
     assert not from_cache, "the entry holds 'a a' and must not be served for 'b'"
     assert corpus.vocab.decode(corpus.test) == ["b", "<eos>"]
@@ -141,7 +141,7 @@ def _out_of_range_id(path: Path) -> None:
     entry = torch.load(path, weights_only=True)
     entry["valid"] = entry["valid"].clone()
     entry["valid"][0] = 10**6
-    entry["checksum"] = wordlm.cache._checksum(entry["vocab"], {s: entry[s] for s in ("train", "valid", "test")})
+    entry["checksum"] = wordlm.data.cache._checksum(entry["vocab"], {s: entry[s] for s in ("train", "valid", "test")})
     torch.save(entry, path)
 
 
@@ -153,7 +153,7 @@ def _out_of_range_id(path: Path) -> None:
         _truncate,
         _flip_a_byte_of_ids,
         _out_of_range_id,
-        lambda path: torch.save({"version": wordlm.cache.CACHE_VERSION, "key": "another key"}, path),
+        lambda path: torch.save({"version": wordlm.data.cache.CACHE_VERSION, "key": "another key"}, path),
     ],
     ids=["empty", "garbage", "truncated", "flipped-byte", "id-out-of-range", "other-key"],
 )
@@ -197,4 +197,4 @@ def test_the_cache_folder_comes_from_wordlm_cache(small_corpus, tmp_path, monkey
     assert len(entries(tmp_path / "elsewhere")) == 1
     monkeypatch.delenv("WORDLM_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert wordlm.cache.cache_folder() == tmp_path / "home" / ".cache" / "wordlm"
+    assert wordlm.data.cache.cache_folder() == tmp_path / "home" / ".cache" / "wordlm"

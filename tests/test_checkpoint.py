@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from wordlm.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
-from wordlm.data import Vocabulary
+from wordlm.data.corpus import Vocabulary
 from wordlm.errors import UserError
-from wordlm.model import MODEL_TYPES, ModelConfig, RNNModel, build_model
+from wordlm.models import MODEL_TYPES, ModelConfig, RNNModel, build_model
+from wordlm.training.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 OLD_CHECKPOINTS = Path(__file__).resolve().parent / "fixtures" / "old_checkpoints"  # see the README.md there
 

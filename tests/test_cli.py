@@ -251,9 +251,9 @@ def one_error(result) -> str:
 @pytest.fixture
 def checkpoint(tmp_path):
     """A small real checkpoint (an untrained 1x8 LSTM over 30 words), written without training."""
-    from wordlm.checkpoint import save_checkpoint
-    from wordlm.data import Vocabulary
-    from wordlm.model import ModelConfig, RNNModel
+    from wordlm.data.corpus import Vocabulary
+    from wordlm.models import ModelConfig, RNNModel
+    from wordlm.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(ntoken=30, emsize=8, nhid=8, nlayers=1))

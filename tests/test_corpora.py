@@ -1,4 +1,4 @@
-"""Finding and loading corpora (wordlm.corpora): the real WikiText-2 (shipped) and PTB, names, paths, ./data."""
+"""Finding and loading corpora (wordlm.data.datasets): the real WikiText-2 (shipped) and PTB, names, paths, ./data."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import cut_corpus, real_ptb, write_corpus
 
-from wordlm import corpora
-from wordlm import download as download_module
-from wordlm.corpora import load_dataset, resolve_dataset, unpack_shipped
-from wordlm.data import EOS, SPLITS
-from wordlm.download import SOURCES
+from wordlm.data import datasets as corpora
+from wordlm.data import download as download_module
+from wordlm.data.corpus import EOS, SPLITS
+from wordlm.data.datasets import load_dataset, resolve_dataset, unpack_shipped
+from wordlm.data.download import SOURCES
 from wordlm.errors import UserError
 
 # Published sizes: vocabulary (with <eos> and <unk>) and tokens per split (with one <eos> a line).

@@ -16,10 +16,10 @@ import torch
 from conftest import ROOT, cli_env, run_cli
 from test_reliability import read_until
 
-from wordlm.distributed import World
 from wordlm.evaluation import evaluate_loss
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.signals import StopRequests
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training.distributed import World
+from wordlm.training.signals import StopRequests
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
 VALID = re.compile(r"\| end of epoch +(\d+) \|.*\| valid loss +([\d.]+) \|")
@@ -257,7 +257,7 @@ sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
 import wordlm.experiment as experiment
-import wordlm.training as training
+import wordlm.training.trainer as training
 
 def unpickling(*args, **kwargs):
     raise AssertionError("something was unpickled")

@@ -1,4 +1,4 @@
-"""Downloading known corpora (wordlm.download) from a local HTTP server: never from the internet."""
+"""Downloading known corpora (wordlm.data.download) from a local HTTP server: never from the internet."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from wordlm.corpora import resolve_dataset
-from wordlm.download import SOURCES, download_corpus
+from wordlm.data.datasets import resolve_dataset
+from wordlm.data.download import SOURCES, download_corpus
 from wordlm.errors import UserError
 
 FILES = {"train.txt": b"the cat sat\nthe dog sat\n", "valid.txt": b"the cat\n", "test.txt": b"the dog\n"}

@@ -11,9 +11,9 @@ import torch
 from conftest import run_cli
 from test_evaluation import TEXT, VOCAB, context_free_model, hand_ids
 
-from wordlm.checkpoint import save_checkpoint
-from wordlm.data import EOS, Vocabulary
+from wordlm.data.corpus import EOS, Vocabulary
 from wordlm.experiment import error, ex
+from wordlm.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture

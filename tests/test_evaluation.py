@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wordlm import evaluation
-from wordlm.data import EOS, UNK, Vocabulary
+from wordlm.data.corpus import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.evaluation import (
     cache_mixed_loss,
@@ -24,7 +24,7 @@ from wordlm.evaluation import (
     target_chunks,
     target_log_probs,
 )
-from wordlm.model import ModelConfig, RNNModel, unwrap
+from wordlm.models import ModelConfig, RNNModel, unwrap
 
 # Blank line, a word the vocabulary lacks (-> <unk>), and lines of different lengths.
 TEXT = "the cat sat\n\non the mat with a hat\nthe zebra sat\na cat\n"
@@ -138,7 +138,7 @@ def test_eval_chunks_keep_the_logits_buffer_bounded():
 
 def test_an_evaluation_pass_builds_the_decoders_augmented_weight_once(monkeypatch):
     """Columns and tail, every chunk: one augmented copy of the decoder weight for the whole pass."""
-    import wordlm.fused as fused
+    import wordlm.models.fused as fused
 
     built = []
     original = fused._scaled_augmented

@@ -8,9 +8,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "wordlm"
 
 
 def test_every_wordlm_module_is_recorded_as_a_run_source():
-    recorded = {Path(source.filename).name for source in ex.sources if Path(source.filename).parent == PACKAGE}
+    recorded = {
+        Path(source.filename).relative_to(PACKAGE).as_posix()
+        for source in ex.sources
+        if PACKAGE in Path(source.filename).parents
+    }
     entry_points = {"__main__.py"}  # `python -m wordlm`: like main.py, it runs the CLI when imported as __main__
-    assert {path.name for path in PACKAGE.glob("*.py")} - entry_points <= recorded
+    assert {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - entry_points <= recorded
 
 
 def test_commands_and_presets():

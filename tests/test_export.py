@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from wordlm import export
-from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from wordlm.data import Vocabulary
+from wordlm.data.corpus import Vocabulary
 from wordlm.errors import UserError
 from wordlm.experiment import error, ex
 from wordlm.export import export_onnx, flatten_state, state_names
-from wordlm.hidden import map_hidden
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.models.hidden import map_hidden
+from wordlm.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: .venv/bin/pip install -e '.[onnx]'")
 onnx = pytest.importorskip("onnx")

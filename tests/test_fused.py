@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
-from wordlm import fused
-from wordlm.fused import CHUNK, EVAL_CHUNK, available_backends, linear_cross_entropy, linear_nll_sum, matmul_backend
+from wordlm.models import fused
+from wordlm.models.fused import (
+    CHUNK,
+    EVAL_CHUNK,
+    available_backends,
+    linear_cross_entropy,
+    linear_nll_sum,
+    matmul_backend,
+)
 from wordlm.system import tune_cpu_allocator
 
 BACKENDS = available_backends()
@@ -211,7 +218,7 @@ def test_a_buffer_pooled_in_inference_mode_never_serves_training():
 
 
 def test_a_frozen_decoder_builds_its_weight_once_and_forgets_it_after_the_block(monkeypatch):
-    import wordlm.fused as fused
+    import wordlm.models.fused as fused
 
     built = []
     original = fused._scaled_augmented
@@ -362,9 +369,9 @@ import types, torch
 calls = []
 real = torch.ops.mkldnn._linear_pointwise
 torch.ops.mkldnn = types.SimpleNamespace(_linear_pointwise=lambda *args: calls.append(1) or real(*args))
-import wordlm.fused, wordlm.model, wordlm.training
+import wordlm.models.fused, wordlm.models, wordlm.training.trainer
 assert calls == [], calls
-assert wordlm.fused.available_backends()[0] == "auto" and calls == [1], calls
+assert wordlm.models.fused.available_backends()[0] == "auto" and calls == [1], calls
 """
     if "onednn" not in BACKENDS:
         pytest.skip("this torch build has no oneDNN")
@@ -374,12 +381,12 @@ assert wordlm.fused.available_backends()[0] == "auto" and calls == [1], calls
 
 def test_the_fused_path_can_be_switched_off_and_on(monkeypatch):
     """``set_enabled(False)`` (what the benchmarks use) makes the model compute the plain loss."""
-    import wordlm.decoder
-    from wordlm.model import ModelConfig, RNNModel
+    import wordlm.models.decoder
+    from wordlm.models import ModelConfig, RNNModel
 
     seen = []
     monkeypatch.setattr(
-        wordlm.decoder, "linear_cross_entropy", lambda *args: seen.append(1) or linear_cross_entropy(*args)
+        wordlm.models.decoder, "linear_cross_entropy", lambda *args: seen.append(1) or linear_cross_entropy(*args)
     )
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(50, emsize=8, nhid=8))

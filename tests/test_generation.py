@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from wordlm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from wordlm.data import EOS, UNK, Vocabulary
+from wordlm.data.corpus import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
 from wordlm.experiment import error, ex
 from wordlm.generation import (
@@ -26,7 +25,8 @@ from wordlm.generation import (
     sample_ids,
     sample_next,
 )
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 WORDS = ["a", "b", "c", "d", "x", "y", "z", "w"]
 NEXT = {EOS: ["a", "x"], "a": ["b"], "b": ["c"], "c": ["d"], "d": [EOS], "x": ["y"], "y": ["z"], "z": ["w"], "w": [EOS],

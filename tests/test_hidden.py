@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wordlm.hidden import map_hidden
-from wordlm.model import ModelConfig, RNNModel, detach_hidden
+from wordlm.models import ModelConfig, RNNModel, detach_hidden
+from wordlm.models.hidden import map_hidden
 
 
 @pytest.mark.parametrize(("model_type", "layered"), [("GRU", False), ("LSTM", False), ("GRU", True), ("LSTM", True)])

@@ -78,12 +78,14 @@ def test_the_import_graph_walker_sees_every_kind_of_import():
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
     source = (
-        "import wordlm.model\nfrom wordlm import fused, __version__\nfrom . import hidden\n"
-        "def f():\n    from wordlm.decoder import FullSoftmax\n"
-        "if TYPE_CHECKING:\n    from wordlm.data import Vocabulary\n"
+        "import wordlm.models\nfrom wordlm.models import fused, build_model\nfrom . import hidden\n"
+        "from wordlm import __version__\n"
+        "def f():\n    from wordlm.models.decoder import FullSoftmax\n"
+        "if TYPE_CHECKING:\n    from wordlm.data.corpus import Vocabulary\n"
     )
-    modules = {"wordlm", "wordlm.model", "wordlm.fused", "wordlm.hidden", "wordlm.decoder", "wordlm.data", "wordlm.x"}
-    assert imported_modules("wordlm.x", source, modules) == modules - {"wordlm.x"}
+    modules = {"wordlm", "wordlm.models", "wordlm.models.fused", "wordlm.models.hidden", "wordlm.models.decoder",
+               "wordlm.data.corpus", "wordlm.models.x"}  # fmt: skip
+    assert imported_modules("wordlm.models.x", source, modules) == modules - {"wordlm.models.x"}
 
 
 def test_no_wordlm_module_imports_itself_back():
@@ -91,23 +93,41 @@ def test_no_wordlm_module_imports_itself_back():
     graph = import_graph()
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-    assert graph["wordlm.model"] >= {"wordlm.rnn", "wordlm.transformer"}  # (the walker does see the package)
+    assert graph["wordlm.models"] >= {
+        "wordlm.models.rnn",
+        "wordlm.models.transformer",
+    }  # (the walker does see the package)
 
 
 def test_the_model_layer_imports_nothing_above_it():
     """The models, their decoder and its fused kernel import only each other and the leaves they build on."""
     graph = import_graph()
-    layer = {"wordlm.model", "wordlm.rnn", "wordlm.transformer", "wordlm.word_model", "wordlm.decoder", "wordlm.fused"}
-    leaves = {"wordlm.hidden", "wordlm.regularize", "wordlm.files", "wordlm.cache"}  # cache: inside a function
+    layer = {
+        "wordlm.models",
+        "wordlm.models.rnn",
+        "wordlm.models.transformer",
+        "wordlm.models.word_model",
+        "wordlm.models.decoder",
+        "wordlm.models.fused",
+    }
+    leaves = {
+        "wordlm.models.hidden",
+        "wordlm.models.regularize",
+        "wordlm.files",
+        "wordlm.data.cache",
+    }  # cache: inside a function
     for module in layer:
         assert graph[module] <= layer | leaves, (module, graph[module] - layer - leaves)
-    assert "wordlm.cache" not in graph["wordlm.model"] | graph["wordlm.decoder"] | graph["wordlm.word_model"]
+    assert (
+        "wordlm.data.cache"
+        not in graph["wordlm.models"] | graph["wordlm.models.decoder"] | graph["wordlm.models.word_model"]
+    )
 
 
 def test_importing_a_model_imports_no_corpus_cache():
     script = (
-        "import sys, wordlm.model\n"
-        "assert 'wordlm.cache' not in sys.modules, sorted(name for name in sys.modules if 'wordlm' in name)"
+        "import sys, wordlm.models\n"
+        "assert 'wordlm.data.cache' not in sys.modules, sorted(name for name in sys.modules if 'wordlm' in name)"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -143,11 +163,48 @@ def test_no_class_takes_its_methods_from_another_class():
 
 
 def test_both_models_are_word_models_that_hold_one_decoder():
-    from wordlm.decoder import AdaptiveSoftmax, FullSoftmax
-    from wordlm.model import ModelConfig, RNNModel, TransformerModel, WordModel, build_model
+    from wordlm.models import ModelConfig, RNNModel, TransformerModel, WordModel, build_model
+    from wordlm.models.decoder import AdaptiveSoftmax, FullSoftmax
 
     for options in ({}, {"model_type": "Transformer"}, {"tied": False, "adaptive_softmax": (5,)}):
         model = build_model(ModelConfig(ntoken=12, emsize=4, nhid=4, nlayers=1, **options))
         assert isinstance(model, WordModel) and isinstance(model, (RNNModel, TransformerModel))
         assert isinstance(model.decoder, AdaptiveSoftmax if "adaptive_softmax" in options else FullSoftmax)
     assert RNNModel.__bases__ == TransformerModel.__bases__ == (WordModel,)
+
+
+def public_names(tree: ast.Module) -> list[str]:
+    """The names a module's top level defines (functions, classes, assignments) that do not start with ``_``."""
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [target.id for target in node.targets if isinstance(target, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return [name for name in names if not name.startswith("_")]
+
+
+def declared_all(tree: ast.Module) -> list[str] | None:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__" for target in node.targets):
+            return list(ast.literal_eval(node.value))
+    return None
+
+
+def test_every_module_declares_all_its_public_names_in_all():
+    """``__all__`` is the complete list of a module's public names (a private one starts with ``_``) and every name
+    in it exists: the docstrings' "Main names:" introduce the chief ones, ``__all__`` is the list that cannot drift."""
+    problems = []
+    for name, path in wordlm_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined, declared = public_names(tree), declared_all(tree)
+        if declared is None:
+            problems += [f"{name}: no __all__ for {defined}"] if defined else []
+            continue
+        module = importlib.import_module(name) if name != "wordlm.__main__" else None
+        problems += [f"{name}: {n} is public but not in __all__" for n in defined if n not in declared]
+        lacking = [n for n in declared if module is not None and not hasattr(module, n)]
+        problems += [f"{name}: __all__ names {n}, which it lacks" for n in lacking]
+    assert problems == []

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from wordlm.model import MODEL_TYPES, ModelConfig, RNNModel, detach_hidden
+from wordlm.models import MODEL_TYPES, ModelConfig, RNNModel, detach_hidden
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -17,10 +17,10 @@ from conftest import run_cli, write_corpus
 from test_training import first_lines, switch_epoch
 from torch.profiler import profile
 
-from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from wordlm.data import Vocabulary
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Precision, Reporter, TrainState, train_epoch
+from wordlm.data.corpus import Vocabulary
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from wordlm.training.trainer import Precision, Reporter, TrainState, train_epoch
 
 V = 60
 
@@ -149,11 +149,11 @@ def test_bf16_autocast_trains_close_to_float32_and_keeps_float32_weights():
 def test_the_decoder_is_fused_in_float32_and_under_bf16_autocast(dtype, products, monkeypatch):
     """On the CPU the fused decoder serves float32 and ``amp='bf16'`` (in bfloat16); any other autocast
     (float16) takes the plain path."""
-    import wordlm.decoder
+    import wordlm.models.decoder
 
     seen = []
-    fused_loss = wordlm.decoder.linear_cross_entropy
-    monkeypatch.setattr(wordlm.decoder, "linear_cross_entropy", lambda *a: seen.append(a[-1]) or fused_loss(*a))
+    fused_loss = wordlm.models.decoder.linear_cross_entropy
+    monkeypatch.setattr(wordlm.models.decoder, "linear_cross_entropy", lambda *a: seen.append(a[-1]) or fused_loss(*a))
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(V, emsize=16, nhid=16))
     features, targets = torch.randn(6, 3, 16, requires_grad=True), torch.randint(0, V, (6, 3))

@@ -16,7 +16,7 @@ from conftest import ROOT, cli_env
 SPEC_CONFIG = {"batch_size": "32", "bptt": "35", "clip": "0.25", "dataset": "'./data'", "dropout": "0.2",
                "emsize": "200", "epochs": "40", "log_interval": "200", "lr": "20.0", "model_type": "'LSTM'",
                "nhid": "200", "nlayers": "2", "save": "'model.pt'", "seed": "257", "tied": "True"}  # fmt: skip
-SHIPPED = [f"wordlm/corpora-data/wikitext-2/{name}" for name in ("README.md", "test.txt.xz", "train.txt.xz",
+SHIPPED = [f"wordlm/data/corpora-data/wikitext-2/{name}" for name in ("README.md", "test.txt.xz", "train.txt.xz",
                                                                  "valid.txt.xz")]  # fmt: skip
 
 
@@ -71,7 +71,7 @@ def test_a_built_and_installed_wheel_has_the_command_and_wikitext_2(tmp_path):
     assert_spec_config(run(*command, "print_config", cwd=elsewhere, **env).stdout)
     usage = run(*command, "--help", cwd=elsewhere, **env).stdout
     assert usage.startswith("Usage:\n  wordlm [(with UPDATE...)] [options]\n"), usage[:200]
-    where = "import wordlm.corpora as c; print(c.__file__); print(c.resolve_dataset('./data'))"
+    where = "import wordlm.data.datasets as c; print(c.__file__); print(c.resolve_dataset('./data'))"
     found = run(sys.executable, "-c", where, cwd=elsewhere, **env).stdout.split()
     assert Path(found[0]).is_relative_to(installed) and Path(found[1]).parent == tmp_path / "cache"
     assert (Path(found[1]) / "train.txt").stat().st_size == 10_797_148

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 import wordlm.experiment as experiment
 import wordlm.run
-from wordlm.plots import (
+from wordlm.tracking.plots import (
     LEARNING_CURVES_PNG,
     epochs_at_tokens,
     has_display,
@@ -19,7 +19,7 @@ from wordlm.plots import (
     plot_validation_curves,
     tokens_at_epochs,
 )
-from wordlm.runs import RunRecord, Series, read_run_folder, run_labels
+from wordlm.tracking.runs import RunRecord, Series, read_run_folder, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

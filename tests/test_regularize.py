@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
-from wordlm.training import (
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.models.regularize import LockedDropout, activation_penalties, embedding_dropout, weight_dropped_call
+from wordlm.training.trainer import (
     Reporter,
     TrainState,
     averaged_weights,
@@ -96,7 +96,7 @@ def test_variable_bptt_lengths_and_lr_scaling(tiny_corpus):
     lengths = [sample_bptt(70) for _ in range(2000)]
     assert min(lengths) >= 5 and 60 < np.median(lengths) < 80
     assert 0.02 < np.mean([n < 50 for n in lengths]) < 0.1  # about 5 % around bptt / 2
-    from wordlm.data import batchify, load_corpus
+    from wordlm.data.corpus import batchify, load_corpus
 
     corpus = load_corpus(tiny_corpus)
     model = RNNModel(ModelConfig(ntoken=len(corpus.vocab), emsize=8, nhid=8, nlayers=1))

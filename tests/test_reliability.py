@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, cut_corpus, read_until, run_cli
 
-from wordlm import checkpoint as checkpoint_module
-from wordlm.checkpoint import load_checkpoint, save_checkpoint
 from wordlm.config import resumed_config
-from wordlm.data import Vocabulary
-from wordlm.model import ModelConfig, RNNModel
+from wordlm.data.corpus import Vocabulary
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training import checkpoint as checkpoint_module
+from wordlm.training.checkpoint import load_checkpoint, save_checkpoint
 
 LOSS = re.compile(r"\| epoch +(\d+) \| +(\d+)/ *\d+ batches .*\| loss +([\d.]+) \|")
 RUN = ("with", "smoke", "epochs=3", "max_batches=12", "log_interval=3")

@@ -22,8 +22,8 @@ from test_plots import check_png
 
 import wordlm.experiment as experiment
 from wordlm.errors import UserError
-from wordlm.plots import LEARNING_CURVES_PNG
-from wordlm.runs import (
+from wordlm.tracking.plots import LEARNING_CURVES_PNG
+from wordlm.tracking.runs import (
     SQL_LACKS,
     differing_config_keys,
     format_runs_table,
@@ -409,9 +409,9 @@ def test_runs_starting_together_on_a_new_sqlite_database_are_all_recorded(tmp_pa
 
 def test_a_run_records_its_own_model_when_another_run_replaced_the_shared_save(workdir, tmp_path, monkeypatch):
     """Two runs with one save=: the second's model lands in the file while the first is testing its own."""
-    from wordlm.checkpoint import load_checkpoint, save_checkpoint
-    from wordlm.data import Vocabulary
-    from wordlm.model import ModelConfig, RNNModel
+    from wordlm.data.corpus import Vocabulary
+    from wordlm.models import ModelConfig, RNNModel
+    from wordlm.training.checkpoint import load_checkpoint, save_checkpoint
 
     save = tmp_path / "model.pt"
     from wordlm import run as training_run

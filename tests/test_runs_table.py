@@ -11,7 +11,7 @@ import pytest
 from conftest import cut_corpus, run_cli
 from test_cli import one_error
 
-from wordlm.runs import ALL, RunRecord, Series, format_runs_table, select_runs
+from wordlm.tracking.runs import ALL, RunRecord, Series, format_runs_table, select_runs
 
 TRAIN_HEADER = ["id", "status", "started", "duration", "valid_ppl", "test_ppl", "tokens/s"]
 
@@ -110,7 +110,7 @@ def test_the_command_line_table_fits_columns(recorded, tmp_path):
 
 def test_a_sweep_names_its_trials_in_a_column():
     trial, alone = record("1", lr=20.0), record("2", lr=5.0)
-    trial.info.update(sweep="wordlm", trial=3)  # what a sweep puts in its trials' info (wordlm.sweeps)
+    trial.info.update(sweep="wordlm", trial=3)  # what a sweep puts in its trials' info (wordlm.tracking.sweeps)
     header, first, second = (line.split() for line in format_runs_table([trial, alone]).splitlines())
     assert (header[4], first[5], second[5]) == ("sweep", "wordlm#3", "-")  # (the start time is two words)
     assert format_runs_table([alone, record("3", lr=1.0)]).splitlines()[0].split()[4] == "lr"

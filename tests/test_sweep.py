@@ -22,9 +22,9 @@ from test_runs import postgres_url  # noqa: F401 - the throwaway PostgreSQL serv
 
 import wordlm
 import wordlm.experiment as experiment
-from wordlm import sweeps
 from wordlm.config import defaults, make_config
 from wordlm.errors import UserError
+from wordlm.tracking import sweeps
 
 SPACE = {"lr": {"low": 1, "high": 40, "log": True}, "dropout": {"low": 0.0, "high": 0.6}, "model_type": ["LSTM", "GRU"]}
 QUICK = ["smoke", "epochs=2", "max_batches=4", "log_interval=2"]  # a trial in about a second on the tiny corpus

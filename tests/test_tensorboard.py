@@ -20,7 +20,7 @@ from test_distributed import torchrun
 
 import wordlm
 from wordlm.errors import UserError
-from wordlm.tensorboard_log import run_folder_name
+from wordlm.tracking.tensorboard_log import run_folder_name
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra: .venv/bin/pip install -e '.[tensorboard]'")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

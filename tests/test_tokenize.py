@@ -1,4 +1,4 @@
-"""Tokenizing text files (wordlm.data): line ends, encodings, unknown words, vocabulary limits."""
+"""Tokenizing text files (wordlm.data.corpus): line ends, encodings, unknown words, vocabulary limits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import write_corpus
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from wordlm.data import (
+from wordlm.data.corpus import (
     EOS,
     UNK,
     Vocabulary,

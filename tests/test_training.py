@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import write_corpus
 
-from wordlm import training
-from wordlm.data import batchify, load_corpus
+from wordlm.data.corpus import batchify, load_corpus
 from wordlm.evaluation import evaluate_loss
-from wordlm.model import ModelConfig, RNNModel
-from wordlm.training import Reporter, Trainer, TrainOptions, TrainState, make_optimizer, train_epoch
+from wordlm.models import ModelConfig, RNNModel
+from wordlm.training import trainer as training
+from wordlm.training.trainer import Reporter, Trainer, TrainOptions, TrainState, make_optimizer, train_epoch
 
 
 def make_model(ntoken, seed=0, model_type="LSTM"):
@@ -278,7 +278,7 @@ def test_lr_decay_reaches_every_optimizer_and_each_lowers_the_loss(tiny_corpus, 
 
 
 class Clock:
-    """A ``time.perf_counter`` for training.py alone that moves ``step`` seconds at every reading: training time
+    """A ``time.perf_counter`` for training/trainer.py alone that moves ``step`` seconds at every reading: training time
     as a count of the loop's events, the same on every machine."""
 
     def __init__(self, step: float) -> None:

@@ -15,12 +15,12 @@ from test_reliability import losses, popen, same_weights
 
 import wordlm
 from wordlm import evaluation
-from wordlm.checkpoint import load_checkpoint
 from wordlm.evaluation import target_log_probs
 from wordlm.generation import sample_ids
-from wordlm.model import ModelConfig, build_model, detach_hidden
-from wordlm.training import Precision, Reporter, TrainState, evaluate_loss, train_epoch
-from wordlm.transformer import TransformerModel
+from wordlm.models import ModelConfig, build_model, detach_hidden
+from wordlm.models.transformer import TransformerModel
+from wordlm.training.checkpoint import load_checkpoint
+from wordlm.training.trainer import Precision, Reporter, TrainState, evaluate_loss, train_epoch
 
 V = 40
 SMOKE = ("with", "smoke", "model_type=Transformer")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from wordlm.config import build_model_config, validate_training_config
 from wordlm.errors import UserError
 from wordlm.experiment import ex
-from wordlm.model import ModelConfig
+from wordlm.models import ModelConfig
 from wordlm.run import plan_run
 
 DEFAULTS = dict(ex.configurations[0]())  # every key of the experiment, as Sacred builds them: never stale

@@ -25,8 +25,8 @@ def __getattr__(name: str):
         from wordlm import api
 
         return getattr(api, name)
-    if name == "sweep":  # (its module is wordlm.sweeps: a submodule named sweep would replace the function)
-        from wordlm.sweeps import sweep
+    if name == "sweep":  # (its module is wordlm.tracking.sweeps: a submodule named sweep would replace the function)
+        from wordlm.tracking.sweeps import sweep
 
         return sweep
     if name == "PRESETS":

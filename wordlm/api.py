@@ -1,6 +1,6 @@
 """The Python API: train a model, load a checkpoint, sample text, score text, save it again.
 
-Lives here: ``train``, and the names it gives and takes (``TrainingRun`` from ``wordlm.run``, ``load``,
+Main names: ``train``, and the names it gives and takes (``TrainingRun`` from ``wordlm.run``, ``load``,
 ``LanguageModel`` and ``Text`` from ``wordlm.language_model``). Must not import Sacred: the
 commands of ``wordlm.experiment`` are thin clients of the same code, so that a run of ``main.py with ...``
 and ``train(...)`` with the same keys train alike, and the text ``generate.py`` writes and the perplexity

@@ -1,6 +1,6 @@
 """Checks of values shared by the Python API and the command line, each raising one ``UserError`` line.
 
-Lives here: ``check_int``, ``check_positive_int``, ``check_positive_number``, ``check_number_in``,
+Main names: ``check_int``, ``check_positive_int``, ``check_positive_number``, ``check_number_in``,
 ``check_within_float32``, ``check_seed``, ``check_checkpoint_path``, ``check_readable_path``, ``check_path``,
 ``check_output`` and ``write_output`` (every output path, by the one policy of ``wordlm.files``), ``path_problem`` and
 ``resolve_device``. Must not import Sacred: ``wordlm.experiment`` turns a ``UserError`` into its one-line ``error``.
@@ -19,6 +19,12 @@ import torch
 
 from wordlm.errors import UserError
 from wordlm.files import atomic_file, output_kind, same_file, write_target, write_through
+
+__all__ = [
+    "check_int", "check_positive_int", "check_within_float32", "check_positive_number", "check_number_in",
+    "check_seed", "check_checkpoint_path", "path_problem", "check_readable_path", "check_path", "Output",
+    "check_output", "standard_stream", "write_output", "resolve_device"
+]  # fmt: skip
 
 
 def check_int(key: str, value, low: int = 1, allow_none: bool = False, hint: str = "") -> None:

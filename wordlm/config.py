@@ -1,6 +1,6 @@
 """The training config: every key with its default and doc, the presets, the checks, and resume's merge.
 
-Lives here: ``training_config`` (the keys as a config scope: ``wordlm.experiment`` hands it to Sacred, whose
+Main names: ``training_config`` (the keys as a config scope: ``wordlm.experiment`` hands it to Sacred, whose
 ``print_config`` shows its comments; ``defaults`` reads it without Sacred), ``PRESETS``, ``make_config`` (the
 config of ``wordlm.train``), ``validate_training_config``, ``resumed_config`` and ``differing_keys``. Must not import
 Sacred.
@@ -17,10 +17,17 @@ import textwrap
 from pathlib import Path
 
 from wordlm.checks import check_positive_int, check_positive_number
-from wordlm.corpora import resolve_dataset
+from wordlm.data.datasets import resolve_dataset
 from wordlm.errors import UserError
-from wordlm.model import TRANSFORMER, ModelConfig
-from wordlm.training import OPTIMIZERS, amp_problem
+from wordlm.models import TRANSFORMER, ModelConfig
+from wordlm.training.trainer import OPTIMIZERS, amp_problem
+
+__all__ = [
+    "training_config", "ZAREMBA_SMALL", "ZAREMBA_MEDIUM", "ZAREMBA_LARGE", "PRESS_WOLF_LARGE_TIED",
+    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_PTB", "SMOKE",
+    "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
+    "build_model_config", "FIXED_ON_RESUME", "resumed_config", "differing_keys"
+]  # fmt: skip
 
 
 # The training keys, their defaults and one-line docs: a config scope (``print_config`` shows the comments), so

@@ -2,6 +2,8 @@
 
 import sys
 
+__all__ = ["UserError", "warn"]
+
 
 class UserError(Exception):
     """Bad input from the user: a missing file, a bad key value, a corrupt corpus.

@@ -1,6 +1,6 @@
 """Scoring text with a trained model: perplexity, per-token and per-line scores, the cache pointer, dynamic evaluation.
 
-Lives here: ``perplexity``, ``eval_chunk_tokens``, ``target_chunks`` (the one walk over a text that makes every
+Main names: ``perplexity``, ``eval_chunk_tokens``, ``target_chunks`` (the one walk over a text that makes every
 token but the first a target exactly once), ``evaluate_loss``, ``target_log_probs``, ``tokenize_for_scoring``,
 ``score_lines``, ``cache_pointer_loss`` (``cache_pointer_states``, the model's one pass, then
 ``cache_mixed_loss``, the cache for one setting), ``dynamic_evaluation_loss``, ``check_evaluation_options`` and
@@ -28,11 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from wordlm.checks import check_number_in, check_positive_int
-from wordlm.data import UNK, Vocabulary, batchify_eval, get_batch, tokenize_file, tokenize_text
-from wordlm.distributed import SINGLE, World
+from wordlm.data.corpus import UNK, Vocabulary, batchify_eval, get_batch, tokenize_file, tokenize_text
 from wordlm.errors import UserError
-from wordlm.fused import frozen_decoder
-from wordlm.model import WordModel, detach_hidden, unwrap
+from wordlm.models import WordModel, detach_hidden, unwrap
+from wordlm.models.fused import frozen_decoder
+from wordlm.training.distributed import SINGLE, World
+
+__all__ = [
+    "EVAL_TOKENS", "EVAL_BUFFER_BYTES", "perplexity", "eval_chunk_tokens", "target_chunks", "evaluate_loss",
+    "target_log_probs", "tokenize_for_scoring", "score_lines", "cache_pointer_states", "cache_mixed_loss",
+    "cache_pointer_loss", "dynamic_evaluation_loss", "check_evaluation_options", "evaluate_text"
+]  # fmt: skip
 
 EVAL_TOKENS = 1024  # tokens per decoder call in evaluation: matmul-sized, yet a modest buffer ...
 EVAL_BUFFER_BYTES = 128 << 20  # ... unless the (V, tokens) float32 buffer would pass this
@@ -96,7 +102,7 @@ def evaluate_loss(
 
     The targets are those of ``target_chunks``, so the result does not depend on how the columns are cut
     into chunks (``bptt`` is accepted for symmetry with training and ignored). The decoder is the fused
-    one of ``wordlm.fused``, its weights frozen for the pass. In a ``world`` of several processes each rank
+    one of ``wordlm.models.fused``, its weights frozen for the pass. In a ``world`` of several processes each rank
     scores its share and the sums are added up: every rank returns the figure one process would.
 
     Returns:

@@ -24,30 +24,16 @@ from sacred.observers import FileStorageObserver, SqlObserver
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-# Modules only used through others: named here so that Sacred records them among the run's sources.
+# Modules only used through others: named here (and, among the imports below, each ``noqa: F401`` module of a
+# sub-package) so that Sacred records them among the run's sources.
 from wordlm import (  # noqa: F401
     __version__,
     api,
-    cache,
-    data,
-    decoder,
-    download,
     files,
-    fused,
-    hidden,
-    regularize,
-    rnn,
-    signals,
     system,
-    tensorboard_log,
-    training,
-    transformer,
     version,
-    word_model,
 )  # fmt: skip
-from wordlm import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)
-from wordlm import model as _model_module  # noqa: F401
-from wordlm import sweeps as _sweeps
+from wordlm import models as _model_module  # noqa: F401
 from wordlm.api import load
 from wordlm.checks import (
     Output,
@@ -60,9 +46,10 @@ from wordlm.checks import (
     write_output,
 )
 from wordlm.config import PRESETS, defaults, did_you_mean, training_config
-from wordlm.corpora import resolve_dataset
-from wordlm.data import SPLITS, UNK
-from wordlm.distributed import launched_rank
+from wordlm.data import cache, download  # noqa: F401
+from wordlm.data import corpus as data  # noqa: F401
+from wordlm.data.corpus import SPLITS, UNK
+from wordlm.data.datasets import resolve_dataset
 from wordlm.errors import UserError
 from wordlm.evaluation import check_evaluation_options, evaluate_text, perplexity
 from wordlm.export import check_export_available, export_onnx
@@ -71,9 +58,12 @@ from wordlm.generation import (
     encode_prompt,
     format_samples,
 )
-from wordlm.plots import has_display, plot_validation_curves
+from wordlm.models import decoder, fused, hidden, regularize, rnn, transformer, word_model  # noqa: F401
 from wordlm.run import Recorder, RunFinished, plan_run, train_run
-from wordlm.runs import (
+from wordlm.tracking import sweeps as _sweeps
+from wordlm.tracking import tensorboard_log  # noqa: F401
+from wordlm.tracking.plots import has_display, plot_validation_curves
+from wordlm.tracking.runs import (
     ALL,
     SQL_LACKS,
     TRAIN,
@@ -83,6 +73,15 @@ from wordlm.runs import (
     read_runs_dir,
     select_runs,
 )
+from wordlm.training import checkpoint as _checkpoint_module  # noqa: F401 - (checkpoint and model are config keys)
+from wordlm.training import signals  # noqa: F401
+from wordlm.training import trainer as training  # noqa: F401
+from wordlm.training.distributed import launched_rank
+
+__all__ = [
+    "ex", "error", "commands_config", "train", "runs_config", "runs", "plot", "generate", "evaluate", "export",
+    "sweep_config", "sweep", "main"
+]  # fmt: skip
 
 
 def _has_git_commit(path: str) -> bool:

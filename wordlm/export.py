@@ -1,6 +1,6 @@
 """One step of a trained model as an ONNX file, for runtimes without PyTorch.
 
-Lives here: ``state_names``, ``flatten_state``, ``unflatten_state``, ``export_onnx``, ``check_export_available``.
+Main names: ``state_names``, ``flatten_state``, ``unflatten_state``, ``export_onnx``, ``check_export_available``.
 Must not import Sacred. Needs the optional ``onnx`` extra (``.venv/bin/pip install -e '.[onnx]'`` in the
 clone: onnx and onnxscript export, onnxruntime runs the result).
 
@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wordlm.data import Vocabulary
+from wordlm.data.corpus import Vocabulary
 from wordlm.errors import UserError
 from wordlm.files import atomic_path
-from wordlm.hidden import Hidden, map_hidden
-from wordlm.model import WordModel
+from wordlm.models import WordModel
+from wordlm.models.hidden import Hidden, map_hidden
+
+__all__ = ["state_names", "flatten_state", "unflatten_state", "export_onnx", "check_export_available"]
 
 _EXPORT_NEEDS = ("onnx", "onnxscript")
 _CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # each logs every optimisation pass at INFO

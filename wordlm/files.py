@@ -1,6 +1,6 @@
 """Files that appear whole or not at all, and what an output path names before anything is written to it.
 
-Lives here: ``atomic_file``, ``atomic_path``, ``output_kind``, ``write_through`` and ``same_file``. Must not import
+Main names: ``atomic_file``, ``atomic_path``, ``output_kind``, ``write_through`` and ``same_file``. Must not import
 Sacred or any other ``wordlm`` module.
 
 The one policy for every output (checkpoints, text, ONNX, pictures):
@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+__all__ = ["output_kind", "write_target", "atomic_file", "atomic_path", "write_through", "same_file"]
 
 _SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
             stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}  # fmt: skip

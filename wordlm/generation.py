@@ -1,6 +1,6 @@
 """Sampling new text from a trained model (scoring given text is ``wordlm.evaluation``).
 
-Lives here: ``check_sampling_options`` (with the limits ``MAX_WORDS``, ``MAX_SAMPLES`` and ``MAX_TOKENS``),
+Main names: ``check_sampling_options`` (with the limits ``MAX_WORDS``, ``MAX_SAMPLES`` and ``MAX_TOKENS``),
 ``encode_prompt``, ``filter_logits``, ``sample_next``, ``sample_ids``, ``generate_words`` and ``format_samples``.
 Must not import Sacred: every knob is an argument, and randomness comes from an optional
 ``torch.Generator`` (the global generator when it is ``None``).
@@ -20,9 +20,14 @@ import math
 import torch
 
 from wordlm.checks import check_int
-from wordlm.data import EOS, UNK, Vocabulary
+from wordlm.data.corpus import EOS, UNK, Vocabulary
 from wordlm.errors import UserError
-from wordlm.model import WordModel
+from wordlm.models import WordModel
+
+__all__ = [
+    "MAX_WORDS", "MAX_SAMPLES", "MAX_TOKENS", "check_sampling_options", "encode_prompt", "filter_logits",
+    "sample_next", "sample_ids", "generate_words", "format_samples"
+]  # fmt: skip
 
 # The most one call samples, so that sampling never asks for memory a machine lacks and always ends:
 # - MAX_WORDS: a million tokens a sample is about 7 MB of text and a million steps one after the other, minutes

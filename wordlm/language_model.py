@@ -1,6 +1,6 @@
 """A trained model as users hold it: ``LanguageModel`` (sample, generate, score, save) and ``load``.
 
-Lives here: ``load``, ``LanguageModel`` and ``Text``. Must not import Sacred. What its methods return is what the
+Main names: ``load``, ``LanguageModel`` and ``Text``. Must not import Sacred. What its methods return is what the
 command line's ``generate`` writes and ``evaluate`` prints: both call them.
 """
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from wordlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.checks import (
     check_checkpoint_path,
     check_output,
@@ -22,11 +21,14 @@ from wordlm.checks import (
     path_problem,
     resolve_device,
 )
-from wordlm.data import EOS, Vocabulary
+from wordlm.data.corpus import EOS, Vocabulary
 from wordlm.errors import UserError
 from wordlm.evaluation import evaluate_text, perplexity, score_lines, target_log_probs, tokenize_for_scoring
 from wordlm.generation import check_sampling_options, format_samples, generate_words
-from wordlm.model import ModelConfig, WordModel
+from wordlm.models import ModelConfig, WordModel
+from wordlm.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+__all__ = ["Text", "load", "LanguageModel"]
 
 Text = str | os.PathLike | torch.Tensor  # text itself, a UTF-8 file, or the ids ``LanguageModel.tokenize`` gave
 

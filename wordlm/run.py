@@ -1,6 +1,6 @@
 """One training run from a config: check, set up, train, test, save, record.
 
-Lives here: ``plan_run`` (the one check of a run's values before any work, and resume's merge), its ``RunPlan``,
+Main names: ``plan_run`` (the one check of a run's values before any work, and resume's merge), its ``RunPlan``,
 ``train_run`` (what ``wordlm.train`` and ``main.py with ...`` both call), its ``TrainingRun``, and the ``Recorder`` a
 run reports its figures to: in memory here; the command line's forwards them to Sacred's run.
 Must not import Sacred.
@@ -21,13 +21,24 @@ from pathlib import Path
 
 import torch
 
-from wordlm.cache import load_corpus_cached
-from wordlm.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
 from wordlm.checks import check_output, check_path, path_problem, resolve_device
 from wordlm.config import PRESETS, build_model_config, differing_keys, resumed_config, validate_training_config
-from wordlm.corpora import check_dataset, load_dataset, resolve_dataset
-from wordlm.data import SPLITS, Corpus, batchify
-from wordlm.distributed import (
+from wordlm.data.cache import load_corpus_cached
+from wordlm.data.corpus import SPLITS, Corpus, batchify
+from wordlm.data.datasets import check_dataset, load_dataset, resolve_dataset
+from wordlm.errors import UserError, warn
+from wordlm.evaluation import evaluate_loss, perplexity
+from wordlm.export import check_export_available, export_onnx
+from wordlm.files import same_file
+from wordlm.generation import format_samples, generate_words
+from wordlm.language_model import LanguageModel
+from wordlm.models import ModelConfig, build_model
+from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
+from wordlm.tracking.plots import LEARNING_CURVES_PNG, plot_learning_curves
+from wordlm.tracking.runs import MetricHistory
+from wordlm.tracking.tensorboard_log import SAMPLE_WORDS, TensorBoardLog, check_tensorboard, run_folder_name
+from wordlm.training.checkpoint import CheckpointKeeper, check_checkpoint_file, load_checkpoint
+from wordlm.training.distributed import (
     World,
     elastic_restarts,
     launched_size,
@@ -37,19 +48,8 @@ from wordlm.distributed import (
     start_world,
     stop_world,
 )
-from wordlm.errors import UserError, warn
-from wordlm.evaluation import evaluate_loss, perplexity
-from wordlm.export import check_export_available, export_onnx
-from wordlm.files import same_file
-from wordlm.generation import format_samples, generate_words
-from wordlm.language_model import LanguageModel
-from wordlm.model import ModelConfig, build_model
-from wordlm.plots import LEARNING_CURVES_PNG, plot_learning_curves
-from wordlm.runs import MetricHistory
-from wordlm.signals import StopRequests, ignore_termination
-from wordlm.system import bfloat16_unavailable, tune_cpu_allocator
-from wordlm.tensorboard_log import SAMPLE_WORDS, TensorBoardLog, check_tensorboard, run_folder_name
-from wordlm.training import (
+from wordlm.training.signals import StopRequests, ignore_termination
+from wordlm.training.trainer import (
     Precision,
     Reporter,
     Trainer,
@@ -59,6 +59,11 @@ from wordlm.training import (
     resume_training,
 )
 from wordlm.version import __version__
+
+__all__ = [
+    "Recorder", "TrainingRun", "AUTO", "RUN_ID_ENV", "RunFinished", "RunPlan", "restart_count", "plan_run",
+    "train_run"
+]  # fmt: skip
 
 
 class Recorder:

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+__all__ = ["tune_cpu_allocator", "bfloat16_unavailable"]
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _TUNED = False

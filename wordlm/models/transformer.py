@@ -1,6 +1,6 @@
 """The Transformer language model: causal self-attention over a sliding window that reaches into earlier chunks.
 
-Lives here: ``TransformerModel``. Must not import Sacred. ``wordlm.model.build_model`` builds it for
+Main names: ``TransformerModel``. Must not import Sacred. ``wordlm.models.build_model`` builds it for
 ``model_type='Transformer'``; a ``WordModel`` as ``RNNModel`` is, with the same decoder, so training,
 evaluation, generation, checkpoints, DDP and ONNX export treat both alike.
 
@@ -29,9 +29,11 @@ import math
 import torch
 from torch import nn
 
-from wordlm.hidden import Hidden
-from wordlm.regularize import embedding_dropout
-from wordlm.word_model import ModelConfig, WordModel
+from wordlm.models.hidden import Hidden
+from wordlm.models.regularize import embedding_dropout
+from wordlm.models.word_model import ModelConfig, WordModel
+
+__all__ = ["TransformerModel"]
 
 
 class _Layer(nn.Module):

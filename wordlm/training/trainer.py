@@ -1,6 +1,6 @@
 """Truncated-BPTT training of a language model.
 
-Lives here: ``TrainState`` (everything a resume needs besides weights), ``train_epoch`` (one pass of truncated
+Main names: ``TrainState`` (everything a resume needs besides weights), ``train_epoch`` (one pass of truncated
 BPTT), the ``Trainer`` (the loop and its policies: lr schedule, NT-ASGD, divergence, stops, checkpoints) and
 the console reporter; validation is ``wordlm.evaluation.evaluate_loss``. Must not import Sacred: every knob is
 an argument.
@@ -21,14 +21,21 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from wordlm.checkpoint import NoCheckpoints
-from wordlm.data import get_batch
-from wordlm.distributed import SINGLE, World, rank_rng_state
+from wordlm.data.corpus import get_batch
 from wordlm.errors import UserError, warn
 from wordlm.evaluation import evaluate_loss, perplexity
-from wordlm.hidden import Hidden, map_hidden
-from wordlm.model import WordModel, detach_hidden, unwrap
-from wordlm.signals import StopRequests
+from wordlm.models import WordModel, detach_hidden, unwrap
+from wordlm.models.hidden import Hidden, map_hidden
+from wordlm.training.checkpoint import NoCheckpoints
+from wordlm.training.distributed import SINGLE, World, rank_rng_state
+from wordlm.training.signals import StopRequests
+
+__all__ = [
+    "MetricLogger", "BatchHook", "TrainState", "Diverged", "capture_rng_state", "restore_rng_state", "Reporter",
+    "AMP_DTYPES", "amp_problem", "Precision", "FLOAT32", "count_batches", "sample_bptt", "OPTIMIZERS",
+    "make_optimizer", "averaging_optimizer", "averaged_weights", "train_epoch", "set_lr", "TrainOptions",
+    "MAX_RELOADS", "Trainer", "resume_training"
+]  # fmt: skip
 
 MetricLogger = Callable[[str, float, int], None]
 BatchHook = Callable[[], None]
@@ -412,11 +419,11 @@ class Trainer:
       and divides the lr by 4 (at most ``MAX_RELOADS`` times);
     - stop requests: a signal to any rank stops every rank at the same batch (``KeyboardInterrupt``), ``state``
       telling where training stood;
-    - checkpoints: it hands ``checkpoints`` (a ``wordlm.checkpoint.CheckpointKeeper``; by default
+    - checkpoints: it hands ``checkpoints`` (a ``wordlm.training.checkpoint.CheckpointKeeper``; by default
       ``NoCheckpoints``, which keeps nothing) the state to write (``training_payload``) when validation improves,
       after each epoch and every ``checkpoint_every`` minutes;
     - ending early: ``end_early``, asked after each validated epoch that leaves more to train, may give a reason
-      (a sweep's pruner: ``wordlm.sweeps``) to end training there, as after the last epoch.
+      (a sweep's pruner: ``wordlm.tracking.sweeps``) to end training there, as after the last epoch.
 
     In a ``world`` of several processes ``network`` is the DistributedDataParallel wrapper (``model`` the model
     inside it), ``train_data`` this rank's block of columns, and every rank sees the same losses, so all take

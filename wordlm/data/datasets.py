@@ -1,6 +1,6 @@
 """Where corpora come from: known corpora by name, local folders, the ``./data`` default.
 
-Lives here: ``KNOWN_CORPORA``, ``SHIPPED_CORPORA``, ``unpack_shipped``, ``resolve_dataset``, ``check_dataset``
+Main names: ``KNOWN_CORPORA``, ``SHIPPED_CORPORA``, ``unpack_shipped``, ``resolve_dataset``, ``check_dataset``
 and ``load_dataset``. Must not import Sacred.
 
 ``dataset`` may be
@@ -10,9 +10,9 @@ and ``load_dataset``. Must not import Sacred.
   copy shipped inside the package (no network), and PTB is downloaded into ``./data/<name>``;
 - the spec's default ``./data``: the folder itself when it holds a corpus, else WikiText-2 as above.
 
-The shipped copy is xz-compressed package data (``wordlm/corpora-data/<name>/<split>.txt.xz``). It is
+The shipped copy is xz-compressed package data (``wordlm/data/corpora-data/<name>/<split>.txt.xz``). It is
 unpacked once into the cache folder (``<cache>/<name>-<tag>/``, the tag naming the pinned sums), and
-the unpacked files are checked against the SHA-256 sums pinned in ``wordlm.download.SOURCES`` at every
+the unpacked files are checked against the SHA-256 sums pinned in ``wordlm.data.download.SOURCES`` at every
 start (about 10 ms for WikiText-2): a damaged or edited file is unpacked again. From there on it is an
 ordinary corpus folder, so the tokenized-corpus cache, checkpoints' ``corpus_folder`` and resume treat
 it like any other. Unpacking costs about 0.2 s once; reading the xz stream at every start would cost
@@ -33,12 +33,17 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from wordlm.cache import cache_folder, file_sha256, load_corpus_cached
 from wordlm.checks import check_readable_path
-from wordlm.data import SPLITS, Corpus
-from wordlm.download import SOURCES, download_corpus
+from wordlm.data.cache import cache_folder, file_sha256, load_corpus_cached
+from wordlm.data.corpus import SPLITS, Corpus
+from wordlm.data.download import SOURCES, download_corpus
 from wordlm.errors import UserError
 from wordlm.files import atomic_file
+
+__all__ = [
+    "DEFAULT_CORPUS", "KNOWN_CORPORA", "DATA_ENV", "SHIPPED_CORPORA", "unpack_shipped", "NotDownloaded",
+    "resolve_dataset", "check_dataset", "load_dataset"
+]  # fmt: skip
 
 DEFAULT_CORPUS = "wikitext-2"
 KNOWN_CORPORA = {"wikitext-2": "wikitext-2", "wikitext2": "wikitext-2", "wt2": "wikitext-2",
@@ -93,7 +98,7 @@ def _known_name(dataset: str, path: Path, data_root: Path) -> str | None:
 
 def _shipped_file(name: str, filename: str):
     """The packaged ``<filename>.xz`` of corpus ``name`` (an ``importlib.resources`` traversable)."""
-    return resources.files("wordlm") / _SHIPPED_DATA / name / f"{filename}.xz"
+    return resources.files("wordlm.data") / _SHIPPED_DATA / name / f"{filename}.xz"
 
 
 def _damaged(name: str, what: str) -> UserError:
@@ -127,7 +132,7 @@ def unpack_shipped(
 ) -> Path:
     """The folder of the corpus shipped with wordlm as ``name``, unpacked into the cache when need be.
 
-    Files already there are kept when their SHA-256 is the pinned one (``wordlm.download.SOURCES``);
+    Files already there are kept when their SHA-256 is the pinned one (``wordlm.data.download.SOURCES``);
     missing or altered ones are unpacked (again). When the cache folder cannot be written, the files
     go to a temporary folder that is removed when the process exits.
 
@@ -144,7 +149,7 @@ def unpack_shipped(
     """
     sums = {filename: sha256 for filename, (_, sha256) in SOURCES[name].items()}
     if not all(_shipped_file(name, filename).is_file() for filename in sums):
-        raise _damaged(name, f"is missing ({resources.files('wordlm') / _SHIPPED_DATA / name} lacks a file)")
+        raise _damaged(name, f"is missing ({resources.files('wordlm.data') / _SHIPPED_DATA / name} lacks a file)")
     tag = hashlib.sha256(" ".join(sums[filename] for filename in sorted(sums)).encode()).hexdigest()[:16]
     folder = (Path(cache_dir) if cache_dir is not None else cache_folder()) / f"{name}-{tag}"
     stale = [f for f in sums if not ((folder / f).is_file() and file_sha256(folder / f) == sums[f])]
@@ -190,7 +195,7 @@ def resolve_dataset(
     Args:
         dataset: a folder, a known corpus name, or ``data_root`` (see the module docstring).
         data_root: the folder of downloaded corpora (``./data``).
-        sources: the download table (None: ``wordlm.download.SOURCES``).
+        sources: the download table (None: ``wordlm.data.download.SOURCES``).
         log: told about unpacking and downloads.
         cache_dir: where a shipped corpus is unpacked (None: ``$WORDLM_CACHE`` or ``~/.cache/wordlm``).
         fetch: whether a known corpus not on disk may be downloaded (False: ``NotDownloaded`` instead).
@@ -252,7 +257,7 @@ def load_dataset(
         min_freq: words of train seen fewer times become ``<unk>``.
         max_vocab: keep at most this many words, the most frequent (None: all).
         cache_dir: the cache folder (None: ``$WORDLM_CACHE`` or ``~/.cache/wordlm``).
-        sources: the download table (None: ``wordlm.download.SOURCES``).
+        sources: the download table (None: ``wordlm.data.download.SOURCES``).
 
     Raises:
         UserError: one line saying what is wrong with the corpus and how to fix it.

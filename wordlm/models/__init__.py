@@ -1,10 +1,15 @@
 """The models, by ``model_type``: the one place the package chooses between them.
 
-Lives here: ``build_model`` (the model a ``ModelConfig`` describes), ``unwrap`` and ``detach_hidden``; and, so
+The model layer (``wordlm.models``): ``word_model`` (the base class and its config), ``rnn`` and ``transformer``
+(the two kinds), ``decoder`` (full or adaptive softmax), ``fused`` (its CPU loss kernels), ``regularize`` and
+``hidden``. It imports nothing above it: only its own modules and the leaf ``wordlm.files`` (and, inside one
+function of ``fused``, the cache folder of ``wordlm.data.cache``); never training, tracking or Sacred.
+
+Main names: ``build_model`` (the model a ``ModelConfig`` describes), ``unwrap`` and ``detach_hidden``; and, so
 that the rest of the package imports them from one place, ``ModelConfig``, ``MODEL_TYPES``, ``TRANSFORMER`` and
-``WordModel`` (``wordlm.word_model``: the type of any wordlm model), ``RNNModel`` (``wordlm.rnn``) and
-``TransformerModel`` (``wordlm.transformer``). Both models hold the decoder of ``wordlm.decoder``. Must not
-import Sacred.
+``WordModel`` (``wordlm.models.word_model``: the type of any wordlm model), ``RNNModel`` (``wordlm.models.rnn``) and
+``TransformerModel`` (``wordlm.models.transformer``). Both models hold the decoder of ``wordlm.models.decoder``. Must
+not import Sacred.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wordlm.hidden import Hidden, map_hidden
-from wordlm.rnn import RNNModel
-from wordlm.transformer import TransformerModel
-from wordlm.word_model import MODEL_TYPES, TRANSFORMER, ModelConfig, WordModel
+from wordlm.models.hidden import Hidden, map_hidden
+from wordlm.models.rnn import RNNModel
+from wordlm.models.transformer import TransformerModel
+from wordlm.models.word_model import MODEL_TYPES, TRANSFORMER, ModelConfig, WordModel
 
 __all__ = ["MODEL_TYPES", "TRANSFORMER", "ModelConfig", "RNNModel", "TransformerModel", "WordModel", "build_model",
            "detach_hidden", "unwrap"]  # fmt: skip

@@ -1,6 +1,6 @@
 """Corpora as token ids, and the batch layout of truncated backpropagation through time.
 
-Lives here: ``Vocabulary``, ``Corpus``, ``TokenizedCorpus``, ``tokenize_file``, ``tokenize_text``, ``tokenize_corpus``,
+Main names: ``Vocabulary``, ``Corpus``, ``TokenizedCorpus``, ``tokenize_file``, ``tokenize_text``, ``tokenize_corpus``,
 ``load_corpus``, ``restrict_vocabulary``, ``batchify``, ``batchify_eval`` and ``get_batch``. Must not import Sacred or
 any other ``wordlm`` module but ``errors``.
 
@@ -30,6 +30,12 @@ import torch
 
 from wordlm.checks import check_int
 from wordlm.errors import UserError
+
+__all__ = [
+    "EOS", "UNK", "SPLITS", "Vocabulary", "Corpus", "TokenizedCorpus", "tokenize_file", "tokenize_text",
+    "check_vocabulary_options", "restrict_vocabulary", "corpus_paths", "tokenize_corpus", "load_corpus", "batchify",
+    "get_batch", "batchify_eval"
+]  # fmt: skip
 
 EOS = "<eos>"
 UNK = "<unk>"

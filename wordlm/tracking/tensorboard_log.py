@@ -1,6 +1,6 @@
 """TensorBoard event files, written live while a run trains (the ``tensorboard`` key).
 
-Lives here: ``check_tensorboard`` (the key's value, checked before any work: TensorBoard installed, the folder
+Main names: ``check_tensorboard`` (the key's value, checked before any work: TensorBoard installed, the folder
 writable), ``run_folder_name`` (the sub-folder that tells one run from another) and ``TensorBoardLog`` (the writer a
 training run's figures pass through on their way to its ``Recorder``). Must not import Sacred. TensorBoard is an
 optional extra: ``torch.utils.tensorboard`` is imported only when the key is set.
@@ -26,6 +26,10 @@ from pathlib import Path
 
 from wordlm.checks import _can_create_in, path_problem
 from wordlm.errors import UserError
+
+__all__ = [
+    "INSTALL", "SAMPLE_WORDS", "FLUSH_SECONDS", "MAX_NAME", "check_tensorboard", "run_folder_name", "TensorBoardLog"
+]  # fmt: skip
 
 INSTALL = "run .venv/bin/pip install -e '.[tensorboard]' in the wordlm clone"
 SAMPLE_WORDS = 40  # the sample written as text after each validation: this many tokens

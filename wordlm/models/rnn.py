@@ -1,6 +1,6 @@
 """The recurrent language model: embedding → dropout → RNN/GRU/LSTM → dropout → decoder.
 
-Lives here: ``RNNModel``. Must not import Sacred. ``wordlm.model.build_model`` builds it for the recurrent
+Main names: ``RNNModel``. Must not import Sacred. ``wordlm.models.build_model`` builds it for the recurrent
 ``model_type``s (``MODEL_TYPES``).
 
 Shape letters: ``T`` time steps, ``B`` batch, ``E`` emsize, ``H`` nhid, ``L`` nlayers.
@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wordlm.hidden import Hidden
-from wordlm.regularize import LockedDropout, embedding_dropout, weight_dropped_call
-from wordlm.word_model import ModelConfig, WordModel
+from wordlm.models.hidden import Hidden
+from wordlm.models.regularize import LockedDropout, embedding_dropout, weight_dropped_call
+from wordlm.models.word_model import ModelConfig, WordModel
+
+__all__ = ["RNNModel"]
 
 
 class RNNModel(WordModel):

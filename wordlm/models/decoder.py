@@ -1,12 +1,12 @@
 """The decoder every wordlm model ends in: top-layer features → scores of the next word, and its losses.
 
-Lives here: ``FullSoftmax``, ``AdaptiveSoftmax``, ``Decoder`` (either) and ``build_decoder``. Must not import
+Main names: ``FullSoftmax``, ``AdaptiveSoftmax``, ``Decoder`` (either) and ``build_decoder``. Must not import
 Sacred. Both models hold one as ``model.decoder``; it sees plain sizes, not a config.
 
 Each decoder offers ``scores(features)`` (what ``model(inputs, hidden)`` returns), ``loss(features, targets)``
 (the mean cross-entropy, training), ``nll_sum(features, targets)`` (the summed negative log-likelihood,
 evaluation) and ``init_classic()`` (the classic example's initialisation). On the CPU the full softmax computes
-its losses with ``wordlm.fused`` wherever ``fused.fused_dtype`` says that path serves.
+its losses with ``wordlm.models.fused`` wherever ``fused.fused_dtype`` says that path serves.
 
 Shape letters: ``N`` tokens, ``H`` feature size, ``V`` vocabulary; ``...`` any leading dimensions.
 """
@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wordlm.fused import fused_dtype, linear_cross_entropy, linear_nll_sum
+from wordlm.models.fused import fused_dtype, linear_cross_entropy, linear_nll_sum
+
+__all__ = ["FullSoftmax", "AdaptiveSoftmax", "Decoder", "build_decoder"]
 
 
 class FullSoftmax(nn.Linear):
@@ -41,7 +43,7 @@ class FullSoftmax(nn.Linear):
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the softmax over ``features`` (..., H) against ``targets`` (...).
 
-        On the CPU this runs the fused path of ``wordlm.fused`` (same math, about half the non-matmul time;
+        On the CPU this runs the fused path of ``wordlm.models.fused`` (same math, about half the non-matmul time;
         in bfloat16 under ``amp='bf16'``); elsewhere the plain ``cross_entropy`` of the logits, which
         cuDNN/cuBLAS already serve well.
         """

@@ -1,6 +1,6 @@
 """Checkpoints as plain data: written atomically, loaded without ever running code from the file.
 
-Lives here: ``save_checkpoint``, ``write_payload``, ``check_checkpoint_file``, ``load_checkpoint``,
+Main names: ``save_checkpoint``, ``write_payload``, ``check_checkpoint_file``, ``load_checkpoint``,
 ``model_from_checkpoint``, and the ``CheckpointKeeper`` of a training run (best, latest and stopped states) with its
 null object ``NoCheckpoints``. Must not import Sacred, nor the trainer: the trainer hands the keeper plain payloads.
 
@@ -31,10 +31,15 @@ from pathlib import Path
 
 import torch
 
-from wordlm.data import Vocabulary
+from wordlm.data.corpus import Vocabulary
 from wordlm.errors import UserError, warn
 from wordlm.files import atomic_file
-from wordlm.model import ModelConfig, WordModel, build_model
+from wordlm.models import ModelConfig, WordModel, build_model
+
+__all__ = [
+    "FORMAT_VERSION", "save_checkpoint", "write_payload", "MAX_PICKLE_BYTES", "check_checkpoint_file",
+    "load_checkpoint", "model_from_checkpoint", "CheckpointKeeper", "NoCheckpoints"
+]  # fmt: skip
 
 FORMAT_VERSION = 1
 
@@ -225,7 +230,7 @@ class CheckpointKeeper:
     """The checkpoints of one training run: the best model (``save``), the latest state (``save_last``), the
     model at a stop before any epoch finished, and the weights of a resumed one (``restore``). It only writes and
     reads files: the trainer hands it ``training`` payloads (what a resume needs besides the weights: optimizer,
-    ``TrainState`` as a dict, random streams; ``wordlm.training.Trainer.training_payload``), which it stores as
+    ``TrainState`` as a dict, random streams; ``wordlm.training.trainer.Trainer.training_payload``), which it stores as
     given. Every rank calls the ``write_*`` methods with its payload; rank 0 writes.
 
     A failed write is one warning line and leaves the previous file in place: training goes on. The best weights
@@ -243,7 +248,7 @@ class CheckpointKeeper:
     def restore(self, payload: dict, dataset: str, resume: str) -> dict:
         """Resume from a checkpoint's payload (read from ``resume``): its weights into the model, and the best model
         so far from ``save`` (``resume_best``). Returns the payload's ``training`` part, for
-        ``wordlm.training.resume_training``.
+        ``wordlm.training.trainer.resume_training``.
 
         Raises:
             UserError: the corpus ``dataset`` is not the one the checkpoint was trained on.

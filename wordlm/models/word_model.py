@@ -1,9 +1,9 @@
 """What every wordlm model is: the config that rebuilds it, and the base class of the models.
 
-Lives here: ``ModelConfig`` (what a checkpoint stores to rebuild the model; every ``model_type`` check),
+Main names: ``ModelConfig`` (what a checkpoint stores to rebuild the model; every ``model_type`` check),
 ``MODEL_TYPES``, ``TRANSFORMER`` and ``WordModel``, the type of "any wordlm model" elsewhere in the package:
-``RNNModel`` (``wordlm.rnn``) and ``TransformerModel`` (``wordlm.transformer``) are its two kinds, and
-``wordlm.model.build_model`` makes the one a config describes. Must not import Sacred.
+``RNNModel`` (``wordlm.models.rnn``) and ``TransformerModel`` (``wordlm.models.transformer``) are its two kinds, and
+``wordlm.models.build_model`` makes the one a config describes. Must not import Sacred.
 
 Shape letters: ``T`` time steps, ``B`` batch, ``V`` vocabulary, ``H`` the top layer's width.
 """
@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from wordlm.decoder import AdaptiveSoftmax, Decoder, build_decoder
-from wordlm.hidden import Hidden
-from wordlm.regularize import activation_penalties
+from wordlm.models.decoder import AdaptiveSoftmax, Decoder, build_decoder
+from wordlm.models.hidden import Hidden
+from wordlm.models.regularize import activation_penalties
+
+__all__ = ["MODEL_TYPES", "TRANSFORMER", "ModelConfig", "WordModel"]
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")  # the recurrent ones
 TRANSFORMER = "Transformer"
@@ -159,7 +161,7 @@ class ModelConfig:
 
 class WordModel(nn.Module):
     """A word-level language model: an embedding (``encoder``), a body, and the ``decoder`` it holds
-    (``wordlm.decoder``: full or adaptive softmax).
+    (``wordlm.models.decoder``: full or adaptive softmax).
 
     A subclass builds ``encoder`` and its body, then calls ``_add_decoder`` (last: building a layer draws from
     the random stream, so the order of construction is part of what a seed gives), and defines ``_run`` (the
@@ -228,7 +230,7 @@ class WordModel(nn.Module):
         raise NotImplementedError
 
     def init_hidden(self, batch_size: int) -> Hidden:
-        """The state at the start of a text, for ``batch_size`` columns (see ``wordlm.hidden``)."""
+        """The state at the start of a text, for ``batch_size`` columns (see ``wordlm.models.hidden``)."""
         raise NotImplementedError
 
 

@@ -1,6 +1,6 @@
 """Read Sacred's run records and list them as a table: run folders and SQL observer databases.
 
-Lives here: ``Series`` and ``MetricHistory`` (metrics as steps and values), ``RunRecord`` (what is known of
+Main names: ``Series`` and ``MetricHistory`` (metrics as steps and values), ``RunRecord`` (what is known of
 one run), ``read_runs_dir``, ``open_database``, ``read_runs_db``, ``select_runs`` and ``format_runs_table``. Must
 not import Sacred: it reads the json files of the FileStorageObserver and the ``run`` table of the SQL observer itself,
 so records written by any version of wordlm or Sacred can be read, and a broken one costs a note, not a crash.
@@ -20,6 +20,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from wordlm.errors import UserError
+
+__all__ = [
+    "STATUSES", "STALE_AFTER", "SQL_LACKS", "COLUMNS", "Series", "MetricHistory", "RunRecord", "read_run_folder",
+    "read_runs_dir", "open_database", "SQLITE_HEADER", "read_runs_db", "differing_config_keys", "select_runs",
+    "run_labels", "FIGURES", "MIN_NOTE", "format_runs_table"
+]  # fmt: skip
 
 STATUSES = ("completed", "interrupted", "failed", "running", "killed", "queued", "unknown")
 STALE_AFTER = 120.0  # seconds without a heartbeat (Sacred beats every 10 s) before RUNNING means killed
@@ -473,7 +479,8 @@ MIN_NOTE = 12  # characters of the note column kept when the table is cut to a w
 
 
 def _sweep(record: RunRecord) -> str | None:
-    """The sweep whose trial a run was, as its info says (``sweep``, ``trial``: ``wordlm.sweeps``): ``name#trial``."""
+    """The sweep whose trial a run was, as its info says (``sweep``, ``trial``: ``wordlm.tracking.sweeps``):
+    ``name#trial``."""
     sweep, trial = record.info.get("sweep"), record.info.get("trial")
     if sweep is None:
         return None

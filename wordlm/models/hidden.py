@@ -1,6 +1,6 @@
 """The recurrent state a model carries from one chunk of text to the next, and the one function that walks it.
 
-Lives here: ``Hidden`` and ``map_hidden``. Must not import Sacred or any other ``wordlm`` module, so that
+Main names: ``Hidden`` and ``map_hidden``. Must not import Sacred or any other ``wordlm`` module, so that
 every module can import it.
 
 A hidden state has one of three shapes: a tensor (L, B, H) for RNN and GRU; the LSTM's pair ``(h, c)``
@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+__all__ = ["Hidden", "map_hidden"]
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list  # a list of per-layer states when layered
 

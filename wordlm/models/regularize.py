@@ -1,6 +1,6 @@
 """The regularizers of AWD-LSTM (Merity, Keskar & Socher 2017), as plain functions and modules.
 
-Lives here: ``LockedDropout``, ``embedding_dropout``, ``weight_dropped_call``, ``activation_penalties``.
+Main names: ``LockedDropout``, ``embedding_dropout``, ``weight_dropped_call``, ``activation_penalties``.
 Must not import Sacred.
 """
 
@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+__all__ = ["LockedDropout", "embedding_dropout", "weight_dropped_call", "activation_penalties"]
 
 
 class LockedDropout(nn.Module):

@@ -1,6 +1,6 @@
 """A cache of tokenized corpora, keyed by what the text files hold.
 
-Lives here: ``cache_folder``, ``file_sha256``, ``corpus_key`` and ``load_corpus_cached``. Must not
+Main names: ``cache_folder``, ``file_sha256``, ``corpus_key`` and ``load_corpus_cached``. Must not
 import Sacred.
 
 The second start on a corpus reads its ids from the cache folder (``$WORDLM_CACHE``, default
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from wordlm.data import (
+from wordlm.data.corpus import (
     SPLITS,
     Corpus,
     TokenizedCorpus,
@@ -43,6 +43,8 @@ from wordlm.data import (
     tokenize_corpus,
 )
 from wordlm.files import atomic_file
+
+__all__ = ["CACHE_ENV", "CACHE_VERSION", "cache_folder", "file_sha256", "corpus_key", "load_corpus_cached"]
 
 CACHE_ENV = "WORDLM_CACHE"  # the cache folder; default ~/.cache/wordlm
 CACHE_VERSION = 1  # bump whenever tokenizing or the entry layout changes: old entries are then never read

@@ -1,6 +1,6 @@
 """The decoder and its cross-entropy as one operation, for CPUs: same math, less time and memory.
 
-Lives here: ``linear_cross_entropy`` (training, with autograd), ``linear_nll_sum`` (evaluation) and
+Main names: ``linear_cross_entropy`` (training, with autograd), ``linear_nll_sum`` (evaluation) and
 ``fused_dtype`` (whether this path serves a call, and in which dtype). Must not import Sacred. Nothing is
 computed at import: the run-time state (the switch that turns the path off, the matrix-product libraries and
 their choice) is ``BACKEND``, filled in at first use.
@@ -62,6 +62,12 @@ from pathlib import Path
 import torch
 
 from wordlm.files import atomic_file
+
+__all__ = [
+    "CHUNK", "LOG2E", "LN2", "SUM_LIMIT", "ROLES", "LIBRARIES", "TIMED_ROUNDS", "CHOICES_FILE", "machine",
+    "Backend", "BACKEND", "available_backends", "set_backend", "matmul_backend", "set_enabled", "enabled",
+    "fused_dtype", "matmul_nt", "linear_cross_entropy", "EVAL_CHUNK", "frozen_decoder", "linear_nll_sum"
+]  # fmt: skip
 
 CHUNK = 2048  # vocabulary rows per chunk in training (timed against 256-4096 in docs/PERFORMANCE.md)
 
@@ -273,7 +279,7 @@ class Backend:
 def _choices_path() -> Path:
     """Where the remembered choices are: ``CHOICES_FILE`` in the corpus cache's folder, looked up when first
     read or written (so that a model, which imports this module, does not import the corpus cache)."""
-    from wordlm.cache import cache_folder
+    from wordlm.data.cache import cache_folder
 
     return cache_folder() / CHOICES_FILE
 
@@ -306,7 +312,7 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 def set_enabled(on: bool) -> bool:
-    """Whether the full softmax (``wordlm.decoder``) computes its losses on the CPU with this module (True, the
+    """Whether the full softmax (``wordlm.models.decoder``) computes its losses on the CPU with this module (True, the
     default) or as the plain ``cross_entropy`` of the logits (False: for benchmarks and tests); returns the
     setting before."""
     previous, BACKEND.enabled = BACKEND.enabled, bool(on)

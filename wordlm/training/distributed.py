@@ -1,6 +1,6 @@
 """Several processes training one model: torchrun's environment, the process group and its collectives.
 
-Lives here: ``World`` (this process's rank, how many processes there are, the few collectives training
+Main names: ``World`` (this process's rank, how many processes there are, the few collectives training
 needs), ``SINGLE``, ``launched_rank``, ``launched_size``, ``start_world``, ``stop_world``, ``elastic_restarts``,
 ``lost_contact``, ``lost_contact_message``, ``rank_rng_state`` and ``split_rng_streams``. Must not import Sacred
 or any ``wordlm`` module but ``errors`` and ``hidden``.
@@ -43,7 +43,13 @@ import torch.distributed as dist
 from torch import nn
 
 from wordlm.errors import UserError
-from wordlm.hidden import Hidden, map_hidden
+from wordlm.models.hidden import Hidden, map_hidden
+
+__all__ = [
+    "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "launched_rank", "launched_size", "World", "SINGLE", "start_world",
+    "RESTART_ENV", "elastic_restarts", "stop_world", "lost_contact", "lost_contact_message", "rank_rng_state",
+    "split_rng_streams"
+]  # fmt: skip
 
 TIMEOUT_ENV = "WORDLM_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
 DEFAULT_TIMEOUT_S = 600
