@@ -45,6 +45,8 @@ def load_revision(revision: str, folder: str):
         sys.exit(f"error: git has no wordlm/models/fused.py at {revision!r} ({shown.stderr.strip()}); "
                  "give a commit of this repository, e.g. HEAD~1")  # fmt: skip
     source = shown.stdout
+    if fused_path == "wordlm/fused.py":  # a revision before the re-layout imports wordlm.cache, now wordlm.data.cache
+        source = source.replace("from wordlm.cache import", "from wordlm.data.cache import")
     path = Path(folder) / "fused_at_revision.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("fused_at_revision", path)
