@@ -15,6 +15,18 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist's workers share the cores: each worker, and every command it starts (the environment is inherited),
+# computes on its share of them. With torch's default of a thread per core, two workers' OpenMP threads contend for
+# the same cores and spin waiting for each other: a small training that takes 2.5 s alone took 9-12 s beside one
+# busy process and 46-56 s in the suite (Ice Lake Xeon, 2 cores), and 2.5-2.9 s on one thread beside it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // _workers))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # this project's machines keep the real corpora there
 SHIPPED_WT2 = ROOT / "wordlm" / "data" / "corpora-data" / "wikitext-2"  # <split>.txt.xz
