@@ -285,6 +285,39 @@ def test_trial_files_and_the_retraining_line():
 # -- a sweep on several machines: processes sharing one study in a database
 
 
+@pytest.mark.parametrize(
+    "collision",
+    ['(psycopg2.errors.DuplicateTable) relation "studies" already exists',
+     '(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "pg_type_typname_nsp_index"'],
+)  # fmt: skip
+def test_two_processes_making_a_new_databases_tables_at_once_try_again(monkeypatch, collision):
+    """What PostgreSQL says to the second of two sweep processes that create Optuna's tables at the same moment
+    (both seen in the suite's two-process sweep): that process waits and opens the storage again; a lasting
+    problem is still one line after the last try."""
+    calls, slept = [], []
+
+    def storage(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise RuntimeError(collision)
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
+    monkeypatch.setattr(sweeps.time, "sleep", slept.append)
+    plan = sweeps.SweepPlan({}, frozenset(), {}, 2, "postgresql://u@h/db", "postgresql://u@h/db", "wordlm")
+    assert sweeps._storage(plan) == "storage" and len(calls) == 2 and len(slept) == 1
+    calls.clear()
+
+    def always(url, **kwargs):
+        calls.append(url)
+        raise RuntimeError(collision)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", always)
+    with pytest.raises(UserError, match="cannot use sweep_storage='postgresql://u@h/db' as Optuna's storage: "):
+        sweeps._storage(plan)
+    assert len(calls) == sweeps.STORAGE_TRIES
+
+
 def test_two_sweep_processes_share_a_postgresql_study_and_run_each_trial_once(tmp_path, tiny_corpus, postgres_url):  # noqa: F811
     trials = 5
     command = [sys.executable, str(ROOT / "main.py"), "sweep", "with", *QUICK, f"dataset={tiny_corpus}",

@@ -328,8 +328,10 @@ def _storage(plan: SweepPlan):
                 return optuna.storages.RDBStorage(plan.url, engine_kwargs=engine, heartbeat_interval=30,
                                                   grace_period=120)  # fmt: skip
             except Exception as problem:  # noqa: BLE001 - an older schema, a locked file, ...: each one line
-                # Two processes that make the tables of a new database at once collide ("duplicate key"): again
-                if attempt + 1 < STORAGE_TRIES and "duplicate key" in str(problem) + str(problem.__cause__):
+                # Two processes that make the tables of a new database at once collide: PostgreSQL says "duplicate
+                # key" (a type made twice) or 'relation "studies" already exists' (a table): again
+                said = str(problem) + str(problem.__cause__)
+                if attempt + 1 < STORAGE_TRIES and ("duplicate key" in said or "already exists" in said):
                     time.sleep(_JITTER.uniform(0.2, 1.0) * (attempt + 1))
                     continue
                 reason = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
