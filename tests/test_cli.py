@@ -84,6 +84,10 @@ def test_the_issue_example_trains_and_records_the_run(tmp_path, tiny_corpus):
     assert metrics["valid.ppl"]["steps"] == [1, 2, 3] and len(metrics["lr"]["values"]) == 3
     assert metrics["test.ppl"]["values"] == [run["result"]]
     assert metrics["train.loss"]["values"] and (tmp_path / "runs" / "1" / "rnn_01.pt").is_file()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # run from a checkout: its repository and commit, once (not once per source file)
+        (repository,) = run["experiment"]["repositories"]
+        assert repository["commit"] == head.stdout.strip() and isinstance(repository["dirty"], bool), repository
     checkpoint = torch.load(tmp_path / "rnn_01.pt", weights_only=True)
     assert checkpoint["model_config"]["model_type"] == "RNN_TANH" and checkpoint["model_config"]["emsize"] == 250
 
