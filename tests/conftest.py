@@ -143,6 +143,59 @@ def run_cli(
     return result
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capfd):
+    """``run_cli`` in this process: the script's ``main`` with its arguments, in ``cwd``, with ``run_cli``'s
+    environment, giving the same ``CompletedProcess`` (exit status, stdout, stderr; an exception that would have
+    ended the process is printed as its traceback, status 1).
+
+    For the many tests of what a command refuses and says: each is a few milliseconds here and 2-4 s as a process
+    (most of it importing torch). What only a process shows stays with ``run_cli``: signals, exit statuses set by
+    the interpreter, output of a run Sacred captures at the file descriptors, torchrun.
+    """
+    import traceback
+
+    import wordlm.experiment as experiment
+
+    def run(*args: str, cwd: Path, script: str = "main.py", check: bool = True, **env: str):
+        argv = [str(ROOT / script), *args]
+        if script == "generate.py":
+            argv = [argv[0], *_generate_arguments(args)]
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            patch.delenv("WORDLM_DATA", raising=False)
+            for key, value in env.items():
+                patch.setenv(key, value)
+            patch.setattr(sys, "argv", argv)
+            patch.setattr(experiment.ex, "observers", [])
+            capfd.readouterr()  # what earlier code printed is not this command's
+            try:
+                experiment.main(argv)
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:  # noqa: BLE001 - what the interpreter would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+            out, err = capfd.readouterr()
+        result = subprocess.CompletedProcess(argv, code, out, err)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{out}\nstderr:\n{err}")
+        return result
+
+    return run
+
+
+def _generate_arguments(args: tuple[str, ...]) -> list[str]:
+    """generate.py's arguments as it hands them to main: its command inserted (``with_default_command``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.with_default_command(["generate.py", *args], "generate")[1:]
+
+
 def read_until(process, pattern: str, timeout: float = 180) -> str:
     """Read a running CLI's stdout line by line until a line matches ``pattern``; return all read so far."""
     import re

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cut_corpus, run_cli
+from conftest import cut_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,11 +74,11 @@ def corrupt(folder, how: str) -> None:
     how=CORRUPTIONS,
     tag=st.text(string.ascii_lowercase, min_size=6, max_size=6),
 )
-def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, updates, how, tag):
+def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, cli_here, updates, how, tag):
     folder = tmp_path_factory.mktemp(tag)
     corpus = cut_corpus(folder / "corpus", lines=(300, 40, 40))
     corrupt(corpus, how)
-    result = run_cli("with", "smoke", f"dataset={corpus}", "max_batches=3", *updates, "-u",
+    result = cli_here("with", "smoke", f"dataset={corpus}", "max_batches=3", *updates, "-u",
                      cwd=folder, check=False, timeout=120)  # fmt: skip
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     if result.returncode == 0:
@@ -90,8 +90,8 @@ def test_cli_gives_a_clean_run_or_one_error_line(tmp_path_factory, updates, how,
 
 @pytest.mark.parametrize("update", ["cache_lambda='abc'", "cache_lambda=1.5", "cache_window=-1", "cache_theta=[1]",
                                     "dynamic_lr=inf", "dynamic_decay=True"])  # fmt: skip
-def test_evaluate_names_a_bad_key_in_one_line_before_loading_anything(tmp_path, update):
-    result = run_cli("evaluate", "with", "checkpoint=missing.pt", update, "-u", cwd=tmp_path, check=False)
+def test_evaluate_names_a_bad_key_in_one_line_before_loading_anything(tmp_path, cli_here, update):
+    result = cli_here("evaluate", "with", "checkpoint=missing.pt", update, "-u", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {update.split('=')[0]}="), result.stderr
@@ -112,11 +112,11 @@ def test_evaluate_names_a_bad_key_in_one_line_before_loading_anything(tmp_path, 
      ("generate.py", ["with", "stop_at_eos='maybe'"], "error: stop_at_eos='maybe' must be True or False"),
      ("generate.py", ["with", "checkpoint=folder"], "error: checkpoint folder is a folder; give a checkpoint file")],
 )  # fmt: skip
-def test_seeds_log_levels_and_output_paths_are_one_error_line_before_any_work(tmp_path, script, args, start):
+def test_seeds_log_levels_and_output_paths_are_one_error_line_before_any_work(tmp_path, cli_here, script, args, start):
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("a file where a folder should be")
     args = [*args, "checkpoint=missing.pt"] if "with" in args and not any("checkpoint" in a for a in args) else args
-    result = run_cli(*args, "-u", cwd=tmp_path, check=False, script=script)
+    result = cli_here(*args, "-u", cwd=tmp_path, check=False, script=script)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(start), result.stderr
@@ -166,13 +166,27 @@ def test_adaptive_softmax_beyond_the_known_vocabulary_names_its_size():
      pytest.param("device=cuda", "error: device='cuda' asks for CUDA, which this machine lacks",
                   marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"))],
 )  # fmt: skip
-def test_a_refused_value_leaves_no_failed_run_record_behind(tmp_path, update, start):
+def test_a_refused_value_leaves_no_failed_run_record_behind(tmp_path, cli_here, update, start):
     # checked before Sacred starts the run and its observers: `main.py runs` lists runs, not typos
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile.txt").write_text("a file is no corpus\n")
-    result = run_cli("-F", "runs", "with", "smoke", *update.split(), cwd=tmp_path, check=False)
+    result = cli_here("-F", "runs", "with", "smoke", *update.split(), cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(start), result.stderr
     runs = tmp_path / "runs"
     assert not runs.exists() or [p.name for p in runs.iterdir()] == ["_sources"], sorted(runs.iterdir())
+
+
+def test_cli_here_reports_what_would_have_ended_the_process_as_its_traceback(tmp_path, cli_here, monkeypatch):
+    """The in-process runner must fail the tests that look for a clean exit where the process would have crashed."""
+    import wordlm.experiment as experiment
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(experiment, "_check_command_line", crash)
+    result = cli_here("with", "smoke", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
+    with pytest.raises(AssertionError, match="exit 1"):
+        cli_here("with", "smoke", cwd=tmp_path)
