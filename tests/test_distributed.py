@@ -326,3 +326,21 @@ def test_the_distributed_benchmark_runs_and_reports_every_figure(tmp_path, tiny_
         assert re.search(rf"{setup} +[\d,]+ +[\d.]+\n", result.stdout), result.stdout
     assert re.search(r"scaling efficiency, 2 processes vs 1 process x 1 thread: \d+%", result.stdout)
     assert '"efficiency": ' in result.stdout.splitlines()[-1]
+
+
+def test_stop_world_lets_go_of_the_store_and_a_second_run_in_the_process_is_one_line(monkeypatch):
+    """The store's connection goes before the interpreter's shutdown (where torch's leftovers can abort a finished
+    rank); the meeting's answers stay, so the restart count a run recorded does not change."""
+    from datetime import timedelta
+
+    from wordlm.errors import UserError
+    from wordlm.training import distributed
+
+    monkeypatch.setattr(distributed, "_MET", {"store": object(), "start": 1, "restarts": 0})
+    distributed.stop_world()
+    assert distributed._MET == {"store": None, "start": 1, "restarts": 0}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.elastic_restarts() == 0
+    with pytest.raises(UserError, match="under torchrun each process trains one run"):
+        distributed._store(0, 2, timedelta(seconds=1))

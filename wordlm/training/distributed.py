@@ -235,6 +235,8 @@ def _store(rank: int, size: int, timeout: timedelta) -> dist.Store:
     ``connectFullMesh`` ("Connection refused") or hang. Without the agent's store, rank 0 hosts one.
     """
     store, start, _ = _meet(rank, size, timeout)
+    if store is None:  # let go by stop_world: the ranks met for one run (its start number counts torchrun's restarts)
+        raise UserError("under torchrun each process trains one run; start the job again for another")
     return dist.PrefixStore(f"wordlm/start_{start}", store)
 
 
@@ -312,9 +314,16 @@ def _meet(rank: int, size: int, timeout: timedelta) -> tuple[dist.Store, int, in
 
 
 def stop_world() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one, and let go of the store the ranks met in.
+
+    Both now, while the interpreter is whole: torch's objects left for its shutdown (Gloo's threads, a store's
+    connection) can abort the process there ("terminate called without an active exception", seen once on rank 0
+    of a run stopped by SIGTERM), and torchrun then reports a finished run as failed.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _MET:
+        _MET["store"] = None  # the meeting's answers stay (elastic_restarts); the connection goes
 
 
 def lost_contact(problem: BaseException) -> bool:
