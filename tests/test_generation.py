@@ -229,6 +229,8 @@ def test_command_writes_batched_samples_after_the_prompt(checkpoint, tmp_path):
 
 
 def test_generate_script_runs_the_generate_command(checkpoint, tmp_path):
+    """A subprocess, as a user runs generate.py: its text on stdout, and Sacred's log lines (the WARNING) on stderr,
+    which a command run in this process leaves to pytest's log capture."""
     result = run_cli("with", f"checkpoint={checkpoint}", "words=12", "outf=-", "prompt=qq x", "-u",
                      cwd=tmp_path, script="generate.py")  # fmt: skip
     assert result.stdout.startswith("qq x ") and set(result.stdout.split()) <= {"qq", *WORDS}
@@ -236,8 +238,8 @@ def test_generate_script_runs_the_generate_command(checkpoint, tmp_path):
     assert not (tmp_path / "runs").exists()  # -u
 
 
-def test_generate_script_passes_other_commands_through(tmp_path):
-    result = run_cli("print_config", "with", "words=7", cwd=tmp_path, script="generate.py")
+def test_generate_script_passes_other_commands_through(tmp_path, cli_here):
+    result = cli_here("print_config", "with", "words=7", cwd=tmp_path, script="generate.py")
     assert re.search(r"words = 7\b", result.stdout) and "top_p = 1.0" in result.stdout
     spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
     script = importlib.util.module_from_spec(spec)
@@ -292,9 +294,9 @@ def assert_one_error_line(result, *fragments: str) -> None:
     [("missing", "does not exist"), ("not_a_checkpoint", "is damaged or is no wordlm checkpoint"),
      ("newer_format", f"format {FORMAT_VERSION + 1}, newer"), ("runs_code", "was refused")],
 )  # fmt: skip
-def test_bad_checkpoint_is_one_error_line(kind, fragment, tmp_path):
+def test_bad_checkpoint_is_one_error_line(kind, fragment, tmp_path, cli_here):
     path = bad_checkpoint(kind, tmp_path)
-    result = run_cli("-u", "with", f"checkpoint={path}", "words=3", cwd=tmp_path, script="generate.py", check=False)
+    result = cli_here("-u", "with", f"checkpoint={path}", "words=3", cwd=tmp_path, script="generate.py", check=False)
     assert_one_error_line(result, fragment)
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "generated.txt").exists()
@@ -319,8 +321,9 @@ def test_refusal_names_what_would_run_and_runs_nothing(tmp_path):
     [("temperature=0", "temperature=0 must be"), ("top_p=1.5", "top_p=1.5 must be in (0, 1]"),
      ("words=0", "words=0 must be a positive integer")],
 )  # fmt: skip
-def test_bad_sampling_option_is_one_error_line(setting, fragment, checkpoint, tmp_path):
-    result = run_cli("-u", "with", f"checkpoint={checkpoint}", setting, cwd=tmp_path, script="generate.py", check=False)
+def test_bad_sampling_option_is_one_error_line(setting, fragment, checkpoint, tmp_path, cli_here):
+    result = cli_here("-u", "with", f"checkpoint={checkpoint}", setting, cwd=tmp_path, script="generate.py",
+                      check=False)  # fmt: skip
     assert_one_error_line(result, fragment)
 
 
@@ -340,13 +343,15 @@ def test_huge_generate_is_refused_before_the_checkpoint_is_read(keys, message, t
 
 
 def test_huge_words_is_one_error_line_from_generate_script(checkpoint, tmp_path):
+    """A subprocess, as a user runs generate.py: this script's witness of an error line from a real process (the
+    other error lines here are checked in this process, cli_here)."""
     result = run_cli("-u", "with", f"checkpoint={checkpoint}", "words=1000000000000000000", "outf=g.txt",
                      cwd=tmp_path, script="generate.py", check=False)  # fmt: skip
     assert_one_error_line(result, "words=1000000000000000000 is more than 1,000,000")
     assert not (tmp_path / "g.txt").exists()
 
 
-def test_outf_in_a_new_folder_is_written_there(checkpoint, tmp_path):
-    run_cli("with", f"checkpoint={checkpoint}", "words=4", "outf=new/dir/g.txt", "-u", cwd=tmp_path,
-            script="generate.py")  # fmt: skip
+def test_outf_in_a_new_folder_is_written_there(checkpoint, tmp_path, cli_here):
+    cli_here("with", f"checkpoint={checkpoint}", "words=4", "outf=new/dir/g.txt", "-u", cwd=tmp_path,
+             script="generate.py")  # fmt: skip
     assert len((tmp_path / "new" / "dir" / "g.txt").read_text(encoding="utf-8").split()) >= 4
