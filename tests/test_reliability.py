@@ -85,12 +85,12 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights_and_losses(tmp
     assert re.findall(r"test ppl +([\d.]+)", resumed) == re.findall(r"test ppl +([\d.]+)", reference)
 
 
-def test_resume_refuses_a_changed_model_and_extends_epochs(tmp_path, tiny_corpus):
-    run_cli("with", "smoke", f"dataset={tiny_corpus}", "max_batches=4", "-u", cwd=tmp_path)
-    changed = run_cli("with", "resume=model.last.pt", "nhid=64", "-u", cwd=tmp_path, check=False)
+def test_resume_refuses_a_changed_model_and_extends_epochs(tmp_path, tiny_corpus, cli_here):
+    cli_here("with", "smoke", f"dataset={tiny_corpus}", "max_batches=4", "-u", cwd=tmp_path)
+    changed = cli_here("with", "resume=model.last.pt", "nhid=64", "-u", cwd=tmp_path, check=False)
     assert changed.returncode != 0
     assert "error: resume cannot change nhid=64 (checkpoint: 32)" in changed.stderr
-    longer = run_cli("with", "resume=model.last.pt", "epochs=2", "-u", cwd=tmp_path).stdout
+    longer = cli_here("with", "resume=model.last.pt", "epochs=2", "-u", cwd=tmp_path).stdout
     assert "| end of epoch   2 |" in longer and "| end of epoch   1 |" not in longer
 
 
@@ -142,10 +142,10 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the temporary file is gone
 
 
-def test_unwritable_save_path_is_refused_before_training(tmp_path, tiny_corpus):
+def test_unwritable_save_path_is_refused_before_training(tmp_path, tiny_corpus, cli_here):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     args = ("with", "smoke", f"dataset={tiny_corpus}", "save=blocker/model.pt", "-u")
-    result = run_cli(*args, cwd=tmp_path, check=False)
+    result = cli_here(*args, cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "epoch" not in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: cannot write save='blocker/model.pt': blocker is a file, not a folder"], result.stderr
@@ -185,10 +185,10 @@ def test_a_second_ctrl_c_while_testing_exits_at_once(tmp_path):
     assert load_checkpoint(tmp_path / "model.last.pt")["training"]["state"]["batch"] >= 10
 
 
-def test_divergence_stops_in_one_line_and_keeps_the_best_checkpoint(tmp_path, tiny_corpus):
-    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+def test_divergence_stops_in_one_line_and_keeps_the_best_checkpoint(tmp_path, tiny_corpus, cli_here):
+    cli_here("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
     best = (tmp_path / "model.pt").read_bytes()
-    result = run_cli("with", "resume=model.last.pt", "epochs=3", "lr=1e6", "-u", cwd=tmp_path, check=False)
+    result = cli_here("with", "resume=model.last.pt", "epochs=3", "lr=1e6", "-u", cwd=tmp_path, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.match(r"error: training diverged at epoch 2, batch \d+ \(loss (nan|inf)", errors[0])
@@ -196,18 +196,18 @@ def test_divergence_stops_in_one_line_and_keeps_the_best_checkpoint(tmp_path, ti
     assert (tmp_path / "model.pt").read_bytes() == best
 
 
-def test_divergence_can_reload_the_best_model_and_lower_the_lr(tmp_path, tiny_corpus):
-    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
-    result = run_cli("with", "resume=model.last.pt", "epochs=2", "lr=1e6", "on_divergence=reload", "-u", cwd=tmp_path,
+def test_divergence_can_reload_the_best_model_and_lower_the_lr(tmp_path, tiny_corpus, cli_here):
+    cli_here("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    result = cli_here("with", "resume=model.last.pt", "epochs=2", "lr=1e6", "on_divergence=reload", "-u", cwd=tmp_path,
                      check=False)  # fmt: skip
     assert "reloaded the best model (epoch 1), lr now 250000" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_reloading_gives_up_after_three_tries_in_one_line(tmp_path, tiny_corpus):
-    run_cli("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+def test_reloading_gives_up_after_three_tries_in_one_line(tmp_path, tiny_corpus, cli_here):
+    cli_here("with", "smoke", "model_type=RNN_RELU", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
     best = (tmp_path / "model.pt").read_bytes()
-    result = run_cli("with", "resume=model.last.pt", "epochs=2", "lr=1e30", "on_divergence=reload", "-u", cwd=tmp_path,
+    result = cli_here("with", "resume=model.last.pt", "epochs=2", "lr=1e30", "on_divergence=reload", "-u", cwd=tmp_path,
                      check=False)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("reloaded the best model (epoch 1)") == 3  # lr 1e30 / 4, / 16, / 64: still too large
@@ -217,7 +217,7 @@ def test_reloading_gives_up_after_three_tries_in_one_line(tmp_path, tiny_corpus)
     assert (tmp_path / "model.pt").read_bytes() == best
 
 
-def test_resume_refuses_a_pickle_that_would_run_code(tmp_path):
+def test_resume_refuses_a_pickle_that_would_run_code(tmp_path, cli_here):
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -225,35 +225,35 @@ def test_resume_refuses_a_pickle_that_would_run_code(tmp_path):
             return (os.mkdir, (str(marker),))
 
     torch.save({"format_version": 1, "model_state": Evil()}, tmp_path / "evil.pt")
-    result = run_cli("with", "resume=evil.pt", "-u", cwd=tmp_path, check=False)
+    result = cli_here("with", "resume=evil.pt", "-u", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "error: evil.pt was refused" in result.stderr
     assert not marker.exists()
 
 
-def test_derived_paths_stay_where_the_user_pointed(tmp_path):
+def test_derived_paths_stay_where_the_user_pointed(tmp_path, cli_here):
     """save_last is derived from save: it lies beside it, never elsewhere."""
-    printed = run_cli("print_config", "with", "save=deep/dir/best.pt", cwd=tmp_path).stdout
+    printed = cli_here("print_config", "with", "save=deep/dir/best.pt", cwd=tmp_path).stdout
     assert "save_last = 'deep/dir/best.last.pt'" in printed
-    other = run_cli("print_config", "with", "save=models/run7", cwd=tmp_path).stdout
+    other = cli_here("print_config", "with", "save=models/run7", cwd=tmp_path).stdout
     assert "save_last = 'models/run7.last.pt'" in other
     assert not any(tmp_path.iterdir())  # print_config wrote nothing
 
 
-def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder(tmp_path, tiny_corpus):
+def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder(tmp_path, tiny_corpus, cli_here):
     first, elsewhere = tmp_path / "deeper" / "first", tmp_path / "elsewhere"  # the same relative path differs
     first.mkdir(parents=True), elsewhere.mkdir()
     relative = os.path.relpath(tiny_corpus, first)
-    run_cli("with", "smoke", f"dataset={relative}", "epochs=1", "-u", cwd=first)
+    cli_here("with", "smoke", f"dataset={relative}", "epochs=1", "-u", cwd=first)
     resume = "resume=../deeper/first/model.last.pt"
-    again = run_cli("with", resume, "epochs=2", "-u", cwd=elsewhere)
+    again = cli_here("with", resume, "epochs=2", "-u", cwd=elsewhere)
     assert "| end of epoch   2 |" in again.stdout and "test ppl" in again.stdout
     assert "| end of epoch   1 |" not in again.stdout  # it went on from epoch 2, not from the start
     # naming the same corpus from here is no change of dataset; another corpus still is
-    named = run_cli("with", resume, f"dataset={os.path.relpath(tiny_corpus, elsewhere)}",
+    named = cli_here("with", resume, f"dataset={os.path.relpath(tiny_corpus, elsewhere)}",
                     "epochs=3", "-u", cwd=elsewhere)  # fmt: skip
     assert "| end of epoch   3 |" in named.stdout and "| end of epoch   1 |" not in named.stdout
     other = cut_corpus(tmp_path / "other", lines=(200, 20, 20))
-    refused = run_cli("with", resume, f"dataset={other}", "-u", cwd=elsewhere, check=False)
+    refused = cli_here("with", resume, f"dataset={other}", "-u", cwd=elsewhere, check=False)
     assert refused.returncode == 1 and "error: resume cannot change dataset=" in refused.stderr
 
 
