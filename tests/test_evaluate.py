@@ -33,6 +33,7 @@ def scored(tmp_path):
 
 
 def test_cli_scores_a_text_file_with_line_scores(scored, tmp_path):
+    """A subprocess, as a user runs it: main.py evaluate's witness of a perplexity printed by a real process."""
     result = run_cli("evaluate", "-u", "with", f"checkpoint={scored['checkpoint']}", f"text={scored['text']}",
                      "line_scores=lines.jsonl", "eval_batch_size=3", "bptt=4", cwd=tmp_path)  # fmt: skip
     total = sum(scored["per_target"])
@@ -75,6 +76,7 @@ def test_bad_evaluate_input_is_a_user_error(scored, tmp_path, monkeypatch, updat
 
 
 def test_words_a_vocabulary_without_unk_cannot_score_are_one_error_line(tmp_path):
+    """A subprocess, as a user runs it: main.py evaluate's witness of an error line from a real process."""
     vocab = Vocabulary(["the", "cat", EOS])
     save_checkpoint(tmp_path / "m.pt", context_free_model(vocab), vocab)
     (tmp_path / "t.txt").write_text("the dog\n", encoding="utf-8")
@@ -86,15 +88,15 @@ def test_words_a_vocabulary_without_unk_cannot_score_are_one_error_line(tmp_path
     ]
 
 
-def test_evaluate_command_options(tmp_path, tiny_corpus):
-    run_cli("with", "smoke", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
-    plain = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "eval_batch_size=1", "-u", cwd=tmp_path).stdout
-    cached = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=100", "cache_lambda=0.0", "-u",
-                     cwd=tmp_path).stdout  # fmt: skip
-    dynamic = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "dynamic_lr=0.5", "-u", cwd=tmp_path).stdout
+def test_evaluate_command_options(tmp_path, tiny_corpus, cli_here):
+    cli_here("with", "smoke", f"dataset={tiny_corpus}", "-u", cwd=tmp_path)
+    plain = cli_here("evaluate", "with", f"dataset={tiny_corpus}", "eval_batch_size=1", "-u", cwd=tmp_path).stdout
+    cached = cli_here("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=100", "cache_lambda=0.0", "-u",
+                      cwd=tmp_path).stdout  # fmt: skip
+    dynamic = cli_here("evaluate", "with", f"dataset={tiny_corpus}", "dynamic_lr=0.5", "-u", cwd=tmp_path).stdout
     ppl = lambda out: float(out.split("| ppl")[1].split()[0])  # noqa: E731
     assert ppl(cached) == pytest.approx(ppl(plain), rel=1e-4) and "cache pointer (window 100" in cached
     assert "dynamic evaluation (lr 0.5" in dynamic
-    both = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=5", "dynamic_lr=0.1", "-u",
-                   cwd=tmp_path, check=False)  # fmt: skip
+    both = cli_here("evaluate", "with", f"dataset={tiny_corpus}", "cache_window=5", "dynamic_lr=0.1", "-u",
+                    cwd=tmp_path, check=False)  # fmt: skip
     assert both.returncode != 0 and "error: use the cache pointer" in both.stderr
