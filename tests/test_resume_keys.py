@@ -44,8 +44,8 @@ def no_run_record(folder) -> bool:
     [("model_type=LSTM", "error: resume cannot change model_type='LSTM' (checkpoint: 'GRU')"),
      ("bptt=35", "error: resume cannot change bptt=35 (checkpoint: 10)")],
 )  # fmt: skip
-def test_a_fixed_key_given_at_its_default_is_refused_on_the_command_line(gru_run, key, message):
-    result = run_cli("-F", "runs", "with", "resume=gru.last.pt", key, "epochs=2", cwd=gru_run, check=False)
+def test_a_fixed_key_given_at_its_default_is_refused_on_the_command_line(gru_run, key, message, cli_here):
+    result = cli_here("-F", "runs", "with", "resume=gru.last.pt", key, "epochs=2", cwd=gru_run, check=False)
     assert only_error_line(result).startswith(message)
     assert no_run_record(gru_run)  # refused before Sacred started the run
 
@@ -57,6 +57,8 @@ def test_a_fixed_key_given_at_its_default_is_refused_by_the_api(gru_run, key):
 
 
 def test_a_training_key_given_at_its_default_is_honoured_and_recorded(gru_run):
+    """A subprocess, as a user runs it: this file's witness of a resumed run that Sacred observes in a real process (the
+    other command lines here run in this process, cli_here, where the run records are alike but for cout.txt)."""
     result = run_cli("-F", "runs", "with", "resume=gru.last.pt", "lr=20.0", "clip=0.25", "log_interval=5", "epochs=2",
                      "save=r.pt", cwd=gru_run)  # fmt: skip
     lrs = [line.split("| lr ")[1].split()[0] for line in result.stdout.splitlines() if "| lr " in line]
@@ -74,9 +76,9 @@ def test_the_api_honours_a_training_key_given_at_its_default(gru_run):
     assert run.history["lr"][0][1] <= 20.0 and run.history["lr"][0][1] > 5.0  # (divided by 4 at most on no gain)
 
 
-def test_a_resumed_finished_run_records_the_model_that_trained_and_no_speed(gru_run):
+def test_a_resumed_finished_run_records_the_model_that_trained_and_no_speed(gru_run, cli_here):
     # (`main.py runs` builds its rows from config.json and info.json)
-    run_cli("-F", "runs", "with", "resume=gru.last.pt", cwd=gru_run)  # one epoch was asked for: nothing to train
+    cli_here("-F", "runs", "with", "resume=gru.last.pt", cwd=gru_run)  # one epoch was asked for: nothing to train
     record = gru_run / "runs" / "1"
     recorded = json.loads((record / "config.json").read_text())
     saved = torch.load(gru_run / "gru.last.pt", weights_only=True)["meta"]["config"]
@@ -87,16 +89,16 @@ def test_a_resumed_finished_run_records_the_model_that_trained_and_no_speed(gru_
     assert json.loads((record / "info.json").read_text())["tokens_per_second"] is None  # 0 tokens, not 26 million/s
 
 
-def test_a_bad_value_given_beside_resume_leaves_no_run_record(gru_run):
-    result = run_cli("-F", "runs", "with", "resume=gru.last.pt", "lr=-1", cwd=gru_run, check=False)
+def test_a_bad_value_given_beside_resume_leaves_no_run_record(gru_run, cli_here):
+    result = cli_here("-F", "runs", "with", "resume=gru.last.pt", "lr=-1", cwd=gru_run, check=False)
     assert only_error_line(result).startswith("error: lr=-1 must be a positive")
     assert no_run_record(gru_run)
 
 
-def test_a_resume_given_a_new_save_keeps_and_tests_the_best_model_of_the_run(gru_run):
+def test_a_resume_given_a_new_save_keeps_and_tests_the_best_model_of_the_run(gru_run, cli_here):
     # the best model so far is in the resumed run's save (gru.pt), not in the new save: it is carried over at once
     first = torch.load(gru_run / "gru.pt", weights_only=True)
-    result = run_cli("-u", "with", "resume=gru.last.pt", "save=copy.pt", cwd=gru_run)  # (finished: nothing to train)
+    result = cli_here("-u", "with", "resume=gru.last.pt", "save=copy.pt", cwd=gru_run)  # (finished: nothing to train)
     assert "could not be written" not in result.stderr, result.stderr
     copy = torch.load(gru_run / "copy.pt", weights_only=True)
     assert all(torch.equal(copy["model_state"][k], v) for k, v in first["model_state"].items())
