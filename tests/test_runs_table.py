@@ -18,7 +18,8 @@ TRAIN_HEADER = ["id", "status", "started", "duration", "valid_ppl", "test_ppl", 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> dict:
-    """runs/1 a training run, runs/2 a generate, runs/3 an evaluate, all from the command line as a user runs them."""
+    """runs/1 a training run, runs/2 a generate, runs/3 an evaluate, all from the command line as a user runs them
+    (subprocesses: runs that Sacred observes, as a real process records them; the tables are read in this process)."""
     folder = tmp_path_factory.mktemp("commands")
     cut_corpus(folder / "tiny", lines=(300, 40, 40))
     train = run_cli("with", "smoke", "dataset=tiny", "max_batches=4", "-F", "runs", cwd=folder)
@@ -30,29 +31,29 @@ def recorded(tmp_path_factory) -> dict:
     return {"folder": folder, "ppl": ppl, "test_ppl": test_ppl}
 
 
-def table(recorded, *updates: str, **env: str) -> list[list[str]]:
-    result = run_cli("runs", "with", "runs_dir=runs", *updates, cwd=recorded["folder"], **env)
+def table(cli, recorded, *updates: str, **env: str) -> list[list[str]]:
+    result = cli("runs", "with", "runs_dir=runs", *updates, cwd=recorded["folder"], **env)
     return [line.split() for line in result.stdout.splitlines()]
 
 
-def test_runs_lists_the_training_runs_only(recorded):
-    header, *rows = table(recorded)
+def test_runs_lists_the_training_runs_only(recorded, cli_here):
+    header, *rows = table(cli_here, recorded)
     assert header == TRAIN_HEADER  # no generate key (temperature, outf), no checkpoint: the training keys only
     assert [row[0] for row in rows] == ["1"] and rows[0][1] == "completed" and rows[0][6] == recorded["test_ppl"]
 
 
-def test_runs_command_lists_another_commands_runs_with_its_own_figures(recorded):
-    header, *rows = table(recorded, "runs_command=generate")
+def test_runs_command_lists_another_commands_runs_with_its_own_figures(recorded, cli_here):
+    header, *rows = table(cli_here, recorded, "runs_command=generate")
     assert header == ["id", "status", "started", "duration", "checkpoint", "words", "outf"]
     assert [row[0] for row in rows] == ["2"] and rows[0][5:] == ["model.pt", "20", "g.txt"]
-    header, *rows = table(recorded, "runs_command=evaluate")
+    header, *rows = table(cli_here, recorded, "runs_command=evaluate")
     assert header == ["id", "status", "started", "duration", "checkpoint", "scored", "tokens", "ppl"]
     assert [row[0] for row in rows] == ["3"] and rows[0][-1] == recorded["ppl"]  # where `runs` had '-'
     assert rows[0][-3] == str(Path("tiny") / "test.txt")
 
 
-def test_runs_command_all_lists_every_run_with_what_it_gave(recorded):
-    result = run_cli("runs", "with", "runs_dir=runs", "runs_command=all", cwd=recorded["folder"])
+def test_runs_command_all_lists_every_run_with_what_it_gave(recorded, cli_here):
+    result = cli_here("runs", "with", "runs_dir=runs", "runs_command=all", cwd=recorded["folder"])
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["id", "command", "status", "started", "duration", "result"]
     assert [row.split()[:3] for row in rows] == [["1", "train", "completed"], ["2", "generate", "completed"],
@@ -61,14 +62,14 @@ def test_runs_command_all_lists_every_run_with_what_it_gave(recorded):
     assert rows[2].endswith(f"ppl {recorded['ppl']} on test.txt")
 
 
-def test_an_unknown_runs_command_is_one_line(recorded):
-    result = run_cli("runs", "with", "runs_dir=runs", "runs_command=sweeps", cwd=recorded["folder"], check=False)
+def test_an_unknown_runs_command_is_one_line(recorded, cli_here):
+    result = cli_here("runs", "with", "runs_dir=runs", "runs_command=sweeps", cwd=recorded["folder"], check=False)
     assert one_error(result) == ("error: runs_command='sweeps' is not a command whose runs are recorded; use one of "
                                  "train, generate, evaluate, export or all")  # fmt: skip
 
 
-def test_plot_draws_the_training_runs_and_names_no_other(recorded):
-    result = run_cli("plot", "with", "plot_path=curves.png", cwd=recorded["folder"])
+def test_plot_draws_the_training_runs_and_names_no_other(recorded, cli_here):
+    result = cli_here("plot", "with", "plot_path=curves.png", cwd=recorded["folder"])
     assert result.stdout.splitlines() == ["validation curves of runs 1 written to curves.png"]
 
 
@@ -101,9 +102,9 @@ def test_the_table_fits_the_width_leaving_out_times_then_the_last_keys_and_sayin
     assert [line.split()[0] for line in lines[1:3]] == ["2", "1"]  # sorted by a column later left out
 
 
-def test_the_command_line_table_fits_columns(recorded, tmp_path):
+def test_the_command_line_table_fits_columns(recorded, tmp_path, cli_here):
     runs = recorded["folder"] / "runs"
-    result = run_cli("runs", "with", f"runs_dir={runs}", cwd=tmp_path, COLUMNS="50")
+    result = cli_here("runs", "with", f"runs_dir={runs}", cwd=tmp_path, COLUMNS="50")
     assert max(len(line) for line in result.stdout.splitlines()) <= 50
     assert result.stdout.splitlines()[0].split() == ["id", "status", "valid_ppl", "test_ppl", "tokens/s"]
 
