@@ -7,6 +7,7 @@ or ``./data/penn`` (where a download puts it); without it they skip, saying so i
 
 from __future__ import annotations
 
+import logging
 import lzma
 import os
 import subprocess
@@ -168,6 +169,9 @@ def cli_here(monkeypatch, capfd):
                 patch.setenv(key, value)
             patch.setattr(sys, "argv", argv)
             patch.setattr(experiment.ex, "observers", [])
+            root = logging.getLogger()  # as in a new process: no handlers, so that Sacred's logging.basicConfig
+            patch.setattr(root, "handlers", [])  # sends the log lines to stderr (pytest's own handlers are kept there)
+            patch.setattr(root, "level", root.level)
             capfd.readouterr()  # what earlier code printed is not this command's
             try:
                 experiment.main(argv)

@@ -188,17 +188,17 @@ def test_compile_true_trains_through_inductor(tmp_path, tiny_corpus):
     assert "End of training" in result.stdout
 
 
-def test_options_through_the_cli(tmp_path, tiny_corpus):
+def test_options_through_the_cli(tmp_path, tiny_corpus, cli_here):
     """adaptive_softmax and amp train, and the checkpoint serves evaluate and generate; bad values are one line."""
     args = ("with", "smoke", f"dataset={tiny_corpus}", "tied=False", "adaptive_softmax=[100, 1000]", "amp=bf16", "-u")
-    trained = run_cli(*args, cwd=tmp_path)
+    trained = cli_here(*args, cwd=tmp_path)
     assert "End of training" in trained.stdout
     config = load_checkpoint(tmp_path / "model.pt")["meta"]["config"]
     assert config["adaptive_softmax"] == [100, 1000] and config["amp"] == "bf16"
-    scored = run_cli("evaluate", "with", f"dataset={tiny_corpus}", "line_scores=lines.jsonl", "-u", cwd=tmp_path)
+    scored = cli_here("evaluate", "with", f"dataset={tiny_corpus}", "line_scores=lines.jsonl", "-u", cwd=tmp_path)
     assert "ppl" in scored.stdout
     assert json.loads((tmp_path / "lines.jsonl").read_text().splitlines()[0])
-    run_cli("with", "words=15", "outf=out.txt", "-u", cwd=tmp_path, script="generate.py")
+    cli_here("with", "words=15", "outf=out.txt", "-u", cwd=tmp_path, script="generate.py")
     assert len((tmp_path / "out.txt").read_text().split()) >= 10
     for bad, says in (
         (["adaptive_softmax=[100, 1000]"], "cannot be tied; add tied=False"),
@@ -207,7 +207,7 @@ def test_options_through_the_cli(tmp_path, tiny_corpus):
         (["amp=fp32"], "amp='fp32' must be 'bf16', 'fp16' or None"),
         (["compile=1"], "compile=1 must be True or False"),
     ):
-        failed = run_cli("with", "smoke", f"dataset={tiny_corpus}", *bad, "-u", cwd=tmp_path, check=False)
+        failed = cli_here("with", "smoke", f"dataset={tiny_corpus}", *bad, "-u", cwd=tmp_path, check=False)
         assert failed.returncode != 0
         lines = failed.stderr.strip().splitlines()
         assert says in lines[-1] and "Traceback" not in failed.stderr, failed.stderr
@@ -256,21 +256,21 @@ def test_init_range_makes_every_weight_uniform_in_it(r, options):
     assert not_uniform(RNNModel(ModelConfig(V, **sizes)), r) != []  # the classic init fails these checks
 
 
-def test_adamw_with_weight_decay_and_lr_decay_resumes_bit_for_bit(tmp_path, tiny_corpus):
+def test_adamw_with_weight_decay_and_lr_decay_resumes_bit_for_bit(tmp_path, tiny_corpus, cli_here):
     """An adamw run stopped after epoch 1 and resumed ends as the run that went straight through: the
     optimizer's moments travel with the checkpoint (without them the first steps after the resume differ)."""
     args = ("with", "smoke", f"dataset={tiny_corpus}", "optimizer=adamw", "lr=0.005", "wdecay=0.01",
             "lr_decay=0.5", "init_range=0.05", "max_batches=4", "log_interval=2")  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    reference = run_cli(*args, "epochs=2", "-F", "runs", cwd=straight).stdout
-    run_cli(*args, "epochs=1", "-u", cwd=split)
+    reference = cli_here(*args, "epochs=2", "-F", "runs", cwd=straight).stdout
+    cli_here(*args, "epochs=1", "-u", cwd=split)
     first = load_checkpoint(split / "model.last.pt")
     groups, moments = first["training"]["optimizer"]["param_groups"], first["training"]["optimizer"]["state"]
     assert groups[0]["decoupled_weight_decay"] is True and groups[0]["weight_decay"] == 0.01  # AdamW's
     assert groups[0]["lr"] == 0.0025 and all("exp_avg_sq" in moment for moment in moments.values())
     assert first["model_config"]["init_range"] == 0.05
-    resumed = run_cli("with", "resume=model.last.pt", "epochs=2", "-u", cwd=split)
+    resumed = cli_here("with", "resume=model.last.pt", "epochs=2", "-u", cwd=split)
     assert "resumed from model.last.pt at epoch 2, batch 0" in resumed.stderr
     assert [value for _, value in recorded(straight / "runs")["lr"]] == [0.005, 0.0025]  # lr_decay reaches adamw
     losses = re.compile(r"\| epoch +(\d+) \| +(\d+)/.*\| loss +([\d.]+) \|")
@@ -281,12 +281,12 @@ def test_adamw_with_weight_decay_and_lr_decay_resumes_bit_for_bit(tmp_path, tiny
     assert re.findall(r"test ppl +([\d.]+)", resumed.stdout) == re.findall(r"test ppl +([\d.]+)", reference)
 
 
-def test_nt_asgd_through_the_cli(tmp_path, tiny_corpus):
+def test_nt_asgd_through_the_cli(tmp_path, tiny_corpus, cli_here):
     """600 training tokens overfit from the second epoch on: the run switches to averaging and says so."""
     train = first_lines(tiny_corpus / "train.txt", 600)
     valid = (tiny_corpus / "valid.txt").read_text(encoding="utf-8")
     corpus = write_corpus(tmp_path / "short", train, valid, valid)
-    result = run_cli("with", "smoke", f"dataset={corpus}", "dropout=0", "nonmono=1", "epochs=4", "max_batches=None",
+    result = cli_here("with", "smoke", f"dataset={corpus}", "dropout=0", "nonmono=1", "epochs=4", "max_batches=None",
                      "-F", "runs", cwd=tmp_path)  # fmt: skip
     metrics = recorded(tmp_path / "runs")
     epoch = switch_epoch([value for _, value in metrics["valid.loss"]], nonmono=1)
