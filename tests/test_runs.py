@@ -211,8 +211,8 @@ def test_select_runs_by_status_and_id(workdir):
         select_runs(records, run_ids=[1, 8])
 
 
-def test_runs_command_prints_the_table_and_records_nothing(workdir):
-    result = run_cli("runs", "with", "runs_sort=-test_ppl", "runs_status=completed,interrupted",
+def test_runs_command_prints_the_table_and_records_nothing(workdir, cli_here):
+    result = cli_here("runs", "with", "runs_sort=-test_ppl", "runs_status=completed,interrupted",
                      f"runs_dir={workdir / 'runs'}", cwd=workdir / "tiny")  # fmt: skip
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["id", "status", "started", "duration", "epochs", "lr", "valid_ppl", "test_ppl",
@@ -226,8 +226,8 @@ def test_runs_command_prints_the_table_and_records_nothing(workdir):
     assert not (workdir / "tiny" / "runs").exists()  # `runs` is unobserved: it records no run of its own
 
 
-def test_plot_command_draws_the_runs_validation_curves(workdir):
-    result = run_cli("plot", "with", "run_ids=[1,2,3]", "plot_path=pictures/compare.png", cwd=workdir)
+def test_plot_command_draws_the_runs_validation_curves(workdir, cli_here):
+    result = cli_here("plot", "with", "run_ids=[1,2,3]", "plot_path=pictures/compare.png", cwd=workdir)
     assert f"validation curves of runs 1, 2, 3 written to {Path('pictures/compare.png')}" in result.stdout
     check_png(workdir / "pictures" / "compare.png", 1100, 420 + 90)  # three legend lines
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["1", "2", "3", "_sources"]
@@ -345,7 +345,10 @@ def test_plot_leaves_out_runs_without_a_curve_and_refuses_a_database(workdir, tm
 
 def test_a_file_that_is_no_sqlite_database_is_one_line_at_once_and_records_nothing(tmp_path):
     """-s sqlite:////abs/notes.txt started the run, retried for 6 s and printed two tracebacks (the second
-    Sacred's AttributeError in failed_event) before its error line."""
+    Sacred's AttributeError in failed_event) before its error line.
+
+    A subprocess: Sacred logs through the root logger, whose lines (that traceback among them) a process prints on
+    stderr and a command run in this process (cli_here) leaves to pytest's log capture."""
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n")
     url = f"sqlite:///{notes}"
