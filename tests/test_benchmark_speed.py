@@ -55,13 +55,14 @@ def test_the_speed_benchmark_reports_its_ratios_the_loss_check_and_the_options_i
     corpus = cut_corpus(tmp_path / "corpus", lines=(300, 60, 60))  # a vocabulary below 2000 (1692 words)
     common = ("--dataset", str(corpus), "--configs", "default", "--batches", "2", "--warmup", "1",
               "--eval-tokens", "400")  # fmt: skip
-    result = run_cli(*common, "--repeats", "2", "--ablations", "--options", "bf16,adaptive",
+    result = run_cli(*common, "--repeats", "2", "--ablations", "--options", "bf16,adaptive", "--square-size", "256",
                      cwd=tmp_path, script="benchmarks/speed.py", timeout=600)  # fmt: skip
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"train_ratio", "eval_ratio", "gflops_fraction", "loss_match"} <= summary.keys()
     assert summary["loss_match"] is True  # the same weights and dropout masks give the classic loop's losses
     row = summary["configs"]["default"]
     assert row["train_ratio"] > 0 and row["eval_ratio"] > 0 and row["matmul_ceiling_gflops"] > 0
+    assert row["square_matmul_size"] == 256 and "large square matmul (256^3)" in result.stdout
     low, high = row["spread"]["classic"]["train"]
     assert 0 < low <= high == row["classic_train_tokens_per_s"]  # the fastest of the repeated runs counts
     assert "wordlm-unfused_train_tokens_per_s" in row and "without the fused decoder loss" in result.stdout
