@@ -1,16 +1,15 @@
 """Bad corpora through the command line: one line starting ``error:``, a non-zero exit, no traceback.
 
-The runs are independent processes, so they start together once per module (``cli_runs``) and
-each test reads its own result: the suite pays for the slowest run, not for their sum.
+The corpora are written once per module (``corpora``), and each command reads them in the test's own process
+(``cli_here``): a refusal takes milliseconds there, where a process of its own took seconds to start.
 """
 
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import cut_corpus, run_cli, write_corpus
+from conftest import cut_corpus, write_corpus
 
 SMOKE = ("-u", "with", "smoke", "max_batches=2")
 
@@ -55,28 +54,20 @@ def make_corpora(tmp) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
+def corpora(tmp_path_factory):
+    """The folder holding the corpora, and the environment of the commands that read them."""
     tmp = tmp_path_factory.mktemp("cli-data")
     make_corpora(tmp)
-    cache = tmp / "cache"
-    # A module fixture runs outside the autouse one: give the runs its settings explicitly.
+    # Explicit settings, the same for every command here: a module fixture runs outside the autouse one.
     env = {"WORDLM_CACHE": str(tmp / "cache-bad"), "WORDLM_OFFLINE": "1", "WORDLM_DATA": str(tmp / "no-corpora-here")}
-    runs = {
-        case: ([*SMOKE, *(update.format(tmp=tmp) for update in updates)], env)
-        for case, (updates, _) in BAD_INPUT.items()
-    }
-    good = [*SMOKE, f"dataset={tmp}/awkward", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
-    runs["awkward but good text"] = (good, {**env, "WORDLM_CACHE": str(cache)})
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {case: pool.submit(run_cli, *args, cwd=tmp, check=False, timeout=240, **run_env)
-                   for case, (args, run_env) in runs.items()}  # fmt: skip
-        results = {case: future.result() for case, future in futures.items()}
-    return results, cache
+    return tmp, env
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_gets_one_error_line_and_a_failing_exit(cli_runs, case):
-    result = cli_runs[0][case]
+def test_bad_input_gets_one_error_line_and_a_failing_exit(corpora, cli_here, case):
+    tmp, env = corpora
+    updates = [update.format(tmp=tmp) for update in BAD_INPUT[case][0]]
+    result = cli_here(*SMOKE, *updates, cwd=tmp, check=False, **env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "Traceback" not in output
@@ -85,8 +76,11 @@ def test_bad_input_gets_one_error_line_and_a_failing_exit(cli_runs, case):
     assert re.fullmatch(r"error: " + BAD_INPUT[case][1] + r".*", errors[0]), errors[0]
 
 
-def test_bom_crlf_and_tabs_train_like_plain_text_with_the_vocabulary_options(cli_runs):
-    result, cache = cli_runs[0]["awkward but good text"], cli_runs[1]
+def test_bom_crlf_and_tabs_train_like_plain_text_with_the_vocabulary_options(corpora, cli_here):
+    tmp, env = corpora
+    cache = tmp / "cache"
+    good = [*SMOKE, f"dataset={tmp}/awkward", "min_freq=2", "max_vocab=300", f"save={tmp}/m.pt"]
+    result = cli_here(*good, cwd=tmp, check=False, **{**env, "WORDLM_CACHE": str(cache)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(
         r"corpus \S+/awkward: vocabulary 300, tokens train \d+ / valid \d+ / test \d+ \(tokenized in", result.stderr

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env
 from test_cli import main_exits, one_error, parse_config
 
 import wordlm.experiment as experiment
@@ -30,10 +30,15 @@ READS = {  # command: the config keys it reads (None: every key of the training 
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def printed_config(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """Every key as `print_config` shows it: (default, doc)."""
-    return parse_config(run_cli("print_config", cwd=tmp_path_factory.mktemp("print_config")).stdout)
+@pytest.fixture
+def printed_config(capsys, monkeypatch, tmp_path) -> dict[str, tuple[str, str]]:
+    """Every key as `print_config` shows it: (default, doc); in this process, as the test's help is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORDLM_DATA", raising=False)  # as in run_cli's environment
+    monkeypatch.setattr(experiment.ex, "observers", [])
+    code, out, err = main_exits(capsys, "print_config")
+    assert code in (0, None) and err == "", (code, err)
+    return parse_config(out)
 
 
 @pytest.mark.parametrize("command", sorted(READS))
@@ -58,14 +63,14 @@ def test_every_command_says_what_it_does_and_the_keys_it_reads(capsys, printed_c
         assert "It reads no config key." in text or "every config key" in text
 
 
-def test_help_through_the_scripts_and_the_module(tmp_path):
-    result = run_cli("runs", "--help", cwd=tmp_path)
+def test_help_through_the_scripts_and_the_module(tmp_path, cli_here):
+    result = cli_here("runs", "--help", cwd=tmp_path)
     assert result.stdout.startswith("usage: main.py runs [with KEY=VALUE ...] [options]\n"), result.stdout
     assert "runs_sort = 'id'" in result.stdout and "dummy" not in result.stdout + result.stderr
-    result = run_cli("with", "words=3", "--help", cwd=tmp_path, script="generate.py")
+    result = cli_here("with", "words=3", "--help", cwd=tmp_path, script="generate.py")
     assert result.stdout.startswith("usage: generate.py [generate] [with KEY=VALUE ...] [options]\n"), result.stdout
     assert "words = 1000" in result.stdout
-    assert run_cli("--help", cwd=tmp_path, script="generate.py").stdout.startswith("Usage:\n  generate.py [(with")
+    assert cli_here("--help", cwd=tmp_path, script="generate.py").stdout.startswith("Usage:\n  generate.py [(with")
     module = subprocess.run([sys.executable, "-m", "wordlm", "evaluate", "-h"], cwd=tmp_path, capture_output=True,
                             text=True, env=cli_env(PYTHONPATH=str(ROOT)), timeout=300)  # fmt: skip
     assert module.returncode == 0 and module.stdout.startswith("usage: python -m wordlm evaluate "), module.stderr
@@ -78,6 +83,6 @@ def test_the_usage_is_still_sacreds(capsys):
         assert "--file_storage" in out
 
 
-def test_help_for_an_unknown_command_is_one_line(tmp_path):
-    line = one_error(run_cli("help", "trian", cwd=tmp_path, check=False))
+def test_help_for_an_unknown_command_is_one_line(tmp_path, cli_here):
+    line = one_error(cli_here("help", "trian", cwd=tmp_path, check=False))
     assert line.startswith("error: 'trian' is not a command (did you mean train?); use one of "), line
