@@ -1,7 +1,8 @@
 """The Python API (``wordlm.train``, ``wordlm.load``, ``wordlm.LanguageModel``) against the command line.
 
 The CLI's ``generate`` and ``evaluate`` are thin clients of the API, so each figure and text is compared with
-what the scripts print in a subprocess, as a user would run them.
+what the scripts print: most in this process (``cli_here``: the scripts' own ``main`` with their arguments), and
+one generate, one evaluate and one training in a subprocess, as a user would run them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from conftest import ROOT, cli_env, cut_corpus, run_cli
 import wordlm
 from wordlm.evaluation import evaluate_text, perplexity
 from wordlm.experiment import error, ex
+from wordlm.models.fused import BACKEND
 
 # A BOM, CRLF and a lone CR, a blank line, a word WikiText-2 lacks (-> <unk>), and no line break at the end:
 # the text as a str and as a file must tokenize alike.
@@ -47,10 +49,11 @@ def lm(trained) -> wordlm.LanguageModel:
     return wordlm.load(trained["checkpoint"], device="cpu")
 
 
-def cli(trained, script: str, *updates: str, check: bool = True) -> subprocess.CompletedProcess:
+def cli(runner, trained, script: str, *updates: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``generate.py`` or ``main.py evaluate`` on the trained checkpoint, run by ``runner`` (run_cli or cli_here)."""
     command = () if script == "generate.py" else ("evaluate",)
-    return run_cli(*command, "-u", "with", f"checkpoint={trained['checkpoint']}", "device=cpu", *updates,
-                   cwd=trained["folder"], script=script, check=check)  # fmt: skip
+    return runner(*command, "-u", "with", f"checkpoint={trained['checkpoint']}", "device=cpu", *updates,
+                  cwd=trained["folder"], script=script, check=check)  # fmt: skip
 
 
 def printed_ppl(stdout: str) -> str:
@@ -72,15 +75,16 @@ def test_load_gives_the_model_its_vocabulary_and_config(lm, trained):
      {"words": 30, "prompt": "the zzqxw game", "temperature": 0.7, "top_k": 50, "top_p": 0.9, "seed": 5,
       "samples": 3, "stop_at_eos": True}],
 )  # fmt: skip
-def test_generate_is_the_text_the_generate_script_writes(lm, trained, keys):
+def test_generate_is_the_text_the_generate_script_writes(lm, trained, keys, cli_here):
     updates = [f"{key}={value!r}" for key, value in keys.items()]
-    assert lm.generate(**keys) == cli(trained, "generate.py", "outf=-", *updates).stdout
+    assert lm.generate(**keys) == cli(cli_here, trained, "generate.py", "outf=-", *updates).stdout
     assert lm.generate(**keys) == lm.generate(**keys)
     assert lm.generate(**{**keys, "seed": 99}) != lm.generate(**keys)
 
 
-def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained):
-    result = cli(trained, "main.py", f"text={trained['text']}", "eval_batch_size=3", "bptt=7", "line_scores=s.jsonl")
+def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained, cli_here):
+    result = cli(cli_here, trained, "main.py", f"text={trained['text']}", "eval_batch_size=3", "bptt=7",
+                 "line_scores=s.jsonl")  # fmt: skip
     text = trained["text"].read_bytes().decode("utf-8")  # the BOM and CRs kept: the API reads them as a file's
     ppl = lm.perplexity(text, eval_batch_size=3)  # the command's bptt=7 changes nothing: the state goes on
     assert f"{ppl:.2f}" == printed_ppl(result.stdout)
@@ -93,7 +97,8 @@ def test_perplexity_and_score_are_what_evaluate_prints_and_writes(lm, trained):
 
 
 def test_perplexity_defaults_are_the_commands(lm, trained):
-    result = cli(trained, "main.py", f"text={trained['text']}")
+    """A subprocess: main.py evaluate's perplexity as a user's own process prints it."""
+    result = cli(run_cli, trained, "main.py", f"text={trained['text']}")
     assert f"{lm.perplexity(trained['text'].read_text(encoding='utf-8')):.2f}" == printed_ppl(result.stdout)
 
 
@@ -113,6 +118,7 @@ def test_evaluate_computes_what_the_api_does_to_the_last_bit(lm, trained, keys):
 
 
 def test_save_then_load_gives_the_same_model_that_the_commands_read(lm, trained, tmp_path):
+    """A subprocess: the text generate.py writes in a user's own process."""
     saved = lm.save(tmp_path / "sub" / "copy.pt")
     again = wordlm.load(str(saved))
     assert again.vocab.idx2word == lm.vocab.idx2word and again.config == lm.config and again.meta == lm.meta
@@ -259,6 +265,11 @@ def api_run(trained):
     with pytest.MonkeyPatch.context() as patch:  # the cache the command line below reads too
         patch.setenv("WORDLM_CACHE", str(trained["folder"] / "cache"))
         patch.setenv("WORDLM_OFFLINE", "1")
+        # and its fused-decoder choices: the backend reads them once per process, so a training run earlier in this
+        # process (another test's cache) would decide here, and its choices would never reach the cache that the
+        # command line reads, which could time its libraries afresh and pick the other (the cache is written as
+        # choices are made, so the command line finds every one this run makes)
+        patch.setattr(BACKEND, "_chosen", None)
         patch.chdir(folder)
         run = wordlm.train(preset="smoke", dataset=str(corpus), epochs=2, seed=5, save="api.pt")
     return {"run": run, "folder": folder, "corpus": corpus}
@@ -293,7 +304,7 @@ def test_train_and_the_command_line_train_alike(api_run, tmp_path):
     assert f"test ppl {run.test_ppl:8.2f}" in result.stdout
 
 
-def test_train_refuses_an_unknown_key_and_a_bad_value_as_the_command_line_does(tmp_path):
+def test_train_refuses_an_unknown_key_and_a_bad_value_as_the_command_line_does(tmp_path, cli_here):
     with pytest.raises(TypeError, match=r"'bptt_len' \(did you mean bptt\?\) is not a training key"):
         wordlm.train(bptt_len=20)
     with pytest.raises(TypeError, match="'words' is not a training key"):  # a generate key: not training's
@@ -308,7 +319,7 @@ def test_train_refuses_an_unknown_key_and_a_bad_value_as_the_command_line_does(t
         {"lr_schedule": "cosine", "lr_decay": 0.5},
         {"lr_schedule": "linear"},
     ):
-        said = run_cli("-u", "with", "smoke", *(f"{k}={v}" for k, v in keys.items()), cwd=tmp_path, check=False)
+        said = cli_here("-u", "with", "smoke", *(f"{k}={v}" for k, v in keys.items()), cwd=tmp_path, check=False)
         message = said.stderr.strip().splitlines()[-1].removeprefix("error: ")
         with pytest.raises(wordlm.UserError) as raised:
             wordlm.train(preset="smoke", **keys)
