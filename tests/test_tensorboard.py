@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -161,32 +160,14 @@ def test_a_resumed_run_continues_its_curves_and_drops_what_a_killed_session_wrot
     assert first.info["tokens_seen"] == curve(resumed, "epoch")[0][0]
 
 
-@pytest.fixture
-def cli_logged(cli_here):
-    """``cli_here`` whose stderr holds the log lines too, as a process's does: there Sacred's ``logging.basicConfig``
-    prints the root logger's records from INFO up on stderr; in this process pytest's own handlers stand in its way,
-    and a one-line check of stderr would not see a line logged beside the error."""
-    handler = logging.StreamHandler()  # sys.stderr now: capfd's, which cli_here reads
-    handler.setFormatter(logging.Formatter("%(levelname)s - %(name)s - %(message)s"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield cli_here
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def test_the_command_line_names_the_folder_by_run_id_and_preset_and_resumes_into_it(trained, tmp_path, cli_logged):
+def test_the_command_line_names_the_folder_by_run_id_and_preset_and_resumes_into_it(trained, tmp_path, cli_here):
     corpus = trained["corpus"]
-    result = cli_logged("with", "smoke", f"dataset={corpus}", "max_batches=4", "lr=5", "tensorboard=tb", "-F", "runs",
-                        cwd=tmp_path)  # fmt: skip
+    result = cli_here("with", "smoke", f"dataset={corpus}", "max_batches=4", "lr=5", "tensorboard=tb", "-F", "runs",
+                      cwd=tmp_path)  # fmt: skip
     folder = only_folder(tmp_path / "tb")
     assert folder.name.split("_", 1)[1] == "run1_smoke_dataset=tiny,lr=5,max_batches=4", folder.name
     assert f"TensorBoard: {Path('tb') / folder.name} (new)" in result.stderr
-    cli_logged("with", "resume=model.last.pt", "epochs=2", "-F", "runs", cwd=tmp_path)  # the key comes from the state
+    cli_here("with", "resume=model.last.pt", "epochs=2", "-F", "runs", cwd=tmp_path)  # the key comes from the state
     assert only_folder(tmp_path / "tb") == folder
     assert [epoch for _, epoch in curve(events(folder), "epoch")] == [1.0, 2.0]
     assert len(curve(events(folder), "test/ppl")) == 2  # each session's test of its best model
@@ -219,11 +200,11 @@ def one_error(result: subprocess.CompletedProcess) -> str:
     ],
 )  # fmt: skip
 def test_a_tensorboard_folder_that_cannot_be_written_is_one_line_before_any_work(
-    trained, tmp_path, value, line, phrase, cli_logged
+    trained, tmp_path, value, line, phrase, cli_here
 ):
     (tmp_path / "notes.txt").write_text("a note\n")
-    result = cli_logged("with", "smoke", f"dataset={trained['corpus']}", f"tensorboard={value}", cwd=tmp_path,
-                        check=False)  # fmt: skip
+    result = cli_here("with", "smoke", f"dataset={trained['corpus']}", f"tensorboard={value}", cwd=tmp_path,
+                      check=False)  # fmt: skip
     assert one_error(result).startswith(line)
     assert "epoch" not in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no record
     given = "" if value == '""' else str(tmp_path / value)  # (/proc stays /proc)
