@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, cut_corpus, run_cli
+from conftest import ROOT, cli_env, cut_corpus
 from test_plots import check_png
 
 import wordlm.experiment as experiment
@@ -343,18 +343,15 @@ def test_plot_leaves_out_runs_without_a_curve_and_refuses_a_database(workdir, tm
         plot(runs_db="sqlite:///runs.db")
 
 
-def test_a_file_that_is_no_sqlite_database_is_one_line_at_once_and_records_nothing(tmp_path):
+def test_a_file_that_is_no_sqlite_database_is_one_line_at_once_and_records_nothing(tmp_path, cli_here):
     """-s sqlite:////abs/notes.txt started the run, retried for 6 s and printed two tracebacks (the second
-    Sacred's AttributeError in failed_event) before its error line.
-
-    A subprocess: Sacred logs through the root logger, whose lines (that traceback among them) a process prints on
-    stderr and a command run in this process (cli_here) leaves to pytest's log capture."""
+    Sacred's AttributeError in failed_event) before its error line."""
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n")
     url = f"sqlite:///{notes}"
     cut_corpus(tmp_path / "c", lines=(60, 10, 10))
-    result = run_cli("-F", str(tmp_path / "records"), "-s", url, "with", *SMOKE, f"dataset={tmp_path / 'c'}",
-                     f"save={tmp_path / 'model.pt'}", cwd=tmp_path, check=False)  # fmt: skip
+    result = cli_here("-F", str(tmp_path / "records"), "-s", url, "with", *SMOKE, f"dataset={tmp_path / 'c'}",
+                      f"save={tmp_path / 'model.pt'}", cwd=tmp_path, check=False)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output and "AttributeError" not in output, output
     assert result.stderr.splitlines() == [f"error: {url}: {notes} is not an SQLite database (it does not begin with "
