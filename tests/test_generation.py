@@ -229,8 +229,8 @@ def test_command_writes_batched_samples_after_the_prompt(checkpoint, tmp_path):
 
 
 def test_generate_script_runs_the_generate_command(checkpoint, tmp_path):
-    """A subprocess, as a user runs generate.py: its text on stdout, and Sacred's log lines (the WARNING) on stderr,
-    which a command run in this process leaves to pytest's log capture."""
+    """A subprocess, as a user runs generate.py: this script's witness of the text a real process writes, with its
+    WARNING on stderr."""
     result = run_cli("with", f"checkpoint={checkpoint}", "words=12", "outf=-", "prompt=qq x", "-u",
                      cwd=tmp_path, script="generate.py")  # fmt: skip
     assert result.stdout.startswith("qq x ") and set(result.stdout.split()) <= {"qq", *WORDS}
