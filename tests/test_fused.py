@@ -356,6 +356,28 @@ def test_a_choice_is_remembered_for_the_machine_so_that_a_new_process_makes_the_
     assert json.loads((corpus_cache / fused.CHOICES_FILE).read_text()) == {fused.machine(): fresh.choices()}
 
 
+def test_a_process_that_moves_to_another_cache_folder_reads_and_writes_that_folders_choices(
+    monkeypatch, corpus_cache, tmp_path
+):
+    """The choices read once would otherwise follow a process into another WORDLM_CACHE: a run there would use
+    choices its folder lacks, and a new process on that folder could time afresh and choose the other library."""
+    if "auto" not in BACKENDS:
+        pytest.skip("this torch build has no oneDNN")
+    hidden, weight, bias, targets = inputs()
+    monkeypatch.setattr(fused, "BACKEND", fused.Backend(timer=fake_timer(MIXED)))
+    linear_cross_entropy(hidden, weight, bias, targets).backward()
+    first = dict(fused.BACKEND.choices())
+    other = tmp_path / "other-cache"
+    monkeypatch.setenv("WORDLM_CACHE", str(other))
+    assert fused.BACKEND.choices() == {}  # nothing chosen for this folder yet
+    fused.BACKEND.timer = fake_timer({})  # timed afresh here: oneDNN throughout
+    linear_cross_entropy(hidden, weight, bias, targets).backward()
+    assert set(fused.BACKEND.choices().values()) == {"onednn"}
+    assert json.loads((other / fused.CHOICES_FILE).read_text()) == {fused.machine(): fused.BACKEND.choices()}
+    monkeypatch.setenv("WORDLM_CACHE", str(corpus_cache))  # back: the first folder's choices again
+    assert fused.BACKEND.choices() == first
+
+
 def test_the_machine_names_the_cpu_torch_and_threads():
     machine = fused.machine()
     assert torch.__version__ in machine and f"{torch.get_num_threads()} threads" in machine

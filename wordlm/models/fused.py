@@ -178,7 +178,8 @@ class Backend:
       its time over oneDNN's has a median below 1 (a median of paired ratios, which a slow spell of a
       shared machine moves far less than a best or a mean time), else oneDNN. The two compute the same
       float32 arithmetic but round differently in the last bits, so a choice is remembered in the cache
-      folder (``CHOICES_FILE``, per ``machine()``): every later process on this machine makes the same
+      folder (``CHOICES_FILE``, per ``machine()``; a process that moves to another ``WORDLM_CACHE``
+      reads that folder's): every later process on this machine makes the same
       one, and a seed repeats bit for bit (a resumed run included; only two processes that meet a new
       class at the same moment may choose differently).
 
@@ -195,6 +196,7 @@ class Backend:
         self._name: str | None = None  # None: the first available one
         self._onednn = _UNPROBED
         self._chosen: dict[str, str] | None = None  # shape class -> library, once read
+        self._chosen_from: Path | None = None  # the choices file they were read from
 
     def onednn(self):
         """oneDNN's product (see ``_onednn_product``), probed on the first call; None where it is unusable."""
@@ -235,8 +237,9 @@ class Backend:
     def choices(self) -> dict[str, str]:
         """The library chosen so far (or remembered) for each role and shape class, e.g.
         ``{'logits 2048x2048x256': 'onednn'}`` (rows of ``a`` and of ``b``, and their length, rounded up)."""
-        if self._chosen is None:
-            self._chosen = {}
+        path = _choices_path() if self.remember else None
+        if self._chosen is None or path != self._chosen_from:  # (another cache folder: its own choices)
+            self._chosen, self._chosen_from = {}, path
             if self.remember:
                 saved = self._read().get(machine(), {})
                 self._chosen.update({k: v for k, v in saved.items() if isinstance(k, str) and v in LIBRARIES})
