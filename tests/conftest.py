@@ -152,7 +152,9 @@ def cli_here(monkeypatch, capfd):
 
     For the many tests of what a command refuses and says: each is a few milliseconds here and 2-4 s as a process
     (most of it importing torch). What only a process shows stays with ``run_cli``: signals, exit statuses set by
-    the interpreter, output of a run Sacred captures at the file descriptors, torchrun.
+    the interpreter, torchrun, and the output a run observed by Sacred keeps in cout.txt (Sacred reads it from the
+    file descriptors, while capfd's ``sys.stdout`` never reaches them: in-process that file stays empty; its
+    run.json, config.json, metrics.json and info.json are written as usual).
     """
     import traceback
 
