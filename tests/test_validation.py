@@ -190,3 +190,21 @@ def test_cli_here_reports_what_would_have_ended_the_process_as_its_traceback(tmp
     assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
     with pytest.raises(AssertionError, match="exit 1"):
         cli_here("with", "smoke", cwd=tmp_path)
+
+
+def test_a_training_run_checks_its_values_once_from_the_command_line_and_from_python(
+    tmp_path, tiny_corpus, cli_here, monkeypatch
+):
+    """One validation pass per run: Sacred's config hook plans the run (``plan_run``) and the command trains that
+    plan; ``wordlm.train`` plans it once too."""
+    import wordlm
+    import wordlm.run as run
+
+    calls = []
+    checked = run.validate_training_config
+    monkeypatch.setattr(run, "validate_training_config", lambda cfg: calls.append(cfg["lr"]) or checked(cfg))
+    cli_here("with", "smoke", f"dataset={tiny_corpus}", "max_batches=2", "lr=3", "-u", cwd=tmp_path)
+    assert calls == [3]
+    monkeypatch.chdir(tmp_path)
+    wordlm.train("smoke", dataset=str(tiny_corpus), max_batches=2, lr=4, save="api.pt")
+    assert calls == [3, 4]
