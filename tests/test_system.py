@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from wordlm.system import bfloat16_unavailable
+from wordlm.system import bfloat16_emulated, bfloat16_unavailable
 
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 x86_with_onednn = pytest.mark.skipif(
@@ -70,3 +70,30 @@ def test_on_a_cpu_without_avx512_amp_bf16_is_one_error_line_and_float32_trains(t
     assert not (tmp_path / "model.pt").exists()
     trained = run_cli("with", "smoke", f"dataset={tiny_corpus}", "-u", cwd=tmp_path, **AVX2_ONLY)  # as it says
     assert "End of training" in trained.stdout
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, slow", [(False, False, True), (True, False, False), (False, True, False)])
+def test_bf16_without_bfloat16_arithmetic_is_named_as_emulated(monkeypatch, avx512_bf16, amx, slow):
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    said = bfloat16_emulated()
+    assert (said is not None) == slow
+    if slow:
+        assert said.startswith("this CPU has neither AVX-512 BF16 nor AMX")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert bfloat16_emulated() is None  # nothing assumed where it was never measured
+
+
+def test_a_bf16_run_on_a_cpu_that_emulates_bfloat16_says_so_and_trains(tmp_path, tiny_corpus, cli_here, monkeypatch):
+    if bfloat16_unavailable():
+        pytest.skip("amp='bf16' is refused on this CPU (the test above)")
+    import wordlm.run as run
+
+    monkeypatch.setattr(run, "bfloat16_emulated", lambda: "this CPU has neither AVX-512 BF16 nor AMX, so ...")
+    result = cli_here("with", "smoke", f"dataset={tiny_corpus}", "amp=bf16", "max_batches=2", "-u", cwd=tmp_path)
+    warned = [line for line in result.stderr.splitlines() if "amp='bf16' trains slower than float32 here" in line]
+    assert len(warned) == 1 and "leave amp unset for float32" in warned[0] and "test ppl" in result.stdout
+    monkeypatch.setattr(run, "bfloat16_emulated", lambda: None)
+    result = cli_here("with", "smoke", f"dataset={tiny_corpus}", "amp=bf16", "max_batches=2", "-u", cwd=tmp_path)
+    assert "slower than float32" not in result.stderr

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-__all__ = ["tune_cpu_allocator", "bfloat16_unavailable"]
+__all__ = ["tune_cpu_allocator", "bfloat16_unavailable", "bfloat16_emulated"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -76,3 +76,22 @@ def bfloat16_unavailable() -> str | None:
         first = str(failure).split(". ")[0].splitlines()[0] if str(failure) else type(failure).__name__
         return f"{lacks} ({seen}; a bfloat16 LSTM fails: {first})"
     return None
+
+
+def bfloat16_emulated() -> str | None:
+    """Why ``amp='bf16'`` runs slower than float32 on this CPU though it runs, or None where it has bfloat16 arithmetic.
+
+    On x86-64 only AVX-512 BF16 and AMX compute in bfloat16; a CPU with AVX-512 alone (Ice Lake, Cascade Lake)
+    converts each operand to float32 and back. Measured on an Ice Lake Xeon (2 cores, WikiText-2, the default
+    size): training ran at 0.31x the speed of float32 (benchmarks/speed.py --options bf16, docs/PERFORMANCE.md).
+    Elsewhere (aarch64) nothing is assumed: None.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # an internal check: missing in some builds
+        return None
+    if native:
+        return None
+    return "this CPU has neither AVX-512 BF16 nor AMX, so bfloat16 is converted to float32 and back at every product"
