@@ -28,7 +28,7 @@ train: $(VENV)/.installed-train
 # measure a time budget in wall-clock seconds run afterwards on their own: beside another worker on 2 cores a
 # validation can take twice as long, and the budget then ends early (seen: 3.9 s of a 9-second budget).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 -m 'not slow and not wallclock'
+	$(PY) -m pytest -n 2 --dist loadgroup -m 'not slow and not wallclock'
 	$(PY) -m pytest -m 'wallclock and not slow'
 
 clean:

@@ -28,6 +28,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that uses a module's shared fixture (a trained checkpoint, a reference run) goes with the rest of its
+    file to one xdist worker (``make test`` runs ``--dist loadgroup``): split between two workers, each would
+    build the fixture, and some take 10-20 s (test_elastic's reference torchrun run)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = info and any(d.scope in ("module", "package", "session") for defs in info.name2fixturedefs.values()
+                              for d in defs if d.baseid)  # fmt: skip
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # this project's machines keep the real corpora there
 SHIPPED_WT2 = ROOT / "wordlm" / "data" / "corpora-data" / "wikitext-2"  # <split>.txt.xz
