@@ -28,6 +28,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
 def pytest_collection_modifyitems(config, items) -> None:
     """A test that uses a module's shared fixture (a trained checkpoint, a reference run) goes with the rest of its
     file to one xdist worker (``make test`` runs ``--dist loadgroup``): split between two workers, each would
