@@ -27,6 +27,7 @@ train: $(VENV)/.installed-train
 # 2 cores; `.venv/bin/python -m pytest tests/test_x.py` runs in one process, as usual. The few tests that
 # measure a time budget in wall-clock seconds run afterwards on their own: beside another worker on 2 cores a
 # validation can take twice as long, and the budget then ends early (seen: 3.9 s of a 9-second budget).
+# --dist loadgroup: the tests sharing a file's module fixture (a reference run) stay on one worker (conftest.py).
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadgroup -m 'not slow and not wallclock'
 	$(PY) -m pytest -m 'wallclock and not slow'
