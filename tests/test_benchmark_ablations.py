@@ -19,6 +19,8 @@ def test_the_ablation_benchmark_pairs_each_speed_up_and_counts_page_faults(tmp_p
         assert row["pairs"] >= 1 and row["ratio_median"] > 0 and row["on_ms_median"] > 0
         low, high = row["ratio_quartiles"]
         assert low <= high
-    # with the setting on, no step maps fresh memory (off, the count depends on what the heap kept)
+    # with the setting on, no step maps a buffer afresh (off, the count depends on what the heap kept): a fresh
+    # vocabulary-sized buffer here is ~1,850 pages (1,692 words x 1,120 tokens x 4 bytes); a stray page or two (a
+    # Python arena, a thread's stack) is not one (seen: a median of 0.5 against 0 on an Ice Lake Xeon)
     allocator = summary["train_allocator"]
-    assert allocator["faults_per_step_on"] <= allocator["faults_per_step_off"]
+    assert allocator["faults_per_step_on"] <= allocator["faults_per_step_off"] + 8
