@@ -22,7 +22,6 @@ from conftest import ROOT, cli_env, cut_corpus, run_cli
 import wordlm
 from wordlm.evaluation import evaluate_text, perplexity
 from wordlm.experiment import error, ex
-from wordlm.models.fused import BACKEND
 
 # A BOM, CRLF and a lone CR, a blank line, a word WikiText-2 lacks (-> <unk>), and no line break at the end:
 # the text as a str and as a file must tokenize alike.
@@ -265,11 +264,8 @@ def api_run(trained):
     with pytest.MonkeyPatch.context() as patch:  # the cache the command line below reads too
         patch.setenv("WORDLM_CACHE", str(trained["folder"] / "cache"))
         patch.setenv("WORDLM_OFFLINE", "1")
-        # and its fused-decoder choices: the backend reads them once per process, so a training run earlier in this
-        # process (another test's cache) would decide here, and its choices would never reach the cache that the
-        # command line reads, which could time its libraries afresh and pick the other (the cache is written as
-        # choices are made, so the command line finds every one this run makes)
-        patch.setattr(BACKEND, "_chosen", None)
+        # and its fused-decoder choices (the backend reads a cache folder's choices when the process moves to it, and
+        # writes each one it makes there, so the command line finds every one this run makes)
         patch.chdir(folder)
         run = wordlm.train(preset="smoke", dataset=str(corpus), epochs=2, seed=5, save="api.pt")
     return {"run": run, "folder": folder, "corpus": corpus}

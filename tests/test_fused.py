@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
+from wordlm.data.cache import CACHE_ENV
 from wordlm.models import fused
 from wordlm.models.fused import (
     CHUNK,
@@ -327,16 +328,22 @@ def test_auto_times_both_libraries_once_per_shape_class_and_runs_the_faster(fast
         assert torch.allclose(a, e, atol=1e-6, rtol=1e-5)
 
 
-def test_a_choice_is_remembered_for_the_machine_so_that_a_new_process_makes_the_same(monkeypatch, corpus_cache):
-    """oneDNN and MKL round differently in the last bits: a later process (a resumed run) must not time
-    afresh and perhaps choose otherwise. A backend that never saw a product reads the choices from the
-    cache folder; another machine's (another CPU, torch or thread count) are not used."""
+def step_with_mixed_timings(monkeypatch):
+    """A backend remembering its choices, timed with MIXED fake timings, after one training step: that step's
+    inputs and the choices it made (skips where torch has no oneDNN: there is nothing to choose)."""
     if "auto" not in BACKENDS:
         pytest.skip("this torch build has no oneDNN")
     hidden, weight, bias, targets = inputs()
     monkeypatch.setattr(fused, "BACKEND", fused.Backend(timer=fake_timer(MIXED)))
     linear_cross_entropy(hidden, weight, bias, targets).backward()
-    first = dict(fused.BACKEND.choices())
+    return hidden, weight, bias, targets, dict(fused.BACKEND.choices())
+
+
+def test_a_choice_is_remembered_for_the_machine_so_that_a_new_process_makes_the_same(monkeypatch, corpus_cache):
+    """oneDNN and MKL round differently in the last bits: a later process (a resumed run) must not time
+    afresh and perhaps choose otherwise. A backend that never saw a product reads the choices from the
+    cache folder; another machine's (another CPU, torch or thread count) are not used."""
+    hidden, weight, bias, targets, first = step_with_mixed_timings(monkeypatch)
     saved = json.loads((corpus_cache / fused.CHOICES_FILE).read_text())
     assert saved == {fused.machine(): first} and "blas" in first.values() and "onednn" in first.values()
 
@@ -361,12 +368,7 @@ def test_a_process_that_moves_to_another_cache_folder_reads_and_writes_that_fold
 ):
     """The choices read once would otherwise follow a process into another WORDLM_CACHE: a run there would use
     choices its folder lacks, and a new process on that folder could time afresh and choose the other library."""
-    if "auto" not in BACKENDS:
-        pytest.skip("this torch build has no oneDNN")
-    hidden, weight, bias, targets = inputs()
-    monkeypatch.setattr(fused, "BACKEND", fused.Backend(timer=fake_timer(MIXED)))
-    linear_cross_entropy(hidden, weight, bias, targets).backward()
-    first = dict(fused.BACKEND.choices())
+    hidden, weight, bias, targets, first = step_with_mixed_timings(monkeypatch)
     other = tmp_path / "other-cache"
     monkeypatch.setenv("WORDLM_CACHE", str(other))
     assert fused.BACKEND.choices() == {}  # nothing chosen for this folder yet
@@ -376,6 +378,7 @@ def test_a_process_that_moves_to_another_cache_folder_reads_and_writes_that_fold
     assert json.loads((other / fused.CHOICES_FILE).read_text()) == {fused.machine(): fused.BACKEND.choices()}
     monkeypatch.setenv("WORDLM_CACHE", str(corpus_cache))  # back: the first folder's choices again
     assert fused.BACKEND.choices() == first
+    assert fused._CACHE_ENV == CACHE_ENV  # the variable the cache folder follows, named twice to keep imports apart
 
 
 def test_the_machine_names_the_cpu_torch_and_threads():
