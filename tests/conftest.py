@@ -7,6 +7,7 @@ or ``./data/penn`` (where a download puts it); without it they skip, saying so i
 
 from __future__ import annotations
 
+import functools
 import logging
 import lzma
 import os
@@ -207,12 +208,18 @@ def cli_here(monkeypatch, capfd):
 
 def _generate_arguments(args: tuple[str, ...]) -> list[str]:
     """generate.py's arguments as it hands them to main: its command inserted (``with_default_command``)."""
+    return _generate_script().with_default_command(["generate.py", *args], "generate")[1:]
+
+
+@functools.cache
+def _generate_script():
+    """generate.py as a module, read once (it only defines ``with_default_command`` and calls main as a script)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.with_default_command(["generate.py", *args], "generate")[1:]
+    return module
 
 
 def read_until(process, pattern: str, timeout: float = 180) -> str:
