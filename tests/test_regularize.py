@@ -41,6 +41,24 @@ def test_embedding_dropout_drops_whole_words():
     assert torch.equal(embedding_dropout(embedding, inputs, 0.5, training=False), embedding(inputs))
 
 
+def test_embedding_dropout_masks_rows_as_scaling_the_matrix_would():
+    """Masking the looked-up rows gives the vectors and gradients of AWD-LSTM's scaled (V, E) matrix."""
+    embedding = torch.nn.Embedding(40, 6)
+    inputs = torch.randint(0, 40, (7, 5))
+    torch.manual_seed(3)
+    dropped = embedding_dropout(embedding, inputs, 0.3, training=True)
+    dropped.pow(2).sum().backward()
+    grad = embedding.weight.grad.clone()
+    embedding.weight.grad = None
+    torch.manual_seed(3)
+    mask = embedding.weight.new_empty(40, 1).bernoulli_(0.7) / 0.7  # the same draws, as a (V, 1) column
+    reference = torch.nn.functional.embedding(inputs, embedding.weight * mask)
+    reference.pow(2).sum().backward()
+    assert 0 < (mask == 0).sum() < 40
+    assert torch.equal(dropped, reference)
+    torch.testing.assert_close(grad, embedding.weight.grad)
+
+
 def test_weight_drop_changes_only_recurrent_steps_and_is_off_in_eval():
     torch.manual_seed(2)
     rnn = torch.nn.LSTM(4, 6, 1)

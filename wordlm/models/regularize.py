@@ -36,13 +36,15 @@ class LockedDropout(nn.Module):
 def embedding_dropout(embedding: nn.Embedding, inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Look up ``inputs`` (T, B) with whole words dropped: a dropped word's vector is zero everywhere.
 
-    Gal & Ghahramani (2016), as used by AWD-LSTM; kept rows are scaled by 1 / (1 - p).
+    Gal & Ghahramani (2016), as used by AWD-LSTM; kept rows are scaled by 1 / (1 - p). One mask value per word of
+    the vocabulary, applied to the looked-up rows only: scaling the whole (V, E) matrix first, as AWD-LSTM does,
+    gives the same vectors but costs two dense passes over it a batch (+15-25% per batch at 33k x 650).
     """
     if not training or p == 0:
         return embedding(inputs)  # the module itself, so hooks and wrappers still see the lookup
     weight = embedding.weight
-    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
-    return F.embedding(inputs, weight * mask, embedding.padding_idx)
+    mask = weight.new_empty(weight.size(0)).bernoulli_(1 - p) / (1 - p)  # (V,)
+    return F.embedding(inputs, weight, embedding.padding_idx) * mask[inputs].unsqueeze(-1)
 
 
 def weight_dropped_call(rnn: nn.RNNBase, inputs: torch.Tensor, hidden, p: float, training: bool):
