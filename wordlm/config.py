@@ -24,8 +24,8 @@ from wordlm.training.trainer import OPTIMIZERS, amp_problem
 
 __all__ = [
     "training_config", "ZAREMBA_SMALL", "ZAREMBA_MEDIUM", "ZAREMBA_LARGE", "PRESS_WOLF_LARGE_TIED",
-    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_WT2_2H", "BUDGET_PTB", "SMOKE",
-    "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
+    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_WT2_2H", "BUDGET_PTB",
+    "SMOKE", "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
     "build_model_config", "FIXED_ON_RESUME", "resumed_config", "differing_keys"
 ]  # fmt: skip
 
@@ -131,17 +131,18 @@ BUDGET_WT2 = dict(
     dataset="wikitext-2", emsize=400, nhid=400, dropout=0.3, tied=False, adaptive_softmax=[2000, 10000],
     lr_schedule="cosine", time_budget=30, epochs=1000,
 )  # fmt: skip
-# Two hours on PTB with 2 CPU cores (docs/RESULTS.md, "Two hours on 2 cores"): Zaremba's medium 2x650 LSTM with
+# Two hours on PTB on a CPU (docs/RESULTS.md, "Two hours on a CPU (PTB)"): Zaremba's medium 2x650 LSTM with
 # Inan et al.'s tied embeddings and variational (locked) dropout, the lr along a half cosine over the budget
-# instead of the paper's 39-epoch decay. About 36 epochs at 145 ms per batch with amp="bf16" on a CPU with AMX.
+# instead of the paper's 39-epoch decay. With amp="bf16" on the Intel AMX VM: 21 epochs on one core (245 ms a batch,
+# test 77.66); 2 threads run 140 ms a batch, about 36 epochs (not run to the end).
 BUDGET_PTB = dict(
     dataset="penn", model_type="LSTM", emsize=650, nhid=650, nlayers=2, dropout=0.5, tied=True, locked_dropout=True,
     batch_size=20, bptt=35, lr=35.0, clip=5 / 35, init_range=0.05, lr_schedule="cosine", time_budget=120, epochs=1000,
 )  # fmt: skip
-# Two hours on WikiText-2 with 2 CPU cores (docs/RESULTS.md): Zaremba's medium 2x650 LSTM with locked dropout 0.5 and
-# AWD-LSTM's embedding dropout, untied, with the adaptive softmax of budget_wt2 (1.6x the tokens of a tied full
-# softmax at this width), batch 40 for throughput, the lr along a half cosine over the budget. Measured on the Intel
-# AMX VM with amp="bf16": about 190 ms per batch of 40 x 35 on 2 threads, some 25 epochs in the budget.
+# Two hours on WikiText-2 on 2 CPU cores (docs/RESULTS.md, "Two hours on a CPU (WikiText-2)"): Zaremba's medium
+# 2x650 LSTM with locked dropout 0.5 and AWD-LSTM's embedding dropout, untied, with budget_wt2's adaptive softmax
+# (1.6x the tokens of a tied full softmax at this width), batch 40 for throughput, the lr along a half cosine over
+# the budget. With amp="bf16" on the Intel AMX VM: about 180 ms per batch of 40 x 35 on 2 threads.
 BUDGET_WT2_2H = {**BUDGET_WT2, **dict(emsize=650, nhid=650, dropout=0.5, locked_dropout=True, dropoute=0.1,
                                       batch_size=40, time_budget=120)}  # fmt: skip
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
