@@ -239,7 +239,11 @@ def one_pass_cache_pointer_loss(model, ids, window, theta, lambdah, chunk=500):
     return total / count, count
 
 
-@pytest.mark.parametrize("decoder", [{}, {"tied": False, "adaptive_softmax": (10,)}], ids=["full", "adaptive"])
+@pytest.mark.parametrize(
+    "decoder",
+    [{}, {"tied": False, "adaptive_softmax": (10,)}, {"adaptive_softmax": (5, 10)}],
+    ids=["full", "adaptive", "adaptive tied"],
+)
 def test_one_model_pass_serves_every_cache_setting_with_the_one_pass_floats(decoder):
     """cache_pointer_states once, then cache_mixed_loss per setting: the floats of the model-and-cache walk
     bit for bit, whatever the window (none, shorter than a chunk, across chunks, past the text's end), θ and λ."""

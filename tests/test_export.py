@@ -75,9 +75,10 @@ def test_a_layered_awd_style_model_exports_a_state_per_layer(tmp_path, model_typ
     assert widths == [10] * len(per_layer) + [6] * len(per_layer)  # the last layer has emsize units
 
 
-def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied (adaptive input)"])
+def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path, tied):
     torch.manual_seed(0)
-    config = ModelConfig(40, "GRU", emsize=8, nhid=8, nlayers=1, tied=False, adaptive_softmax=(5, 20))
+    config = ModelConfig(40, "GRU", emsize=8, nhid=8, nlayers=1, tied=tied, adaptive_softmax=(5, 20))
     model = RNNModel(config).eval()
     model.decoder.sort_words_by_frequency(torch.rand(40))  # a word order the export must keep
     path = export_onnx(model, tmp_path / "m.onnx", Vocabulary([f"w{i}" for i in range(40)]))

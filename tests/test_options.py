@@ -18,7 +18,9 @@ from test_training import first_lines, switch_epoch
 from torch.profiler import profile
 
 from wordlm.data.corpus import Vocabulary
-from wordlm.models import ModelConfig, RNNModel
+from wordlm.models import ModelConfig, RNNModel, build_model
+from wordlm.models.decoder import AdaptiveInput
+from wordlm.models.regularize import embedding_dropout
 from wordlm.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from wordlm.training.trainer import Precision, Reporter, TrainState, train_epoch
 
@@ -68,7 +70,7 @@ def test_adaptive_softmax_word_order_travels_with_the_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(tied=True), "cannot be tied"),
+        (dict(tied=True, nhid=12), "tied=True needs emsize == nhid"),
         (dict(adaptive_softmax=(30, 10)), "increasing"),
         (dict(adaptive_softmax=(10, V)), "between 1 and the vocabulary"),
         (dict(adaptive_softmax=()), "increasing"),
@@ -78,6 +80,82 @@ def test_bad_adaptive_softmax_settings_are_refused(options, message):
     config = dict(emsize=16, nhid=16, tied=False, adaptive_softmax=(10, 30)) | options
     with pytest.raises(ValueError, match=message):
         ModelConfig(V, **config)
+
+
+def tied_adaptive_model(seed=0, model_type="LSTM", **options):
+    torch.manual_seed(seed)
+    sizes = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0)
+    return build_model(ModelConfig(V, model_type, **sizes, tied=True, adaptive_softmax=(10, 30), **options)).eval()
+
+
+def test_a_tied_adaptive_softmax_reads_its_word_vectors_from_the_softmax():
+    """Baevski & Auli's tied adaptive input: a head word's vector is its head row; a cluster word's is its output
+    row times the cluster's down-projection (the transpose of that map); the model holds no embedding matrix."""
+    tied, untied = tied_adaptive_model(), adaptive_model()
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters()) == V * 16
+    assert not [key for key in tied.state_dict() if key.startswith("encoder")]
+    tied.decoder.sort_words_by_frequency(torch.rand(V))
+    rank, adaptive = tied.decoder.word_rank, tied.decoder.adaptive
+    vectors = tied.encoder(torch.arange(V).view(V, 1))  # (V, 1, E)
+    assert vectors.shape == (V, 1, 16)
+    for word in range(V):
+        place = int(rank[word])
+        if place < 10:
+            expected = adaptive.head.weight[place]
+        else:
+            cluster, low = (0, 10) if place < 30 else (1, 30)
+            down, up = adaptive.tail[cluster]  # Linear(16, 16 / 4^(i+1)), Linear(that, cluster size)
+            expected = up.weight[place - low] @ down.weight
+        torch.testing.assert_close(vectors[word, 0], expected)
+    vectors.pow(2).sum().backward()  # the input side's gradient reaches the softmax's weights
+    assert adaptive.head.weight.grad[:10].abs().sum() > 0 and adaptive.head.weight.grad[10:].abs().sum() == 0
+    assert all(part.weight.grad.abs().sum() > 0 for tail in adaptive.tail for part in tail)
+
+
+@pytest.mark.parametrize("model_type", ["LSTM", "Transformer"])
+def test_a_tied_adaptive_model_trains_in_bf16_drops_words_and_travels_with_its_checkpoint(tmp_path, model_type):
+    model = tied_adaptive_model(model_type=model_type, dropoute=0.5).train()
+    inputs, targets = torch.randint(0, V, (6, 3)), torch.randint(0, V, (6, 3))
+    dropped = model.encoder(inputs)
+    torch.manual_seed(4)
+    words = embedding_dropout(model.encoder, inputs, 0.5, training=True)
+    zero = (words == 0).all(-1)
+    assert zero.any() and not zero.all()
+    assert torch.equal(words[~zero], dropped[~zero] * 2)  # kept words scaled by 1 / (1 - p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(inputs, model.init_hidden(3), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+    model.eval()
+    vocab = Vocabulary([f"w{index}" for index in range(V)])
+    save_checkpoint(tmp_path / "tied.pt", model, vocab)
+    loaded, _ = model_from_checkpoint(load_checkpoint(tmp_path / "tied.pt"))
+    assert loaded.config.tied and isinstance(loaded.encoder, AdaptiveInput)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs, loaded.init_hidden(3))[0], model(inputs, model.init_hidden(3))[0])
+    loaded.decoder.adaptive.head.weight.data.zero_()  # the loaded input side reads the loaded softmax
+    assert loaded.encoder(torch.tensor([[0]])).eq(0).all()  # word 0 is in the head (no frequencies given)
+
+
+@pytest.mark.parametrize("model_type", ["LSTM", "Transformer"])
+def test_an_untied_adaptive_softmax_trains_under_bf16_autocast(model_type):
+    """A Transformer's features reach the decoder in float32 (its final LayerNorm) where an RNN's are bfloat16;
+    the adaptive softmax failed on them ("index_copy_(): self and source expected to have the same dtype")."""
+    torch.manual_seed(0)
+    sizes = dict(emsize=16, nhid=16, nlayers=1)
+    model = build_model(ModelConfig(V, model_type, **sizes, tied=False, adaptive_softmax=(10, 30)))
+    inputs = torch.randint(0, V, (6, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.train()(inputs, model.init_hidden(3), inputs)
+        scores, _ = model.eval()(inputs, model.init_hidden(3))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.allclose(scores.float().exp().sum(-1), torch.ones(6, 3), atol=0.05)
 
 
 def rnn_kernels(model, precision=None, network=None):
@@ -200,8 +278,14 @@ def test_options_through_the_cli(tmp_path, tiny_corpus, cli_here):
     assert json.loads((tmp_path / "lines.jsonl").read_text().splitlines()[0])
     cli_here("with", "words=15", "outf=out.txt", "-u", cwd=tmp_path, script="generate.py")
     assert len((tmp_path / "out.txt").read_text().split()) >= 10
+    # tied (the default): the adaptive input; generate reads its checkpoint as any other
+    tied = cli_here("with", "smoke", f"dataset={tiny_corpus}", "adaptive_softmax=[100, 1000]", "save=tied.pt", "-u",
+                    cwd=tmp_path)  # fmt: skip
+    assert "End of training" in tied.stdout and load_checkpoint(tmp_path / "tied.pt")["meta"]["config"]["tied"]
+    cli_here("with", "checkpoint=tied.pt", "words=15", "outf=tied.txt", "-u", cwd=tmp_path, script="generate.py")
+    assert len((tmp_path / "tied.txt").read_text().split()) >= 10
     for bad, says in (
-        (["adaptive_softmax=[100, 1000]"], "cannot be tied; add tied=False"),
+        (["adaptive_softmax=[100, 1000]", "nhid=48"], "tied=True needs emsize == nhid"),
         (["tied=False", "adaptive_softmax=[1000, 100]"], "adaptive_softmax=[1000, 100] must be increasing"),
         (["amp=fp16"], "amp='fp16' needs a CUDA device"),
         (["amp=fp32"], "amp='fp32' must be 'bf16', 'fp16' or None"),

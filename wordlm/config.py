@@ -75,7 +75,7 @@ def training_config():
     min_freq = 1  # words seen fewer times in train.txt become <unk> (1 = keep every word)
     max_vocab = None  # keep at most this many words, the most frequent; the rest become <unk> (None = all)
     # -- speed options that change the math; all off by default (figures in docs/PERFORMANCE.md)
-    adaptive_softmax = None  # adaptive softmax: word-frequency cutoffs, e.g. [2000, 10000]; tied=False (None = off)
+    adaptive_softmax = None  # adaptive softmax: word cutoffs, e.g. [2000, 10000]; tied = adaptive input (None = off)
     amp = None  # mixed precision of the training forward pass: 'bf16' (CPU or CUDA) or 'fp16' (CUDA) (None = float32)
     compile = False  # run the training forward pass through torch.compile
     # -- never lose a run

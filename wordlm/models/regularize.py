@@ -33,7 +33,7 @@ class LockedDropout(nn.Module):
         return inputs * mask
 
 
-def embedding_dropout(embedding: nn.Embedding, inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def embedding_dropout(embedding: nn.Module, inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Look up ``inputs`` (T, B) with whole words dropped: a dropped word's vector is zero everywhere.
 
     Gal & Ghahramani (2016), as used by AWD-LSTM; kept rows are scaled by 1 / (1 - p). One mask value per word of
@@ -42,9 +42,9 @@ def embedding_dropout(embedding: nn.Embedding, inputs: torch.Tensor, p: float, t
     """
     if not training or p == 0:
         return embedding(inputs)  # the module itself, so hooks and wrappers still see the lookup
-    weight = embedding.weight
-    mask = weight.new_empty(weight.size(0)).bernoulli_(1 - p) / (1 - p)  # (V,)
-    return F.embedding(inputs, weight, embedding.padding_idx) * mask[inputs].unsqueeze(-1)
+    vectors = embedding(inputs)  # (T, B, E); an nn.Embedding or an adaptive input
+    mask = vectors.new_empty(embedding.num_embeddings).bernoulli_(1 - p) / (1 - p)  # (V,)
+    return vectors * mask[inputs].unsqueeze(-1)
 
 
 def weight_dropped_call(rnn: nn.RNNBase, inputs: torch.Tensor, hidden, p: float, training: bool):

@@ -30,7 +30,7 @@ class RNNModel(WordModel):
         make_dropout = LockedDropout if config.locked_dropout else nn.Dropout
         self.drop = make_dropout(config.dropout)  # on the last layer's output
         self.drop_input = make_dropout(config.input_dropout)
-        self.encoder = nn.Embedding(config.ntoken, config.emsize)
+        self.encoder = self._make_encoder()
         if config.layered:
             self.drop_between = make_dropout(config.layer_dropout)
             self.rnns = nn.ModuleList(_make_rnn(config.model_type, i, h, 1, 0.0) for i, h in config.layer_sizes())
@@ -56,7 +56,7 @@ class RNNModel(WordModel):
     def init_hidden(self, batch_size: int) -> Hidden:
         """Zero state for ``batch_size`` columns: (L, B, H), a pair of them for the LSTM, or in the
         layered mode a list with one such state (1, B, H_l) per layer."""
-        weight = self.encoder.weight
+        weight = next(self.parameters())  # the model's device and dtype
 
         def zeros(layers: int, size: int):
             shape = (layers, batch_size, size)

@@ -70,7 +70,7 @@ class TransformerModel(WordModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.encoder = nn.Embedding(config.ntoken, config.emsize)
+        self.encoder = self._make_encoder()
         self.drop_input = nn.Dropout(config.input_dropout)
         self.distance_bias = nn.Parameter(torch.zeros(config.nhead, config.window))  # (N, window)
         self.layers = nn.ModuleList(
@@ -105,5 +105,5 @@ class TransformerModel(WordModel):
 
     def init_hidden(self, batch_size: int) -> Hidden:
         """The memory at the start of a text: zeros, one (window - 1, B, E) tensor per layer."""
-        weight = self.encoder.weight
+        weight = self.distance_bias  # the model's device and dtype
         return [weight.new_zeros(self.config.window - 1, batch_size, self.config.emsize) for _ in self.layers]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from wordlm.models.decoder import AdaptiveSoftmax, Decoder, build_decoder
+from wordlm.models.decoder import AdaptiveInput, AdaptiveSoftmax, Decoder, build_decoder
 from wordlm.models.hidden import Hidden
 from wordlm.models.regularize import activation_penalties
 
@@ -47,7 +47,8 @@ class ModelConfig:
     beta: float = 0.0  # temporal activation regularization (TAR)
     tied_projection: bool = False  # with tied and emsize != nhid, the last layer has emsize units
     # Adaptive softmax (Grave et al. 2017): cluster boundaries over the words sorted by frequency, e.g.
-    # (2000, 10000); None is the full softmax. Its probabilities are exact and normalised.
+    # (2000, 10000); None is the full softmax. Its probabilities are exact and normalised. Tied, the word vectors
+    # are its output vectors (an adaptive input, Baevski & Auli 2019: ``decoder.AdaptiveInput``).
     adaptive_softmax: tuple[int, ...] | None = None
     # The Transformer's (model_type='Transformer'; the RNNs ignore them): nhid is its feed-forward width.
     nhead: int = 2  # attention heads; emsize must be divisible by it
@@ -122,11 +123,6 @@ class ModelConfig:
                     f"size ({self.ntoken}), e.g. [{max(1, self.ntoken // 10)}], or None for the full softmax"
                 )
             object.__setattr__(self, "adaptive_softmax", tuple(cutoffs))
-            if self.tied:
-                raise ValueError(
-                    f"adaptive_softmax={list(cutoffs)!r} has output weights of its own, so it cannot be tied; "
-                    "add tied=False"
-                )
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied={self.tied!r} must be True or False")
         if self.model_type == TRANSFORMER:
@@ -169,7 +165,7 @@ class WordModel(nn.Module):
     """
 
     config: ModelConfig
-    encoder: nn.Embedding
+    encoder: nn.Embedding | AdaptiveInput
     decoder: Decoder
 
     def __init__(self, config: ModelConfig) -> None:
@@ -177,6 +173,14 @@ class WordModel(nn.Module):
         self.config = config
         self.register_state_dict_post_hook(_store_adaptive_softmax_as_before)
         self.register_load_state_dict_pre_hook(_load_adaptive_softmax_as_before)
+
+    def _make_encoder(self) -> nn.Embedding | AdaptiveInput:
+        """The word vectors: an embedding matrix, or with a tied adaptive softmax the softmax's own (no weights
+        here, and no draw from the random stream)."""
+        config = self.config
+        if config.tied and config.adaptive_softmax is not None:
+            return AdaptiveInput(config.ntoken, config.emsize)
+        return nn.Embedding(config.ntoken, config.emsize)
 
     def _add_decoder(self, features: int) -> None:
         """Put the decoder on the body's ``features``-wide output, then initialise the model."""
@@ -196,7 +200,8 @@ class WordModel(nn.Module):
             for parameter in self.parameters():
                 nn.init.uniform_(parameter, -self.config.init_range, self.config.init_range)
             return
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if isinstance(self.encoder, nn.Embedding):  # an adaptive input's weights are the decoder's
+            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         self.decoder.init_classic()
 
     def forward(
