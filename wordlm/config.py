@@ -24,8 +24,8 @@ from wordlm.training.trainer import OPTIMIZERS, amp_problem
 
 __all__ = [
     "training_config", "ZAREMBA_SMALL", "ZAREMBA_MEDIUM", "ZAREMBA_LARGE", "PRESS_WOLF_LARGE_TIED",
-    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_WT2_2H", "BUDGET_PTB",
-    "SMOKE", "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
+    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_PTB", "SMOKE",
+    "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
     "build_model_config", "FIXED_ON_RESUME", "resumed_config", "differing_keys"
 ]  # fmt: skip
 
@@ -139,19 +139,13 @@ BUDGET_PTB = dict(
     dataset="penn", model_type="LSTM", emsize=650, nhid=650, nlayers=2, dropout=0.5, tied=True, locked_dropout=True,
     batch_size=20, bptt=35, lr=35.0, clip=5 / 35, init_range=0.05, lr_schedule="cosine", time_budget=120, epochs=1000,
 )  # fmt: skip
-# Two hours on WikiText-2 on 2 CPU cores (docs/RESULTS.md, "Two hours on a CPU (WikiText-2)"): Zaremba's medium
-# 2x650 LSTM with locked dropout 0.5 and AWD-LSTM's embedding dropout, untied, with budget_wt2's adaptive softmax
-# (1.6x the tokens of a tied full softmax at this width), batch 40 for throughput, the lr along a half cosine over
-# the budget. With amp="bf16" on the Intel AMX VM: about 180 ms per batch of 40 x 35 on 2 threads.
-BUDGET_WT2_2H = {**BUDGET_WT2, **dict(emsize=650, nhid=650, dropout=0.5, locked_dropout=True, dropoute=0.1,
-                                      batch_size=40, time_budget=120)}  # fmt: skip
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
 SMOKE = dict(emsize=32, nhid=32, nlayers=1, batch_size=8, bptt=10, epochs=1, max_batches=20, log_interval=10)
 PRESETS = {
     "zaremba_small": ZAREMBA_SMALL, "zaremba_medium": ZAREMBA_MEDIUM, "zaremba_large": ZAREMBA_LARGE,
     "press_wolf_large_tied": PRESS_WOLF_LARGE_TIED, "inan_medium_tied": INAN_MEDIUM_TIED,
     "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2,
-    "budget_wt2": BUDGET_WT2, "budget_wt2_2h": BUDGET_WT2_2H, "budget_ptb": BUDGET_PTB, "smoke": SMOKE,
+    "budget_wt2": BUDGET_WT2, "budget_ptb": BUDGET_PTB, "smoke": SMOKE,
 }  # fmt: skip
 
 
