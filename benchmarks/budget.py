@@ -102,7 +102,8 @@ def wordlm_for(minutes: float, dataset: str, folder: Path, preset: str | None, k
     last = run.history.get("valid.ppl", [])
     epochs = run.info["tokens_seen"] / (batchify(load_corpus(folder).train, cfg["batch_size"]).numel())
     return {"test_ppl": run.test_ppl, "epochs": round(epochs, 3), "seconds": round(run.info["seconds_trained"], 1),
-            "config": config, "validations": len(last)}  # fmt: skip
+            "config": config, "validations": len(last), "valid_ppl_by_epoch": [round(ppl, 2) for _, ppl in last],
+            "best_valid_ppl": run.best_valid_ppl}  # fmt: skip
 
 
 def parse_keys(pairs: list[str]) -> dict:
@@ -127,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     keys = parse_keys(args.keys)
     make_config(args.preset, **keys)  # an unknown key or preset before any training
+    started_at = commit()  # the code that runs: HEAD may move while it does
     folder = resolve_dataset(args.dataset)
     classic = None if args.skip_classic else classic_for(args.minutes, folder)
     ours = wordlm_for(args.minutes, args.dataset, folder, args.preset, keys)
@@ -135,7 +137,8 @@ def main() -> None:
         "torch": torch.__version__, "classic_test_ppl": classic and classic["test_ppl"],
         "classic_epochs": classic and classic["epochs"], "classic_seconds": classic and classic["seconds"],
         "wordlm_test_ppl": ours["test_ppl"], "wordlm_epochs": ours["epochs"], "wordlm_seconds": ours["seconds"],
-        "wordlm_preset": args.preset, "wordlm_config": ours["config"], "commit": commit(),
+        "wordlm_preset": args.preset, "wordlm_config": ours["config"], "commit": started_at,
+        "wordlm_best_valid_ppl": ours["best_valid_ppl"], "valid_ppl_by_epoch": ours["valid_ppl_by_epoch"],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }  # fmt: skip
     if classic:

@@ -91,7 +91,7 @@ def test_adapt_tunes_on_valid_tests_once_and_adds_its_fields_to_the_record(train
 @pytest.mark.parametrize(
     "options, skipped",
     [(["--skip-dynamic"], ["dynamic_eval"]),
-     (["--skip-cache", "--dynamic-lr", "0.5", "--dynamic-decay", "0.02,0"], ["cache"])],
+     (["--skip-cache", "--dynamic-lr", "0.5", "--dynamic-decay", "0.02,0", "--dynamic-tune-tokens", "300"], ["cache"])],
 )  # fmt: skip
 def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(trained, tmp_path, options, skipped):
     corpus, checkpoint = trained
@@ -111,9 +111,19 @@ def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(t
         assert {(e["params"]["dynamic_lr"], e["params"]["dynamic_decay"]) for e in record["adapt_grid"]} == {
             (0.5, 0.0), (0.5, 0.02)}  # the command line's grid, from decay 0  # fmt: skip
         assert record["dynamic_eval_params"]["lr"] == 0.5 and record["dynamic_eval_params"]["decay"] in (0.0, 0.02)
+        # tuned on valid's first 300 tokens: each grid point is evaluate's figure on that slice, beside its plain one
+        lm = wordlm.load(checkpoint, "cpu")
+        head = lm.tokenize(corpus / "valid.txt")[0][:300]
+        assert record["dynamic_tune_tokens"] == 300
+        assert record["valid_ppl_plain_dynamic_tune"] == pytest.approx(perplexity(evaluate_text(lm.model, head)[0]))
+        entry = record["adapt_grid"][0]
+        loss = evaluate_text(lm.model, head, **entry["params"])[0]
+        assert entry["valid_ppl"] == pytest.approx(perplexity(loss), rel=1e-6)
+        assert record["valid_ppl_plain"] != pytest.approx(record["valid_ppl_plain_dynamic_tune"])  # not all of valid
         assert not any(line.startswith("cache pointer ") for line in lines)
     else:
         assert methods == {"cache"} and record["cache_states_seconds_test"] <= record["cache_seconds_test"]
+        assert record["dynamic_tune_tokens"] is None and record["valid_ppl_plain_dynamic_tune"] is None
         assert not any(line.startswith("dynamic evaluation ") for line in lines)
 
 
@@ -125,6 +135,7 @@ def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(t
         (["--dynamic-lr", "0,1"], "--dynamic-lr"),
         (["--dynamic-decay", "0,2"], "--dynamic-decay"),
         (["--dynamic-decay", "0,x"], "'0,x'"),
+        (["--dynamic-tune-tokens", "1"], "--dynamic-tune-tokens"),
     ],
 )
 def test_adapt_refuses_bad_input_in_one_line(trained, tmp_path, args, message):
