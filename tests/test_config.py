@@ -44,7 +44,7 @@ def test_every_preset_is_a_valid_training_config_with_a_buildable_model(name):
 def test_the_budget_preset_trains_for_30_minutes_along_a_cosine_on_wikitext2():
     cfg, _ = make_config("budget_wt2")
     assert (cfg["dataset"], cfg["time_budget"], cfg["lr_schedule"]) == ("wikitext-2", 30, "cosine")
-    assert cfg["adaptive_softmax"] and cfg["tied"] is False  # the adaptive softmax is untied
+    assert cfg["adaptive_softmax"] and cfg["tied"] is True  # tied: the adaptive softmax's vectors are the input's
     assert cfg["epochs"] >= 100  # the budget, not the epoch count, ends the run
 
 
