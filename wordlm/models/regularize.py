@@ -40,9 +40,9 @@ def embedding_dropout(embedding: nn.Module, inputs: torch.Tensor, p: float, trai
     the vocabulary, applied to the looked-up rows only: scaling the whole (V, E) matrix first, as AWD-LSTM does,
     gives the same vectors but costs two dense passes over it a batch (+15-25% per batch at 33k x 650).
     """
+    vectors = embedding(inputs)  # (T, B, E): the module itself (an nn.Embedding or an adaptive input), so hooks see it
     if not training or p == 0:
-        return embedding(inputs)  # the module itself, so hooks and wrappers still see the lookup
-    vectors = embedding(inputs)  # (T, B, E); an nn.Embedding or an adaptive input
+        return vectors
     mask = vectors.new_empty(embedding.num_embeddings).bernoulli_(1 - p) / (1 - p)  # (V,)
     return vectors * mask[inputs].unsqueeze(-1)
 
