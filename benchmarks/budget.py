@@ -91,11 +91,11 @@ def classic_for(minutes: float, folder: Path) -> dict:
     return {"test_ppl": math.exp(test_loss), "epochs": round(epochs, 3), "seconds": round(seconds, 1)}
 
 
-def wordlm_for(minutes: float, dataset: str, folder: Path, preset: str | None, keys: dict) -> dict:
+def wordlm_for(minutes: float, dataset: str, folder: Path, preset: str | None, keys: dict, save: str | None) -> dict:
     """wordlm's run from Python with ``time_budget=minutes`` on ``dataset`` as named (its folder: ``folder``);
-    its save files go to a temporary folder."""
+    its save files go to ``save`` (to adapt the model afterwards), or else to a temporary folder."""
     with tempfile.TemporaryDirectory() as scratch:
-        fixed = {"dataset": dataset, "time_budget": minutes, "save": str(Path(scratch) / "budget.pt")}
+        fixed = {"dataset": dataset, "time_budget": minutes, "save": save or str(Path(scratch) / "budget.pt")}
         run = wordlm.train(preset=preset, **{"epochs": 10_000, **keys, **fixed})
     cfg, base = run.config, defaults(save=run.config["save"])
     config = {key: value for key, value in cfg.items() if value != base.get(key) and key not in ("save", "save_last")}
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="a wordlm preset (wordlm.PRESETS)")
     parser.add_argument("--skip-classic", action="store_true", help="leave the classic example out (its figures: null)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save", default=None, help="keep wordlm's checkpoint here (default: a temporary folder)")
     parser.add_argument("keys", nargs="*", help="wordlm keys, key=value as after `main.py with`")
     args = parser.parse_args()
     keys = parse_keys(args.keys)
@@ -131,7 +132,7 @@ def main() -> None:
     started_at = commit()  # the code that runs: HEAD may move while it does
     folder = resolve_dataset(args.dataset)
     classic = None if args.skip_classic else classic_for(args.minutes, folder)
-    ours = wordlm_for(args.minutes, args.dataset, folder, args.preset, keys)
+    ours = wordlm_for(args.minutes, args.dataset, folder, args.preset, keys, args.save)
     record = {
         "minutes": args.minutes, "dataset": args.dataset, "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "classic_test_ppl": classic and classic["test_ppl"],

@@ -24,7 +24,8 @@ from wordlm.training.trainer import OPTIMIZERS, amp_problem
 
 __all__ = [
     "training_config", "ZAREMBA_SMALL", "ZAREMBA_MEDIUM", "ZAREMBA_LARGE", "PRESS_WOLF_LARGE_TIED",
-    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_PTB", "SMOKE",
+    "INAN_MEDIUM_TIED", "INAN_LARGE_TIED", "AWD_LSTM_PTB", "AWD_LSTM_WT2", "BUDGET_WT2", "BUDGET_WT2_2H",
+    "BUDGET_WT2_TRANSFORMER", "BUDGET_PTB", "SMOKE",
     "PRESETS", "defaults", "make_config", "did_you_mean", "validate_training_config", "MODEL_KEYS",
     "build_model_config", "FIXED_ON_RESUME", "resumed_config", "differing_keys"
 ]  # fmt: skip
@@ -141,13 +142,24 @@ BUDGET_PTB = dict(
     dataset="penn", model_type="LSTM", emsize=650, nhid=650, nlayers=2, dropout=0.5, tied=True, locked_dropout=True,
     batch_size=20, bptt=35, lr=35.0, clip=5 / 35, init_range=0.05, lr_schedule="cosine", time_budget=120, epochs=1000,
 )  # fmt: skip
+# Two hours on WikiText-2 on a CPU (docs/RESULTS.md, "Two hours on a CPU (WikiText-2)"): budget_wt2's tied 2x400
+# adaptive-softmax LSTM with more dropout for the epochs two hours buy (0.3 overfits past ~10). Add amp="bf16".
+BUDGET_WT2_2H = {**BUDGET_WT2, **dict(dropout=0.4, time_budget=120)}
+# The Transformer on the same two hours (docs/RESULTS.md): 4 pre-norm layers of width 256, 4 heads, feed-forward
+# 1024, the tied adaptive softmax, AdamW along a half cosine over the budget. Add amp="bf16".
+BUDGET_WT2_TRANSFORMER = dict(
+    dataset="wikitext-2", model_type="Transformer", nlayers=4, emsize=256, nhead=4, nhid=1024, bptt=64,
+    batch_size=32, tied=True, adaptive_softmax=[2000, 10000], dropout=0.2, dropouti=0.2, dropouth=0.1,
+    optimizer="adamw", lr=1e-3, wdecay=0.01, lr_schedule="cosine", time_budget=120, epochs=1000,
+)  # fmt: skip
 # A tiny, fast configuration for trying the pipeline end to end (and for the tests).
 SMOKE = dict(emsize=32, nhid=32, nlayers=1, batch_size=8, bptt=10, epochs=1, max_batches=20, log_interval=10)
 PRESETS = {
     "zaremba_small": ZAREMBA_SMALL, "zaremba_medium": ZAREMBA_MEDIUM, "zaremba_large": ZAREMBA_LARGE,
     "press_wolf_large_tied": PRESS_WOLF_LARGE_TIED, "inan_medium_tied": INAN_MEDIUM_TIED,
     "inan_large_tied": INAN_LARGE_TIED, "awd_lstm_ptb": AWD_LSTM_PTB, "awd_lstm_wt2": AWD_LSTM_WT2,
-    "budget_wt2": BUDGET_WT2, "budget_ptb": BUDGET_PTB, "smoke": SMOKE,
+    "budget_wt2": BUDGET_WT2, "budget_wt2_2h": BUDGET_WT2_2H, "budget_wt2_transformer": BUDGET_WT2_TRANSFORMER,
+    "budget_ptb": BUDGET_PTB, "smoke": SMOKE,
 }  # fmt: skip
 
 
