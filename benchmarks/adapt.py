@@ -18,9 +18,11 @@ each cache grid point only mixes in the cache (``cache_mixed_loss``: products of
 before it, no model): the same floats as evaluate's ``cache_pointer_loss``, which is these two halves.
 
 Options beside the required ``--checkpoint``, ``--dataset`` and ``--record``: ``--windows 500,1000,2000`` sets the
-cache windows tried; ``--dynamic-lr 0.3,1,3`` (or ``--lrs``) and ``--dynamic-decay 0,0.01`` set dynamic
-evaluation's grid (lrs above 0, decays from 0 to 1); ``--skip-cache`` and ``--skip-dynamic`` leave a method out
-(its record fields are then written as null, so that no figure of an earlier run stands beside this run's);
+cache windows tried, ``--cache-theta 0.5,1,2`` and ``--cache-lambda 0.1,0.2,0.3`` its flatness θ and its weight λ
+(the search starts at each list's middle value); ``--dynamic-lr 0.3,1,3`` (or ``--lrs``) and ``--dynamic-decay
+0,0.01`` set dynamic evaluation's grid (lrs above 0, decays from 0 to 1); ``--skip-cache`` and ``--skip-dynamic``
+leave a method out (its record fields are then written as null, so that no figure of an earlier run stands beside
+this run's);
 ``--dynamic-tune-tokens N`` scores dynamic evaluation's grid on the first N tokens of valid only (a grid point
 over WikiText-2's whole valid split takes a quarter of an hour on 2 cores); ``--quick`` shrinks the grids to two
 points a coordinate (for tests); ``--device``, ``--eval-batch-size`` and ``--bptt`` are evaluate's.
@@ -201,8 +203,8 @@ def parse_values(text: str | None, kind: type) -> list | None:
 
 
 def grids(args) -> tuple[dict, dict, dict, dict]:
-    """The cache's and dynamic evaluation's grids and starting points, with ``--windows``, ``--dynamic-lr`` and
-    ``--dynamic-decay`` applied."""
+    """The cache's and dynamic evaluation's grids and starting points, with ``--windows``, ``--cache-theta``,
+    ``--cache-lambda``, ``--dynamic-lr`` and ``--dynamic-decay`` applied."""
     if args.quick:
         cache, cache_start = dict(QUICK_CACHE_GRID), dict(QUICK_CACHE_START)
         dynamic, dynamic_start = dict(QUICK_DYNAMIC_GRID), dict(QUICK_DYNAMIC_START)
@@ -210,11 +212,23 @@ def grids(args) -> tuple[dict, dict, dict, dict]:
         cache, cache_start = dict(CACHE_GRID), dict(CACHE_START)
         dynamic, dynamic_start = dict(DYNAMIC_GRID), dict(DYNAMIC_START)
     windows, lrs = parse_values(args.windows, int), parse_values(args.lrs, float)
-    decays = parse_values(args.decays, float)
+    decays, thetas, lambdas = (
+        parse_values(args.decays, float),
+        parse_values(args.thetas, float),
+        parse_values(args.lambdas, float),
+    )
     if windows:
         if 0 in windows:
             raise UserError("--windows: a window of 0 is no cache; give windows of 1 or more words")
         cache["cache_window"], cache_start["cache_window"] = windows, windows[0]
+    if thetas:
+        if 0 in thetas:
+            raise UserError("--cache-theta: θ 0 makes every word in the window equally likely; give positive values")
+        cache["cache_theta"], cache_start["cache_theta"] = thetas, thetas[len(thetas) // 2]
+    if lambdas:
+        if 0 in lambdas or lambdas[-1] > 1:
+            raise UserError("--cache-lambda: give the cache's weights in the mixture, above 0 and at most 1")
+        cache["cache_lambda"], cache_start["cache_lambda"] = lambdas, lambdas[len(lambdas) // 2]
     if lrs:
         if 0 in lrs:
             raise UserError("--dynamic-lr: an lr of 0 is no dynamic evaluation; give positive values")
@@ -248,6 +262,8 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=10, help="plain evaluation's columns (evaluate's)")
     parser.add_argument("--bptt", type=int, default=35, help="dynamic evaluation's segment length (evaluate's)")
     parser.add_argument("--windows", help="cache windows to try, e.g. 500,1000,2000 (instead of the grid's)")
+    parser.add_argument("--cache-theta", dest="thetas", help="cache flatness values θ to try, e.g. 0.5,1,2")
+    parser.add_argument("--cache-lambda", dest="lambdas", help="cache weights λ to try, e.g. 0.1,0.2,0.3")
     parser.add_argument("--dynamic-lr", "--lrs", dest="lrs",
                         help="dynamic evaluation lrs to try, e.g. 0.3,1,3 (instead of the grid's)")  # fmt: skip
     parser.add_argument("--dynamic-decay", dest="decays",
@@ -333,7 +349,7 @@ def run(args) -> None:
     tuning_seconds = time.perf_counter() - tuning_started
     if edges:
         print(f"note: best at the end of its grid: {', '.join(edges)}; a wider grid may do better (--windows, "
-              "--dynamic-lr and --dynamic-decay set three of them)", flush=True)  # fmt: skip
+              "--cache-theta, --cache-lambda, --dynamic-lr and --dynamic-decay set them)", flush=True)  # fmt: skip
     if not args.skip_cache:
         states_seconds_test = test.cache_states()
         test_cache, mix_seconds = test.cache(**cache_params)

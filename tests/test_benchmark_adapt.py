@@ -90,7 +90,7 @@ def test_adapt_tunes_on_valid_tests_once_and_adds_its_fields_to_the_record(train
 
 @pytest.mark.parametrize(
     "options, skipped",
-    [(["--skip-dynamic"], ["dynamic_eval"]),
+    [(["--skip-dynamic", "--cache-theta", "2,0.5", "--cache-lambda", "0.15"], ["dynamic_eval"]),
      (["--skip-cache", "--dynamic-lr", "0.5", "--dynamic-decay", "0.02,0", "--dynamic-tune-tokens", "300"], ["cache"])],
 )  # fmt: skip
 def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(trained, tmp_path, options, skipped):
@@ -123,6 +123,11 @@ def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(t
         assert not any(line.startswith("cache pointer ") for line in lines)
     else:
         assert methods == {"cache"} and record["cache_states_seconds_test"] <= record["cache_seconds_test"]
+        # θ and λ from the command line, the windows from --quick's grid; the search starts at each list's middle
+        tried = [entry["params"] for entry in record["adapt_grid"]]
+        assert {p["cache_theta"] for p in tried} == {0.5, 2.0} and {p["cache_lambda"] for p in tried} == {0.15}
+        assert {p["cache_window"] for p in tried} == {20, 50} and tried[0]["cache_theta"] == 2.0
+        assert record["cache_params"]["theta"] in (0.5, 2.0) and record["cache_params"]["lambda"] == 0.15
         assert record["dynamic_tune_tokens"] is None and record["valid_ppl_plain_dynamic_tune"] is None
         assert not any(line.startswith("dynamic evaluation ") for line in lines)
 
@@ -136,6 +141,9 @@ def test_adapt_skips_a_method_and_takes_the_dynamic_grid_from_the_command_line(t
         (["--dynamic-decay", "0,2"], "--dynamic-decay"),
         (["--dynamic-decay", "0,x"], "'0,x'"),
         (["--dynamic-tune-tokens", "1"], "--dynamic-tune-tokens"),
+        (["--cache-theta", "0,1"], "--cache-theta"),
+        (["--cache-lambda", "0.1,1.5"], "--cache-lambda"),
+        (["--cache-lambda", "0"], "--cache-lambda"),
     ],
 )
 def test_adapt_refuses_bad_input_in_one_line(trained, tmp_path, args, message):
