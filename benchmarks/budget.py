@@ -8,7 +8,8 @@ epoch under way ends at that batch and is validated, as wordlm's ``time_budget``
 Python (``wordlm.train``) with ``time_budget=--minutes`` and the given preset and keys, one after the other on
 the same machine. Each best-by-validation model is tested on the test split. Writes one JSON record: the
 budget, the data, the CPU, torch, each side's test perplexity and epochs (fractional: a cut epoch counts its
-share), wordlm's keys that differ from the defaults, and the commit.
+share), wordlm's keys that differ from the defaults, and the commit. ``--skip-classic`` leaves the classic side
+out; ``--save model.pt`` keeps wordlm's checkpoint (its best model by validation) for ``adapt.py``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,22 @@ def test_the_budget_benchmark_trains_both_for_the_budget_and_writes_its_record(t
     assert f"record in {out}" in result.stdout.splitlines()[-1]
 
 
+def test_the_budget_benchmark_keeps_wordlms_checkpoint_where_save_says(tmp_path):
+    """--save keeps the trained model for adapt.py (else it goes with a temporary folder); --skip-classic: no
+    classic side in the record."""
+    import wordlm
+
+    corpus = cut_corpus(tmp_path / "corpus", lines=(200, 40, 40))
+    out, save = tmp_path / "budget.json", tmp_path / "kept" / "budget.pt"
+    save.parent.mkdir()
+    run_cli("--minutes", "0.05", "--dataset", str(corpus), "--preset", "smoke", "--skip-classic", "--save", str(save),
+            "--out", str(out), cwd=tmp_path, script="benchmarks/budget.py", timeout=300)  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["classic_test_ppl"] is None and "save" not in record["wordlm_config"]
+    lm = wordlm.load(save, "cpu")  # the run's best model: it scores valid as the run did
+    assert lm.perplexity(corpus / "valid.txt") == pytest.approx(record["wordlm_best_valid_ppl"], rel=1e-4)
+
+
 def test_the_committed_30_minute_records_are_complete_and_quoted_in_results():
     root = Path(__file__).resolve().parents[1]
     records = sorted((root / "docs" / "runs" / "budget_30min").glob("*.json"))

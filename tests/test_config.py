@@ -48,6 +48,14 @@ def test_the_budget_preset_trains_for_30_minutes_along_a_cosine_on_wikitext2():
     assert cfg["epochs"] >= 100  # the budget, not the epoch count, ends the run
 
 
+@pytest.mark.parametrize("name, model_type", [("budget_wt2_2h", "LSTM"), ("budget_wt2_transformer", "Transformer")])
+def test_the_two_hour_wikitext2_presets_train_for_120_minutes_tied_along_a_cosine(name, model_type):
+    cfg, _ = make_config(name)
+    assert (cfg["dataset"], cfg["time_budget"], cfg["lr_schedule"]) == ("wikitext-2", 120, "cosine")
+    assert (cfg["model_type"], cfg["tied"], cfg["adaptive_softmax"]) == (model_type, True, [2000, 10000])
+    assert cfg["epochs"] >= 100 and cfg["amp"] is None  # bf16 is the user's choice: it needs the CPU for it
+
+
 def _payload(config: dict) -> dict:
     return {"meta": {"config": config, "corpus_folder": None}, "training": {"epoch": 1}}
 
