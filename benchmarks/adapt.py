@@ -211,12 +211,9 @@ def grids(args) -> tuple[dict, dict, dict, dict]:
     else:
         cache, cache_start = dict(CACHE_GRID), dict(CACHE_START)
         dynamic, dynamic_start = dict(DYNAMIC_GRID), dict(DYNAMIC_START)
-    windows, lrs = parse_values(args.windows, int), parse_values(args.lrs, float)
-    decays, thetas, lambdas = (
-        parse_values(args.decays, float),
-        parse_values(args.thetas, float),
-        parse_values(args.lambdas, float),
-    )
+    windows, thetas, lambdas = (parse_values(args.windows, int), parse_values(args.thetas, float),
+                                parse_values(args.lambdas, float))  # fmt: skip
+    lrs, decays = parse_values(args.lrs, float), parse_values(args.decays, float)
     if windows:
         if 0 in windows:
             raise UserError("--windows: a window of 0 is no cache; give windows of 1 or more words")

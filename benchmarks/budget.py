@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="a wordlm preset (wordlm.PRESETS)")
     parser.add_argument("--skip-classic", action="store_true", help="leave the classic example out (its figures: null)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--save", default=None, help="keep wordlm's checkpoint here (default: a temporary folder)")
+    parser.add_argument(
+        "--save", default=None, help="keep wordlm's checkpoint here, .last.pt beside it (default: a temporary folder)"
+    )
     parser.add_argument("keys", nargs="*", help="wordlm keys, key=value as after `main.py with`")
     args = parser.parse_args()
     keys = parse_keys(args.keys)

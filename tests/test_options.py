@@ -137,6 +137,7 @@ def test_a_tied_adaptive_model_trains_in_bf16_drops_words_and_travels_with_its_c
     save_checkpoint(tmp_path / "tied.pt", model, vocab)
     loaded, _ = model_from_checkpoint(load_checkpoint(tmp_path / "tied.pt"))
     assert loaded.config.tied and isinstance(loaded.encoder, AdaptiveInput)
+    assert loaded.device == torch.device("cpu")  # from its parameters: there is no encoder.weight to ask
     with torch.no_grad():
         assert torch.equal(loaded(inputs, loaded.init_hidden(3))[0], model(inputs, model.init_hidden(3))[0])
     loaded.decoder.adaptive.head.weight.data.zero_()  # the loaded input side reads the loaded softmax

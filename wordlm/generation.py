@@ -187,7 +187,7 @@ def sample_ids(
     """
     check_sampling_options(words=words, temperature=temperature, top_k=top_k, top_p=top_p, samples=samples)
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     hidden = model.init_hidden(samples)
     if context:
         inputs = torch.tensor(context, device=device).view(-1, 1).expand(-1, samples)  # (P, B)

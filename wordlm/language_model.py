@@ -137,7 +137,7 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def sample(
         self, words: int = 1000, prompt: str = "", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -370,7 +370,7 @@ def _tensorboard_run(plan: RunPlan, recorder: Recorder) -> str | None:
 
 def _sample(model, vocab, seed: int) -> str:
     """A short text sampled from the model, from its own generator: training's random streams are left alone."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     return format_samples("", generate_words(model, vocab, words=SAMPLE_WORDS, generator=generator))
 
 

@@ -174,6 +174,11 @@ class WordModel(nn.Module):
         self.register_state_dict_post_hook(_store_adaptive_softmax_as_before)
         self.register_load_state_dict_pre_hook(_load_adaptive_softmax_as_before)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (a tied adaptive softmax leaves no ``encoder.weight`` to ask)."""
+        return next(self.parameters()).device
+
     def _make_encoder(self) -> nn.Embedding | AdaptiveInput:
         """The word vectors: an embedding matrix, or with a tied adaptive softmax the softmax's own (no weights
         here, and no draw from the random stream)."""

@@ -651,7 +651,7 @@ def resume_training(
         ``(state, optimizer, own_rng)``: whether this rank goes on with the random stream it saved (else
         ``split_rng_streams`` must follow).
     """
-    state = TrainState.from_dict(training["state"], next(model.parameters()).device)
+    state = TrainState.from_dict(training["state"], model.device)
     if finetune:
         state.averaging, state.val_history = True, []
         optimizer = averaging_optimizer(model.parameters(), state.lr, options.wdecay)
